@@ -1,0 +1,1 @@
+"""jlora: one base LLM, thousands of LoRA adapters, in JAX."""

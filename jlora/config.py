@@ -1,0 +1,188 @@
+"""Small frozen configs, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from jlora.errors import ModelLoadError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 style frequency scaling (`rope_type == "llama3"`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a Llama-family decoder."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    sliding_window: int | None = None
+    model_type: str = "llama"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Builds a config from a Hugging Face `config.json` dict (Llama, Mistral, Qwen2, SmolLM)."""
+        model_type = d.get("model_type", "llama")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ModelLoadError(f"unsupported model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
+        if d.get("mlp_bias"):
+            raise ModelLoadError("mlp_bias=True is not supported")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ModelLoadError(f"hidden_act {act!r} is not supported (only silu)")
+        heads = d["num_attention_heads"]
+        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        attention_bias = bool(d.get("attention_bias", False))
+        window = d.get("sliding_window")
+        if model_type == "qwen2" and not d.get("use_sliding_window", False):
+            window = None
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=_rope_theta(d),
+            rope_scaling=_rope_scaling(d.get("rope_scaling") or d.get("rope_parameters")),
+            max_position_embeddings=d.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type != "qwen2" and attention_bias,
+            sliding_window=window,
+            model_type=model_type,
+        )
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "ModelConfig":
+        with open(path) as f:
+            return cls.from_hf_dict(json.load(f))
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The inverse of `from_hf_dict`, written next to converted checkpoints."""
+        d = {
+            "model_type": self.model_type,
+            "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                               "qwen2": "Qwen2ForCausalLM"}[self.model_type]],
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "hidden_act": "silu",
+            "sliding_window": self.sliding_window,
+        }
+        if self.model_type == "llama":
+            d["attention_bias"] = self.qkv_bias
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        return d
+
+
+def _rope_theta(d: dict[str, Any]) -> float:
+    params = d.get("rope_parameters") or {}
+    return float(d.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
+def _rope_scaling(s: dict[str, Any] | None) -> RopeScaling | None:
+    if not s:
+        return None
+    kind = s.get("rope_type", s.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise ModelLoadError(f"rope scaling {kind!r} is not supported (only llama3)")
+    return RopeScaling(
+        factor=float(s["factor"]),
+        low_freq_factor=float(s["low_freq_factor"]),
+        high_freq_factor=float(s["high_freq_factor"]),
+        original_max_position_embeddings=int(s["original_max_position_embeddings"]),
+    )
+
+
+DEFAULT_RANK_BUCKETS = (8, 16, 32, 64, 128)
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Fused groups: projections that share an input share one shrink.
+LORA_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
+               "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraBankConfig:
+    """Fixed device slots per rank bucket. Shapes depend only on this, never on which adapters are loaded.
+
+    Attributes:
+      buckets: rank buckets, ascending. An adapter is zero-padded to the smallest bucket >= its rank.
+      slots: device slots per bucket (same length as `buckets`); a bucket with 0 slots is absent.
+    """
+
+    buckets: tuple[int, ...] = DEFAULT_RANK_BUCKETS
+    slots: tuple[int, ...] = (4, 4, 2, 2, 1)
+
+    def __post_init__(self):
+        if len(self.buckets) != len(self.slots):
+            raise ValueError(f"buckets {self.buckets} and slots {self.slots} must have the same length")
+        if list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
+            raise ValueError(f"buckets must be strictly ascending positive ranks, got {self.buckets}")
+        if any(s < 0 for s in self.slots) or sum(self.slots) == 0:
+            raise ValueError(f"slots must be >= 0 with at least one slot, got {self.slots}")
+
+    @property
+    def max_rank(self) -> int:
+        return max(b for b, s in zip(self.buckets, self.slots) if s)
+
+    @property
+    def active(self) -> tuple[tuple[int, int], ...]:
+        """(rank, slots) of the buckets that have slots."""
+        return tuple((b, s) for b, s in zip(self.buckets, self.slots) if s)
+
+    def bucket_for(self, rank: int) -> int:
+        """The smallest active bucket rank that holds `rank`."""
+        for b, _ in self.active:
+            if rank <= b:
+                return b
+        raise ValueError(f"rank {rank} is above the largest bucket {self.max_rank}")

@@ -1,0 +1,63 @@
+"""The one LoRA call site of the model. Every projection's delta goes through `lora_project`.
+
+On GPU and TPU it runs the Pallas SGMV kernels of `pallas_kernels`; on CPU, their XLA reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels
+from jlora.lora.bank import LoraBank
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LoraBatch:
+    """Per-step LoRA routing, computed once per step and reused by every layer and projection.
+
+    Attributes:
+      slot_ids: one [N] int32 array per bucket: the token's slot in that bucket, or -1.
+      meta: one kernel tile table per bucket (`pallas_kernels.segment_metadata`).
+    """
+
+    slot_ids: tuple[jax.Array, ...]
+    meta: tuple
+
+
+def make_lora_batch(bank: LoraBank, lora_ids: jax.Array, backend: str | None = None) -> LoraBatch:
+    """Routes global slot ids to each bucket.
+
+    Args:
+      bank: the LoRA bank (only its static bucket layout is used).
+      lora_ids: [N] int32 global slot ids; -1 means no adapter.
+    """
+    slot_ids, meta = [], []
+    for bucket in bank.buckets:
+        local = lora_ids - bucket.offset
+        local = jnp.where((lora_ids >= 0) & (local >= 0) & (local < bucket.num_slots), local, -1).astype(jnp.int32)
+        slot_ids.append(local)
+        meta.append(pallas_kernels.segment_metadata(local, backend=backend))
+    return LoraBatch(slot_ids=tuple(slot_ids), meta=tuple(meta))
+
+
+def lora_project(x: jax.Array, y: jax.Array, group: str, layer_bank: LoraBank, batch: LoraBatch,
+                 backend: str | None = None) -> jax.Array:
+    """Adds every token's own adapter delta to a (fused) projection's output.
+
+    Semantics: y[t, slice j] += (x[t] @ A_j[slot(t)]) @ B_j[slot(t)] for each fused slice j.
+
+    Args:
+      x: [N, d_in] the projection's input.
+      y: [N, sum_j d_j] the base projection's output.
+      group: one of "qkv", "o", "gate_up", "down".
+      layer_bank: one layer's bank (leading L axis removed).
+      batch: this step's `LoraBatch`.
+    """
+    for bucket, ids, meta in zip(layer_bank.buckets, batch.slot_ids, batch.meta):
+        v = pallas_kernels.lora_shrink(x, bucket.a[group], ids, meta=meta, backend=backend)
+        y = pallas_kernels.lora_expand(y, v, bucket.b[group], ids, meta=meta, backend=backend)
+    return y

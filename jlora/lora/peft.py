@@ -1,0 +1,192 @@
+"""Reads PEFT LoRA adapters (safetensors only, never pickle) into the bank's padded, scaled layout."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
+
+from jlora.config import LORA_GROUPS, LORA_MODULES, LoraBankConfig, ModelConfig
+from jlora.errors import AdapterError
+from jlora.lora.bank import group_dims
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)"
+                  r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+_MODULE_OF = {m: (g, i) for g, ms in LORA_GROUPS.items() for i, m in enumerate(ms)}
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """What an adapter_config.json says, checked."""
+
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...] | str
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+
+    def rank_alpha(self, module_name: str) -> tuple[int, float]:
+        """(r, alpha) of one module, e.g. "model.layers.3.self_attn.q_proj", as PEFT resolves patterns."""
+        r = _match_pattern(self.rank_pattern, module_name, self.r)
+        alpha = _match_pattern(self.alpha_pattern, module_name, self.lora_alpha)
+        return int(r), float(alpha)
+
+    def scale(self, module_name: str) -> float:
+        r, alpha = self.rank_alpha(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+@dataclasses.dataclass
+class LoraAdapter:
+    """An adapter padded to its bucket with its scale folded into B, ready for `bank.write_slot`.
+
+    Attributes:
+      a: group -> [L, d_in, n * bucket] float32.
+      b: group -> tuple of n [L, bucket, d_j] float32.
+    """
+
+    name: str
+    path: str
+    rank: int
+    bucket: int
+    targets: tuple[str, ...]
+    a: dict[str, np.ndarray]
+    b: dict[str, tuple[np.ndarray, ...]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in self.a.values()) + sum(x.nbytes for xs in self.b.values() for x in xs)
+
+
+def _match_pattern(patterns: dict, module_name: str, default):
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?{key}$", module_name):
+            return value
+    return default
+
+
+def read_spec(path: str) -> AdapterSpec:
+    cfg_path = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+        raise AdapterError(f"adapter at {path!r} has no {CONFIG_FILE}")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{cfg_path} must hold a JSON object")
+    peft_type = cfg.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise AdapterError(f"peft_type {peft_type!r} is not supported; only LORA adapters can be served")
+    if cfg.get("use_dora"):
+        raise AdapterError("DoRA adapters (use_dora=true) are not supported")
+    if cfg.get("bias", "none") != "none":
+        raise AdapterError(f"adapters with trained biases (bias={cfg['bias']!r}) are not supported")
+    if cfg.get("modules_to_save"):
+        raise AdapterError(f"modules_to_save {cfg['modules_to_save']} is not supported: "
+                           "only LoRA deltas on attention and MLP projections can be served")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, list):
+        unknown = sorted(set(targets) - set(LORA_MODULES))
+        if unknown:
+            raise AdapterError(f"unknown target modules {unknown}; supported: {list(LORA_MODULES)} or 'all-linear'")
+        targets = tuple(targets)
+    elif not isinstance(targets, str):
+        raise AdapterError(f"target_modules must be a list or a string, got {targets!r}")
+    try:
+        r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
+        rank_pattern = {str(k): int(v) for k, v in (cfg.get("rank_pattern") or {}).items()}
+        alpha_pattern = {str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()}
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"bad r / lora_alpha / patterns in {cfg_path}: {e}") from None
+    if r <= 0 or any(v <= 0 for v in rank_pattern.values()):
+        raise AdapterError(f"ranks must be positive, got r={r}, rank_pattern={rank_pattern}")
+    return AdapterSpec(r=r, lora_alpha=alpha, use_rslora=bool(cfg.get("use_rslora", False)),
+                       target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+
+
+def _read_weights(path: str) -> dict[str, np.ndarray]:
+    weights = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(weights):
+        pickled = [f for f in _PICKLE_FILES if os.path.exists(os.path.join(path, f))]
+        if pickled:
+            raise AdapterError(f"adapter at {path!r} has only {pickled[0]} (a pickle); jlora never unpickles "
+                               f"files: re-save it with safe_serialization=True to get {WEIGHTS_FILE}")
+        raise AdapterError(f"adapter at {path!r} has no {WEIGHTS_FILE}")
+    try:
+        return load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"{weights} is not a readable safetensors file: {e}") from None
+
+
+def load_adapter(path: str, config: ModelConfig, bank_config: LoraBankConfig, name: str | None = None) -> LoraAdapter:
+    """Reads, checks, pads and scales one PEFT adapter. Raises `AdapterError` naming any problem."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise AdapterError(f"adapter directory {path!r} does not exist")
+    spec = read_spec(path)
+    tensors = _read_weights(path)
+    pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        m = _KEY.match(key)
+        if m is None or m.group(2) not in _MODULE_OF:
+            raise AdapterError(f"unexpected tensor {key!r}: only lora_A/lora_B of {list(LORA_MODULES)} are supported")
+        layer, module, side = int(m.group(1)), m.group(2), m.group(3)
+        if layer >= config.num_layers:
+            raise AdapterError(f"{key}: layer {layer} does not exist in a base model of {config.num_layers} layers")
+        pairs.setdefault((layer, module), {})[side] = value
+    if not pairs:
+        raise AdapterError(f"{path!r} holds no LoRA weights")
+
+    dims = group_dims(config)
+    ranks = {}
+    for (layer, module), ab in sorted(pairs.items()):
+        where = f"layer {layer} {module}"
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{where}: lora_A and lora_B must both be present")
+        group, j = _MODULE_OF[module]
+        d_in, d_out = dims[group][0], dims[group][1][j]
+        a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
+            raise AdapterError(f"{where}: shape mismatch with the base model: lora_A {a.shape}, lora_B {b.shape}; "
+                               f"expected [r, {d_in}] and [{d_out}, r]")
+        module_name = f"model.layers.{layer}.{'mlp' if group in ('gate_up', 'down') else 'self_attn'}.{module}"
+        expected_r, _ = spec.rank_alpha(module_name)
+        if a.shape[0] != expected_r:
+            raise AdapterError(f"{where}: weights have rank {a.shape[0]} but the config says r={expected_r}")
+        if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+            raise AdapterError(f"{where}: weights contain NaN or Inf")
+        ranks[(layer, module)] = (a.shape[0], spec.scale(module_name), module_name)
+
+    rank = max(r for r, _, _ in ranks.values())
+    if rank > bank_config.max_rank:
+        raise AdapterError(f"rank {rank} is above the largest rank bucket ({bank_config.max_rank}); "
+                           f"configure a larger bucket to serve it")
+    bucket = bank_config.bucket_for(rank)
+    L = config.num_layers
+    out_a, out_b = {}, {}
+    for group, (d_in, d_outs) in dims.items():
+        a_full = np.zeros((L, d_in, len(d_outs) * bucket), np.float32)
+        b_full = [np.zeros((L, bucket, d), np.float32) for d in d_outs]
+        for j, module in enumerate(LORA_GROUPS[group]):
+            for layer in range(L):
+                if (layer, module) not in pairs:
+                    continue
+                r, scale, _ = ranks[(layer, module)]
+                a_full[layer, :, j * bucket:j * bucket + r] = pairs[(layer, module)]["A"].astype(np.float32).T
+                b_full[j][layer, :r, :] = pairs[(layer, module)]["B"].astype(np.float32).T * scale
+        out_a[group], out_b[group] = a_full, tuple(b_full)
+    targets = tuple(m for m in LORA_MODULES if any(mod == m for _, mod in pairs))
+    return LoraAdapter(name=name or os.path.basename(os.path.normpath(path)), path=path, rank=rank, bucket=bucket,
+                       targets=targets, a=out_a, b=out_b)

@@ -1,0 +1,177 @@
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) as a Flax NNX module over a pure forward.
+
+Layers are stacked on a leading [L] axis and run with `lax.scan`, so a model compiles once per shape,
+whatever its depth. Every linear goes `x @ W` with W stored [d_in, d_out]; q|k|v and gate|up are fused.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jlora.config import ModelConfig
+from jlora.lora.bank import LoraBank
+from jlora.lora.ops import LoraBatch, lora_project, make_lora_batch
+from jlora.model import kv_cache, rope
+from jlora.model.kv_cache import KVCache
+
+Params = dict[str, Any]
+_NEG = -1e30
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """The shape of every parameter, keyed as in `Llama`'s state."""
+    L, D, F, V = config.num_layers, config.hidden_size, config.intermediate_size, config.vocab_size
+    qkv = config.q_dim + 2 * config.kv_dim
+    layers = {"attn_norm": (L, D), "mlp_norm": (L, D), "w_qkv": (L, D, qkv), "w_o": (L, config.q_dim, D),
+              "w_gate_up": (L, D, 2 * F), "w_down": (L, F, D)}
+    if config.qkv_bias:
+        layers["b_qkv"] = (L, qkv)
+    if config.o_bias:
+        layers["b_o"] = (L, D)
+    shapes = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, std: float = 0.02) -> Params:
+    """Random weights (norms near 1), for tests and benchmarks. Works under `jax.eval_shape`."""
+    shapes = param_shapes(config)
+    leaves, treedef = jax.tree_util.tree_flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in
+             jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for path, shape, k in zip(paths, leaves, keys):
+        noise = jax.random.normal(k, shape, jnp.float32) * std
+        out.append((1.0 + noise if "norm" in path else noise).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def _attention(q, cache_k, cache_v, positions, config: ModelConfig):
+    """Causal attention of new queries over the whole cache row.
+
+    Args:
+      q: [B, T, N, H] queries; cache_k, cache_v: [B, S, K, H]; positions: [B, T] (negative: padding).
+    Returns:
+      [B, T, N * H].
+    """
+    B, T, N, H = q.shape
+    K = config.num_kv_heads
+    q = q.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q.astype(jnp.float32), cache_k.astype(jnp.float32))
+    scores = scores * (H ** -0.5)
+    key_pos = jnp.arange(cache_k.shape[1])
+    qpos = positions[:, None, None, :, None]  # [B, 1, 1, T, 1]
+    mask = (key_pos <= qpos) & (qpos >= 0)
+    if config.sliding_window is not None:
+        mask &= key_pos > qpos - config.sliding_window
+    probs = jax.nn.softmax(jnp.where(mask, scores, _NEG), axis=-1)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, cache_v.astype(jnp.float32))
+    return out.reshape(B, T, N * H).astype(q.dtype)
+
+
+def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config: ModelConfig, inv_freq,
+           backend):
+    """One decoder layer. h: [B, T, D]; layer: this layer's params; lora_bank: this layer's bank or None."""
+    B, T, D = h.shape
+    N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
+
+    def project(x2d, w, group, bias=None):
+        y = x2d @ w
+        if bias is not None:
+            y = y + bias
+        if lora_bank is not None:
+            y = lora_project(x2d, y, group, lora_bank, lora_batch, backend)
+        return y
+
+    x = rms_norm(h, layer["attn_norm"], config.rms_norm_eps).reshape(B * T, D)
+    qkv = project(x, layer["w_qkv"], "qkv", layer.get("b_qkv"))  # [B*T, (N + 2K) * H]
+    q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
+    q = rope.apply_rope(q.reshape(B, T, N, H), positions, inv_freq)
+    k = rope.apply_rope(k.reshape(B, T, K, H), positions, inv_freq)
+    cache_k, cache_v = kv_cache.write(cache_k, cache_v, k, v.reshape(B, T, K, H), positions)
+    attn = _attention(q, cache_k, cache_v, positions, config).reshape(B * T, N * H)
+    h = h + project(attn, layer["w_o"], "o", layer.get("b_o")).reshape(B, T, D)
+
+    x = rms_norm(h, layer["mlp_norm"], config.rms_norm_eps).reshape(B * T, D)
+    gate, up = jnp.split(project(x, layer["w_gate_up"], "gate_up"), 2, axis=-1)
+    mlp = project(jax.nn.silu(gate) * up, layer["w_down"], "down")
+    return h + mlp.reshape(B, T, D), cache_k, cache_v
+
+
+def forward(params: Params, lora_bank: LoraBank | None, tokens: jax.Array, positions: jax.Array,
+            lora_ids: jax.Array | None, cache: KVCache, *, config: ModelConfig,
+            logit_index: jax.Array | None = None, lora_backend: str | None = None):
+    """The model as a pure function; jit it with `config` (and `lora_backend`) static.
+
+    Args:
+      params: the `Llama` state as a plain dict (`Llama.params()`).
+      lora_bank: the adapter bank, or None for the base model alone.
+      tokens: [B, T] int32.
+      positions: [B, T] int32 absolute positions; -1 marks padding (neither cached nor attended).
+      lora_ids: [B, T] int32 global slot ids per token, -1 for no adapter (ignored without a bank).
+      cache: the KV cache; rows are sequences, positions index into them.
+      logit_index: optional [B] int32; if given, logits only at tokens[b, logit_index[b]].
+    Returns:
+      (logits [B, T, V] or [B, V] float32, the updated cache).
+    """
+    B, T = tokens.shape
+    h = jnp.take(params["embed"], tokens, axis=0)
+    inv_freq = rope.inverse_frequencies(config)
+    lora_batch: LoraBatch | None = None
+    if lora_bank is not None:
+        ids = lora_ids if lora_ids is not None else jnp.full((B, T), -1, jnp.int32)
+        lora_batch = make_lora_batch(lora_bank, ids.reshape(B * T).astype(jnp.int32), lora_backend)
+
+    def step(h, xs):
+        layer, ck, cv, layer_bank = xs
+        h, ck, cv = _layer(h, layer, ck, cv, positions, layer_bank, lora_batch, config, inv_freq, lora_backend)
+        return h, (ck, cv)
+
+    h, (new_k, new_v) = jax.lax.scan(step, h, (params["layers"], cache.k, cache.v, lora_bank))
+    if logit_index is not None:
+        h = jnp.take_along_axis(h, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+    h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
+    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    logits = jnp.matmul(h.astype(jnp.float32), head.astype(jnp.float32))
+    return logits, KVCache(k=new_k, v=new_v)
+
+
+class Llama(nnx.Module):
+    """Flax NNX container of the base weights. Call it like `forward`, or split it and jit `forward`."""
+
+    def __init__(self, config: ModelConfig, params: Params):
+        self.config = config
+        self.embed = nnx.Param(params["embed"])
+        self.layers = nnx.Dict({k: nnx.Param(v) for k, v in params["layers"].items()})
+        self.final_norm = nnx.Param(params["final_norm"])
+        self.lm_head = nnx.Param(params["lm_head"]) if "lm_head" in params else None
+
+    @classmethod
+    def random(cls, config: ModelConfig, seed: int = 0, dtype=jnp.float32, std: float = 0.02) -> "Llama":
+        return cls(config, init_params(config, jax.random.key(seed), dtype, std))
+
+    def params(self) -> Params:
+        return nnx.state(self, nnx.Param).to_pure_dict()
+
+    @property
+    def dtype(self):
+        return self.embed[...].dtype
+
+    def __call__(self, tokens, positions, lora_ids=None, cache=None, lora_bank=None, logit_index=None):
+        if cache is None:
+            cache = KVCache.zeros(self.config, tokens.shape[0], tokens.shape[1], self.dtype)
+        fn = functools.partial(forward, config=self.config, logit_index=logit_index)
+        return fn(self.params(), lora_bank, tokens, positions, lora_ids, cache)
