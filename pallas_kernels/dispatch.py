@@ -1,0 +1,121 @@
+"""Public multi-LoRA ops: argument checks and backend dispatch."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import reference
+
+BACKENDS = ("reference", "interpret", "triton", "mosaic", "interpret_mosaic")
+ENV_VAR = "JLORA_LORA_BACKEND"
+
+
+def resolve_backend(backend: str | None) -> str:
+  """Returns the concrete backend: the argument, else $JLORA_LORA_BACKEND, else by platform.
+
+  Platform defaults: gpu -> "triton", tpu -> "mosaic", anything else -> "reference".
+  "interpret" runs the Triton kernel in interpret mode; "interpret_mosaic" the Mosaic one.
+  """
+  if backend is None or backend == "auto":
+    backend = os.environ.get(ENV_VAR) or None
+  if backend is None or backend == "auto":
+    platform = jax.default_backend()
+    if platform in ("gpu", "cuda", "rocm"):
+      return "triton"
+    if platform == "tpu":
+      return "mosaic"
+    return "reference"
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+  return backend
+
+
+def _validate_shrink(x, a, slot_ids) -> None:
+  if x.ndim != 2:
+    raise ValueError(f"x must be [T, d_in], got shape {x.shape}")
+  if a.ndim != 3:
+    raise ValueError(f"a must be [S, d_in, R], got shape {a.shape}")
+  if a.shape[1] != x.shape[1]:
+    raise ValueError(f"a.shape[1] (d_in) must equal x.shape[1]={x.shape[1]}, got {a.shape[1]}")
+  _validate_slot_ids(slot_ids, x.shape[0])
+
+
+def _validate_expand(y, v, b_slices, slot_ids) -> None:
+  if y.ndim != 2:
+    raise ValueError(f"y must be [T, sum d_j], got shape {y.shape}")
+  if v.ndim != 2 or v.shape[0] != y.shape[0]:
+    raise ValueError(f"v must be [T={y.shape[0]}, n*r], got shape {v.shape}")
+  if not isinstance(b_slices, (tuple, list)) or not b_slices:
+    raise ValueError("b_slices must be a non-empty tuple of [S, r, d_j] arrays")
+  n = len(b_slices)
+  if v.shape[1] % n:
+    raise ValueError(f"v.shape[1]={v.shape[1]} must be a multiple of len(b_slices)={n}")
+  r = v.shape[1] // n
+  s = b_slices[0].shape[0] if b_slices[0].ndim == 3 else None
+  for j, b in enumerate(b_slices):
+    if b.ndim != 3 or b.shape[1] != r or b.shape[0] != s:
+      raise ValueError(f"b_slices[{j}] must be [S={s}, r={r}, d_j], got shape {b.shape}")
+  d_total = sum(b.shape[2] for b in b_slices)
+  if y.shape[1] != d_total:
+    raise ValueError(f"y.shape[1] must equal sum of b_slices d_j = {d_total}, got {y.shape[1]}")
+  _validate_slot_ids(slot_ids, y.shape[0])
+
+
+def _validate_slot_ids(slot_ids, num_tokens: int) -> None:
+  if slot_ids.ndim != 1 or slot_ids.shape[0] != num_tokens:
+    raise ValueError(f"slot_ids must be [T={num_tokens}], got shape {slot_ids.shape}")
+  if not jnp.issubdtype(slot_ids.dtype, jnp.integer):
+    raise ValueError(f"slot_ids must be an integer array, got {slot_ids.dtype}")
+
+
+def lora_shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, *, meta=None,
+                backend: str | None = None) -> jax.Array:
+  """Segmented LoRA shrink.
+
+  Semantics: v[t] = x[t] @ a[slot_ids[t]] accumulated in float32, and v[t] = 0 where slot_ids[t] == -1.
+
+  Args:
+    x: [T, d_in] bf16 or f32 activations.
+    a: [S, d_in, R] LoRA A weights (R = n*r for a fused group).
+    slot_ids: [T] int32 in [-1, S); runs of equal ids are segments (fastest when sorted).
+    meta: `segment_metadata(slot_ids)`, computed once per step; built here if None.
+    backend: None (by platform or $JLORA_LORA_BACKEND), "reference", "interpret", "triton", "mosaic",
+      "interpret_mosaic".
+
+  Returns:
+    v: [T, R] float32.
+  """
+  _validate_shrink(x, a, slot_ids)
+  backend = resolve_backend(backend)
+  if backend == "reference":
+    return reference.ref_lora_shrink(x, a, slot_ids)
+  # TODO(kernels): Pallas kernels land in the next commit; until then every backend runs the reference.
+  return reference.ref_lora_shrink(x, a, slot_ids)
+
+
+def lora_expand(y: jax.Array, v: jax.Array, b_slices: Sequence[jax.Array], slot_ids: jax.Array, *,
+                meta=None, backend: str | None = None) -> jax.Array:
+  """Segmented, fused-slice LoRA expand, added into y.
+
+  Semantics: with n = len(b_slices), r = v.shape[1] // n, off_j = sum_{i<j} d_i:
+    y_out[t, off_j:off_j+d_j] = y[t, off_j:off_j+d_j] + v[t, j*r:(j+1)*r] @ b_slices[j][slot_ids[t]],
+    and y_out[t] = y[t] where slot_ids[t] == -1.
+
+  Args:
+    y: [T, sum_j d_j] bf16 or f32 base output.
+    v: [T, n*r] float32 from `lora_shrink`.
+    b_slices: tuple of n arrays [S, r, d_j] (e.g. q, k, v under GQA, or gate, up).
+    slot_ids: [T] int32 in [-1, S).
+    meta: `segment_metadata(slot_ids)`; built here if None.
+    backend: as in `lora_shrink`.
+
+  Returns:
+    y_out: [T, sum_j d_j] in y.dtype.
+  """
+  b_slices = tuple(b_slices)
+  _validate_expand(y, v, b_slices, slot_ids)
+  backend = resolve_backend(backend)
+  return reference.ref_lora_expand(y, v, b_slices, slot_ids)

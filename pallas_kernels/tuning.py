@@ -1,0 +1,55 @@
+"""Block sizes per backend and shape, kept apart from the kernel logic."""
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuShrinkBlocks:
+  """Triton shrink tiling: block_k columns of x per step, k_splits programs share one tile's d_in."""
+  block_k: int
+  k_splits: int
+  num_warps: int
+  num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuExpandBlocks:
+  """Triton expand tiling: block_n output columns per program."""
+  block_n: int
+  num_warps: int
+  num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuBlocks:
+  """Mosaic tiling: (8,128)-aligned blocks."""
+  block_k: int
+  block_n: int
+
+
+def block_t(num_tokens: int, backend: str) -> int:
+  """Tokens per tile. Shared by shrink and expand, so one metadata serves a whole step."""
+  if backend in ("mosaic", "interpret_mosaic"):
+    return 16 if num_tokens <= 256 else 128
+  if num_tokens <= 256:
+    return 16
+  return 64
+
+
+def gpu_shrink_blocks(num_tokens: int, d_in: int, rank: int) -> GpuShrinkBlocks:
+  if num_tokens <= 256:
+    # Decode: few tokens per tile, so spread d_in over several programs for parallelism.
+    splits = 4 if d_in >= 4096 else 1
+    return GpuShrinkBlocks(block_k=256, k_splits=splits, num_warps=4, num_stages=3)
+  return GpuShrinkBlocks(block_k=128, k_splits=1, num_warps=4, num_stages=4)
+
+
+def gpu_expand_blocks(num_tokens: int, d_out: int, rank: int) -> GpuExpandBlocks:
+  if num_tokens <= 256:
+    return GpuExpandBlocks(block_n=256, num_warps=4, num_stages=2)
+  return GpuExpandBlocks(block_n=128, num_warps=4, num_stages=2)
+
+
+def tpu_blocks(d_in: int, d_out: int) -> TpuBlocks:
+  return TpuBlocks(block_k=min(512, d_in), block_n=min(512, d_out))
