@@ -1,0 +1,126 @@
+"""The model against independent computations: merged-weight LoRA, incremental decode, padding, shapes."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import TINY, rel_err, write_adapter, write_model
+
+from jlora.checkpoint.hf import load_hf_dir, params_from_hf, read_tensors
+from jlora.config import LoraBankConfig, ModelConfig, RopeScaling
+from jlora.lora.peft import read_spec
+from jlora.lora.registry import AdapterRegistry
+from jlora.model import KVCache, forward, init_params, param_shapes
+
+fwd = jax.jit(forward, static_argnames=("config", "lora_backend"))
+
+
+def _inputs(rng, B, T, V):
+    tokens = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return tokens, positions
+
+
+def _merged_params(tensors, adapter_path, config):
+    """The HF tensors with W += scale * B @ A folded in: an independent route to the adapted model."""
+    from safetensors.numpy import load_file
+    spec = read_spec(adapter_path)
+    merged = dict(tensors)
+    for key, a in load_file(f"{adapter_path}/adapter_model.safetensors").items():
+        if ".lora_A." not in key:
+            continue
+        b = load_file(f"{adapter_path}/adapter_model.safetensors")[key.replace("lora_A", "lora_B")]
+        module = key.split(".lora_A")[0].replace("base_model.model.", "")
+        merged[module + ".weight"] = merged[module + ".weight"] + spec.scale(module) * (b @ a)
+    return params_from_hf(merged, config)
+
+
+@pytest.mark.parametrize("rank,rslora", [(3, False), (8, True), (12, False)])
+def test_lora_equals_merged_weights(tmp_path, rank, rslora):
+    model_dir = write_model(str(tmp_path / "m"))
+    config, params = load_hf_dir(model_dir)
+    ad = write_adapter(str(tmp_path / "a"), r=rank, alpha=16.0, seed=rank, use_rslora=rslora)
+    reg = AdapterRegistry(config, LoraBankConfig(buckets=(4, 8, 16), slots=(1, 1, 1)))
+    reg.register("a", ad)
+    tokens, positions = _inputs(np.random.default_rng(0), 2, 7, config.vocab_size)
+    ids = jnp.full((2, 7), reg.slots_for(["a"])[0], jnp.int32)
+    cache = KVCache.zeros(config, 2, 16)
+    got, _ = fwd(params, reg.bank, tokens, positions, ids, cache, config=config)
+    want, _ = fwd(_merged_params(read_tensors(model_dir), ad, config), None, tokens, positions, None, cache,
+                  config=config)
+    base, _ = fwd(params, None, tokens, positions, None, cache, config=config)
+    assert rel_err(got, want) < 1e-5
+    assert rel_err(base, want) > 1e-3  # the adapter really changes the output
+
+
+def test_bucket_padding_is_exact(tmp_path):
+    config, params = load_hf_dir(write_model(str(tmp_path / "m")))
+    ad = write_adapter(str(tmp_path / "a"), r=5)
+    outs = []
+    for buckets in [(8,), (64,)]:
+        reg = AdapterRegistry(config, LoraBankConfig(buckets=buckets, slots=(2,)))
+        reg.register("a", ad)
+        tokens, positions = _inputs(np.random.default_rng(1), 1, 5, config.vocab_size)
+        ids = jnp.full((1, 5), reg.slots_for(["a"])[0], jnp.int32)
+        outs.append(fwd(params, reg.bank, tokens, positions, ids, KVCache.zeros(config, 1, 8), config=config)[0])
+    assert rel_err(outs[0], outs[1]) < 1e-6
+
+
+def test_mixed_batch_rows_match_single_rows(tmp_path):
+    config, params = load_hf_dir(write_model(str(tmp_path / "m")))
+    reg = AdapterRegistry(config, LoraBankConfig(buckets=(4, 16), slots=(2, 1)))
+    reg.register("small", write_adapter(str(tmp_path / "s"), r=2, targets=("q_proj", "v_proj"), seed=3))
+    reg.register("big", write_adapter(str(tmp_path / "b"), r=16, seed=4))
+    names = ["big", None, "small", None]
+    slots = reg.slots_for(names)
+    tokens, positions = _inputs(np.random.default_rng(2), 4, 6, config.vocab_size)
+    ids = jnp.asarray(np.repeat(np.array(slots)[:, None], 6, 1), jnp.int32)
+    batch, _ = fwd(params, reg.bank, tokens, positions, ids, KVCache.zeros(config, 4, 8), config=config)
+    for i in range(4):
+        row, _ = fwd(params, reg.bank, tokens[i:i + 1], positions[i:i + 1], ids[i:i + 1],
+                     KVCache.zeros(config, 1, 8), config=config)
+        assert rel_err(batch[i], row[0]) < 1e-6
+    assert rel_err(batch[0], batch[1]) > 1e-3
+
+
+def test_incremental_decode_equals_full_forward(tmp_path):
+    config = dataclasses.replace(TINY, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16), sliding_window=5)
+    params = init_params(config, jax.random.key(0), std=0.3)
+    reg = AdapterRegistry(config, LoraBankConfig(buckets=(8,), slots=(1,)))
+    reg.register("a", write_adapter(str(tmp_path / "a"), config=config, r=8))
+    tokens, positions = _inputs(np.random.default_rng(3), 2, 9, config.vocab_size)
+    ids = jnp.asarray([[reg.slots_for(["a"])[0]] * 9, [-1] * 9], jnp.int32)
+    full, _ = fwd(params, reg.bank, tokens, positions, ids, KVCache.zeros(config, 2, 16), config=config)
+    cache = KVCache.zeros(config, 2, 16)
+    steps = []
+    logits, cache = fwd(params, reg.bank, tokens[:, :4], positions[:, :4], ids[:, :4], cache, config=config)
+    steps.append(logits)
+    for t in range(4, 9):
+        logits, cache = fwd(params, reg.bank, tokens[:, t:t + 1], positions[:, t:t + 1], ids[:, t:t + 1], cache,
+                            config=config)
+        steps.append(logits)
+    assert rel_err(jnp.concatenate(steps, axis=1), full) < 1e-5
+
+
+def test_padding_positions_change_nothing():
+    params = init_params(TINY, jax.random.key(1), std=0.3)
+    tokens, positions = _inputs(np.random.default_rng(4), 1, 5, TINY.vocab_size)
+    ref, _ = fwd(params, None, tokens, positions, None, KVCache.zeros(TINY, 1, 8), config=TINY)
+    padded_tokens = jnp.concatenate([tokens, jnp.full((1, 3), 7, jnp.int32)], axis=1)
+    padded_pos = jnp.concatenate([positions, jnp.full((1, 3), -1, jnp.int32)], axis=1)
+    got, cache = fwd(params, None, padded_tokens, padded_pos, None, KVCache.zeros(TINY, 1, 8), config=TINY)
+    assert rel_err(got[:, :5], ref) < 1e-6
+    assert float(jnp.abs(cache.k[:, :, 5:]).max()) == 0.0  # padding wrote nothing to the cache
+
+
+def test_8b_shapes_without_allocating():
+    cfg = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                      num_kv_heads=8, head_dim=128, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192))
+    abstract = jax.eval_shape(lambda k: init_params(cfg, k, jnp.bfloat16), jax.random.key(0))
+    n = sum(x.size for x in jax.tree_util.tree_leaves(abstract))
+    assert n == pytest.approx(8.03e9, rel=0.01)
+    assert abstract["layers"]["w_qkv"].shape == (32, 4096, 6144)
+    assert jax.tree_util.tree_map(lambda x: x.shape, abstract) == jax.tree_util.tree_map(
+        tuple, param_shapes(cfg), is_leaf=lambda s: isinstance(s, tuple))
