@@ -7,7 +7,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import reference
+from pallas_kernels import metadata, mosaic_lora, reference, triton_lora
 
 BACKENDS = ("reference", "interpret", "triton", "mosaic", "interpret_mosaic")
 ENV_VAR = "JLORA_LORA_BACKEND"
@@ -71,6 +71,20 @@ def _validate_slot_ids(slot_ids, num_tokens: int) -> None:
     raise ValueError(f"slot_ids must be an integer array, got {slot_ids.dtype}")
 
 
+def _check_meta(meta, slot_ids, backend: str):
+  """Returns `meta`, or builds it; checks that it was made for these tokens and this backend."""
+  if meta is None:
+    return metadata.segment_metadata(slot_ids, backend=backend)
+  if not isinstance(meta, metadata.SegmentMetadata):
+    raise ValueError(f"meta must be a SegmentMetadata from segment_metadata(), got {type(meta)}")
+  if meta.num_tokens != slot_ids.shape[0]:
+    raise ValueError(f"meta was built for T={meta.num_tokens} tokens, but slot_ids has "
+                     f"{slot_ids.shape[0]}")
+  if backend in ("mosaic", "interpret_mosaic") and not meta.aligned:
+    raise ValueError("meta must be built with aligned=True (or backend=...) for the Mosaic kernel")
+  return meta
+
+
 def lora_shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, *, meta=None,
                 backend: str | None = None) -> jax.Array:
   """Segmented LoRA shrink.
@@ -92,8 +106,10 @@ def lora_shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, *, meta=None,
   backend = resolve_backend(backend)
   if backend == "reference":
     return reference.ref_lora_shrink(x, a, slot_ids)
-  # TODO(kernels): Pallas kernels land in the next commit; until then every backend runs the reference.
-  return reference.ref_lora_shrink(x, a, slot_ids)
+  meta = _check_meta(meta, slot_ids, backend)
+  if backend in ("triton", "interpret"):
+    return triton_lora.shrink(x, a, slot_ids, meta, interpret=backend == "interpret")
+  return mosaic_lora.shrink(x, a, slot_ids, meta, interpret=backend == "interpret_mosaic")
 
 
 def lora_expand(y: jax.Array, v: jax.Array, b_slices: Sequence[jax.Array], slot_ids: jax.Array, *,
@@ -118,4 +134,9 @@ def lora_expand(y: jax.Array, v: jax.Array, b_slices: Sequence[jax.Array], slot_
   b_slices = tuple(b_slices)
   _validate_expand(y, v, b_slices, slot_ids)
   backend = resolve_backend(backend)
-  return reference.ref_lora_expand(y, v, b_slices, slot_ids)
+  if backend == "reference":
+    return reference.ref_lora_expand(y, v, b_slices, slot_ids)
+  meta = _check_meta(meta, slot_ids, backend)
+  if backend in ("triton", "interpret"):
+    return triton_lora.expand(y, v, b_slices, meta, interpret=backend == "interpret")
+  return mosaic_lora.expand(y, v, b_slices, meta, interpret=backend == "interpret_mosaic")

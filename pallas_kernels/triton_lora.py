@@ -1,0 +1,196 @@
+"""Pallas Triton (GPU) kernels for segmented multi-LoRA shrink and expand.
+
+Both kernels walk the tile table of `metadata.SegmentMetadata` with a fixed grid: program p handles
+tiles p, p + G, p + 2G, ... up to the dynamic tile count, so the grid is static while the number of
+segments is not. Refs are whole arrays; rows are selected with masked loads at the tile's row offset,
+so tiles need not be aligned to anything.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import tuning
+from pallas_kernels.metadata import SegmentMetadata
+
+# tl.dot needs every dimension >= 16; smaller ranks use a broadcast multiply-reduce instead.
+_MIN_DOT = 16
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _mm(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
+  """[m, k] @ [k, n] -> [m, n] float32, via tl.dot when all dims allow it."""
+  if min(lhs.shape[0], lhs.shape[1], rhs.shape[1]) >= _MIN_DOT:
+    return jax.lax.dot_general(lhs, rhs, (((1,), (0,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+  return jnp.sum(lhs.astype(jnp.float32)[:, :, None] * rhs.astype(jnp.float32)[None, :, :], axis=1)
+
+
+def _trips(count, pid, nprog):
+  """Iterations of `for i in range(pid, count, nprog)`, for a traced count."""
+  return jax.lax.div(jnp.maximum(count - pid, 0) + nprog - 1, nprog)
+
+
+def _num_programs(meta: SegmentMetadata, num_slots: int) -> int:
+  """Grid size: enough programs for sorted ids (row blocks + one partial tile per slot), capped by M."""
+  return max(1, min(meta.max_tiles, _cdiv(meta.num_tokens, meta.block_t) + num_slots + 1))
+
+
+def _shrink_kernel(lo_ref, hi_ref, slot_ref, nt_ref, ids_ref, x_ref, a_ref, o_ref, *, bt, bk, rank,
+                   d_in, k_steps, num_tokens, compute_dtype):
+  pid = pl.program_id(0)
+  split = pl.program_id(1)
+  nprog = pl.num_programs(0)
+  iota_t = jnp.arange(bt, dtype=jnp.int32)
+  iota_k = jnp.arange(bk, dtype=jnp.int32)
+  iota_r = jnp.arange(rank, dtype=jnp.int32)
+  full_r = iota_r[None, :] < rank
+
+  # Rows of slot -1 belong to no tile: this program zeroes them in its share of row blocks.
+  def zero_body(it, carry):
+    r0 = (pid + it * nprog) * bt
+    rows = r0 + iota_t
+    ids = plgpu.load(ids_ref.at[pl.ds(r0, bt)], mask=rows < num_tokens, other=0)
+    mask = ((ids < 0) & (rows < num_tokens))[:, None] & full_r
+    plgpu.store(o_ref.at[split, pl.ds(r0, bt), :], jnp.zeros((bt, rank), jnp.float32), mask=mask)
+    return carry
+
+  jax.lax.fori_loop(0, _trips(_cdiv(num_tokens, bt), pid, nprog), zero_body, 0)
+
+  def tile_body(it, carry):
+    i = pid + it * nprog
+    lo = lo_ref[i]
+    hi = hi_ref[i]
+    slot = slot_ref[i]
+    row_ok = (lo + iota_t) < hi
+
+    def k_body(kk, acc):
+      k0 = (split * k_steps + kk) * bk
+      col_ok = (k0 + iota_k) < d_in
+      xb = plgpu.load(x_ref.at[pl.ds(lo, bt), pl.ds(k0, bk)],
+                      mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+      ab = plgpu.load(a_ref.at[slot, pl.ds(k0, bk), :],
+                      mask=col_ok[:, None] & full_r, other=0.0)
+      return acc + _mm(xb.astype(compute_dtype), ab.astype(compute_dtype))
+
+    acc = jax.lax.fori_loop(0, k_steps, k_body, jnp.zeros((bt, rank), jnp.float32))
+    plgpu.store(o_ref.at[split, pl.ds(lo, bt), :], acc, mask=row_ok[:, None] & full_r)
+    return carry
+
+  num_tiles = nt_ref[0]
+  jax.lax.fori_loop(0, _trips(num_tiles, pid, nprog), tile_body, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, meta: SegmentMetadata, *,
+           interpret: bool = False) -> jax.Array:
+  """Triton segmented shrink. Semantics and shapes as `dispatch.lora_shrink`; returns [T, R] f32."""
+  num_tokens, d_in = x.shape
+  num_slots, _, rank = a.shape
+  blocks = tuning.gpu_shrink_blocks(num_tokens, d_in, rank)
+  bt = meta.block_t
+  bk = min(blocks.block_k, max(16, pl.next_power_of_2(d_in)))
+  k_total = _cdiv(d_in, bk)
+  splits = max(1, min(blocks.k_splits, k_total))
+  k_steps = _cdiv(k_total, splits)
+  grid = (_num_programs(meta, num_slots), splits)
+  compute_dtype = jnp.promote_types(x.dtype, a.dtype)
+  if pl.next_power_of_2(rank) != rank:
+    raise ValueError(f"a's rank dimension must be a power of two for the Triton kernel, got {rank}")
+  kernel = functools.partial(_shrink_kernel, bt=bt, bk=bk, rank=rank, d_in=d_in, k_steps=k_steps,
+                             num_tokens=num_tokens, compute_dtype=compute_dtype)
+  partials = pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct((splits, num_tokens, rank), jnp.float32),
+      grid=grid,
+      compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
+                                           num_stages=blocks.num_stages),
+      interpret=interpret,
+      name="lora_shrink",
+  )(meta.tile_lo, meta.tile_hi, meta.tile_slot, meta.num_tiles, slot_ids.astype(jnp.int32), x, a)
+  return partials[0] if splits == 1 else jnp.sum(partials, axis=0)
+
+
+def _expand_kernel(lo_ref, hi_ref, slot_ref, nt_ref, v_ref, *refs, bt, bn, rank, dims,
+                   block_starts, num_slices):
+  b_refs = refs[:num_slices]
+  o_ref = refs[-1]  # aliases y: rows outside every tile keep y's values
+  y_ref = refs[num_slices]
+  pid = pl.program_id(0)
+  col_block = pl.program_id(1)
+  nprog = pl.num_programs(0)
+  num_tiles = nt_ref[0]
+  iota_t = jnp.arange(bt, dtype=jnp.int32)
+  iota_n = jnp.arange(bn, dtype=jnp.int32)
+  all_r = jnp.arange(rank, dtype=jnp.int32) >= 0
+
+  for j in range(num_slices):
+    d_j = dims[j]
+    off_j = sum(dims[:j])
+    first, last = block_starts[j], block_starts[j + 1]
+
+    @pl.when((col_block >= first) & (col_block < last))
+    def _(j=j, d_j=d_j, off_j=off_j, first=first):
+      n0 = (col_block - first) * bn
+      col_ok = (n0 + iota_n) < d_j
+      b_ref = b_refs[j]
+      b_dtype = b_ref.dtype
+
+      def tile_body(it, carry):
+        i = pid + it * nprog
+        lo = lo_ref[i]
+        hi = hi_ref[i]
+        slot = slot_ref[i]
+        row_ok = (lo + iota_t) < hi
+        mask = row_ok[:, None] & col_ok[None, :]
+        vb = plgpu.load(v_ref.at[pl.ds(lo, bt), pl.ds(j * rank, rank)],
+                        mask=row_ok[:, None] & all_r[None, :], other=0.0)
+        bb = plgpu.load(b_ref.at[slot, :, pl.ds(n0, bn)],
+                        mask=all_r[:, None] & col_ok[None, :], other=0.0)
+        # v is rounded to B's dtype so the dot runs on the tensor cores (as in Punica and vLLM).
+        delta = _mm(vb.astype(b_dtype), bb)
+        yb = plgpu.load(y_ref.at[pl.ds(lo, bt), pl.ds(off_j + n0, bn)], mask=mask, other=0.0)
+        out = (yb.astype(jnp.float32) + delta).astype(o_ref.dtype)
+        plgpu.store(o_ref.at[pl.ds(lo, bt), pl.ds(off_j + n0, bn)], out, mask=mask)
+        return carry
+
+      jax.lax.fori_loop(0, _trips(num_tiles, pid, nprog), tile_body, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def expand(y: jax.Array, v: jax.Array, b_slices: tuple[jax.Array, ...], meta: SegmentMetadata, *,
+           interpret: bool = False) -> jax.Array:
+  """Triton segmented fused expand. Semantics and shapes as `dispatch.lora_expand`."""
+  num_tokens, d_total = y.shape
+  n = len(b_slices)
+  rank = v.shape[1] // n
+  num_slots = b_slices[0].shape[0]
+  dims = tuple(int(b.shape[2]) for b in b_slices)
+  blocks = tuning.gpu_expand_blocks(num_tokens, d_total, rank)
+  if pl.next_power_of_2(rank) != rank:
+    raise ValueError(f"per-slice rank must be a power of two for the Triton kernel, got {rank}")
+  bn = min(blocks.block_n, max(16, pl.next_power_of_2(max(dims))))
+  block_starts = [0]
+  for d in dims:
+    block_starts.append(block_starts[-1] + _cdiv(d, bn))
+  grid = (_num_programs(meta, num_slots), block_starts[-1])
+  kernel = functools.partial(_expand_kernel, bt=meta.block_t, bn=bn, rank=rank, dims=dims,
+                             block_starts=tuple(block_starts), num_slices=n)
+  y_index = 5 + n
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
+      grid=grid,
+      input_output_aliases={y_index: 0},
+      compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps,
+                                           num_stages=blocks.num_stages),
+      interpret=interpret,
+      name="lora_expand",
+  )(meta.tile_lo, meta.tile_hi, meta.tile_slot, meta.num_tiles, v, *b_slices, y)
