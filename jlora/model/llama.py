@@ -164,7 +164,7 @@ class Llama(nnx.Module):
         return cls(config, init_params(config, jax.random.key(seed), dtype, std))
 
     def params(self) -> Params:
-        return nnx.state(self, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(self, nnx.Param))
 
     @property
     def dtype(self):
