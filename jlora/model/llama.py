@@ -64,11 +64,12 @@ def _attention(q, cache_k, cache_v, positions, config: ModelConfig):
 
     Args:
       q: [B, T, N, H] queries; cache_k, cache_v: [B, S, K, H]; positions: [B, T] (negative: padding).
+        N and K may be a tensor-parallel shard's local head counts.
     Returns:
       [B, T, N * H].
     """
     B, T, N, H = q.shape
-    K = config.num_kv_heads
+    K = cache_k.shape[2]
     q = q.reshape(B, T, K, N // K, H)
     scores = jnp.einsum("btkgh,bskh->bkgts", q.astype(jnp.float32), cache_k.astype(jnp.float32))
     scores = scores * (H ** -0.5)
@@ -82,18 +83,35 @@ def _attention(q, cache_k, cache_v, positions, config: ModelConfig):
     return out.reshape(B, T, N * H).astype(q.dtype)
 
 
-def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config: ModelConfig, inv_freq,
-           backend):
-    """One decoder layer. h: [B, T, D]; layer: this layer's params; lora_bank: this layer's bank or None."""
-    B, T, D = h.shape
-    N, K, H = config.num_heads, config.num_kv_heads, config.head_dim
+def _identity(y):
+    return y
 
-    def project(x2d, w, group, bias=None):
+
+def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config: ModelConfig, inv_freq,
+           backend, reduce=_identity):
+    """One decoder layer.
+
+    Head counts come from the local shapes, so the same code runs on a tensor-parallel shard (inside
+    `shard_map`), where `reduce` sums the row-parallel (o, down) partial outputs across shards. LoRA deltas
+    are added to the partial sums before that reduction, so LoRA adds no collective.
+
+    Args:
+      h: [B, T, D]; layer: this layer's params; cache_k, cache_v: [B, S, K, H];
+      lora_bank: this layer's bank or None.
+    """
+    B, T, D = h.shape
+    H = config.head_dim
+    K = cache_k.shape[2]
+    N = layer["w_qkv"].shape[-1] // H - 2 * K
+
+    def project(x2d, w, group, bias=None, row_parallel=False):
         y = x2d @ w
-        if bias is not None:
-            y = y + bias
         if lora_bank is not None:
             y = lora_project(x2d, y, group, lora_bank, lora_batch, backend)
+        if row_parallel:
+            y = reduce(y)
+        if bias is not None:
+            y = y + bias
         return y
 
     x = rms_norm(h, layer["attn_norm"], config.rms_norm_eps).reshape(B * T, D)
@@ -103,12 +121,29 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
     k = rope.apply_rope(k.reshape(B, T, K, H), positions, inv_freq)
     cache_k, cache_v = kv_cache.write(cache_k, cache_v, k, v.reshape(B, T, K, H), positions)
     attn = _attention(q, cache_k, cache_v, positions, config).reshape(B * T, N * H)
-    h = h + project(attn, layer["w_o"], "o", layer.get("b_o")).reshape(B, T, D)
+    h = h + project(attn, layer["w_o"], "o", layer.get("b_o"), row_parallel=True).reshape(B, T, D)
 
     x = rms_norm(h, layer["mlp_norm"], config.rms_norm_eps).reshape(B * T, D)
     gate, up = jnp.split(project(x, layer["w_gate_up"], "gate_up"), 2, axis=-1)
-    mlp = project(jax.nn.silu(gate) * up, layer["w_down"], "down")
+    mlp = project(jax.nn.silu(gate) * up, layer["w_down"], "down", row_parallel=True)
     return h + mlp.reshape(B, T, D), cache_k, cache_v
+
+
+def decoder_stack(h, layers, cache_k, cache_v, positions, lora_bank, lora_batch, config: ModelConfig, *,
+                  backend=None, reduce=_identity):
+    """Every decoder layer, scanned over the leading [L] axis of `layers`, the caches and the bank.
+
+    Returns (h, new cache_k, new cache_v). Runs unchanged on one tensor-parallel shard (see `_layer`).
+    """
+    inv_freq = rope.inverse_frequencies(config)
+
+    def step(h, xs):
+        layer, ck, cv, layer_bank = xs
+        h, ck, cv = _layer(h, layer, ck, cv, positions, layer_bank, lora_batch, config, inv_freq, backend, reduce)
+        return h, (ck, cv)
+
+    h, (new_k, new_v) = jax.lax.scan(step, h, (layers, cache_k, cache_v, lora_bank))
+    return h, new_k, new_v
 
 
 def forward(params: Params, lora_bank: LoraBank | None, tokens: jax.Array, positions: jax.Array,
@@ -129,18 +164,13 @@ def forward(params: Params, lora_bank: LoraBank | None, tokens: jax.Array, posit
     """
     B, T = tokens.shape
     h = jnp.take(params["embed"], tokens, axis=0)
-    inv_freq = rope.inverse_frequencies(config)
     lora_batch: LoraBatch | None = None
     if lora_bank is not None:
         ids = lora_ids if lora_ids is not None else jnp.full((B, T), -1, jnp.int32)
         lora_batch = make_lora_batch(lora_bank, ids.reshape(B * T).astype(jnp.int32), lora_backend)
 
-    def step(h, xs):
-        layer, ck, cv, layer_bank = xs
-        h, ck, cv = _layer(h, layer, ck, cv, positions, layer_bank, lora_batch, config, inv_freq, lora_backend)
-        return h, (ck, cv)
-
-    h, (new_k, new_v) = jax.lax.scan(step, h, (params["layers"], cache.k, cache.v, lora_bank))
+    h, new_k, new_v = decoder_stack(h, params["layers"], cache.k, cache.v, positions, lora_bank, lora_batch,
+                                    config, backend=lora_backend)
     if logit_index is not None:
         h = jnp.take_along_axis(h, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
     h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
