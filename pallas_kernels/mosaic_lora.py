@@ -30,6 +30,11 @@ def _lane_block(dim: int, preferred: int) -> int:
   return dim
 
 
+def _row_padding(num_tokens: int, bt: int) -> int:
+  """Rows to add so that bt divides T (0 unless bt is neither a divisor nor T itself)."""
+  return 0 if num_tokens % bt == 0 else -num_tokens % bt
+
+
 def _first_visit(i, lo_ref, bt):
   """True at the first tile of a row block (tiles of one block are consecutive)."""
   prev = jnp.maximum(i - 1, 0)
@@ -60,6 +65,9 @@ def shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, meta: SegmentMetadat
            interpret: bool = False) -> jax.Array:
   """Mosaic segmented shrink. Semantics and shapes as `dispatch.lora_shrink`; returns [T, R] f32."""
   del slot_ids  # rows of slot -1 keep the aliased zeros
+  pad = _row_padding(x.shape[0], meta.block_t)
+  if pad:  # slow path for a T that no block size divides
+    return shrink(jnp.pad(x, ((0, pad), (0, 0))), a, None, meta, interpret=interpret)[:x.shape[0]]
   num_tokens, d_in = x.shape
   rank = a.shape[2]
   bt = meta.block_t
@@ -125,6 +133,11 @@ def expand(y: jax.Array, v: jax.Array, b_slices: tuple[jax.Array, ...], meta: Se
 
   Every d_j must share a block width that is a multiple of 128 (true for Llama-family shapes).
   """
+  pad = _row_padding(y.shape[0], meta.block_t)
+  if pad:  # slow path for a T that no block size divides
+    rows = ((0, pad), (0, 0))
+    return expand(jnp.pad(y, rows), jnp.pad(v, rows), b_slices, meta,
+                  interpret=interpret)[:y.shape[0]]
   num_tokens, d_total = y.shape
   n = len(b_slices)
   rank = v.shape[1] // n

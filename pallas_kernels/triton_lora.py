@@ -44,14 +44,14 @@ def _num_programs(meta: SegmentMetadata, num_slots: int) -> int:
 
 
 def _shrink_kernel(lo_ref, hi_ref, slot_ref, nt_ref, ids_ref, x_ref, a_ref, o_ref, *, bt, bk, rank,
-                   d_in, k_steps, num_tokens, compute_dtype):
+                   rank_p, d_in, k_steps, num_tokens, compute_dtype):
   pid = pl.program_id(0)
   split = pl.program_id(1)
   nprog = pl.num_programs(0)
   iota_t = jnp.arange(bt, dtype=jnp.int32)
   iota_k = jnp.arange(bk, dtype=jnp.int32)
-  iota_r = jnp.arange(rank, dtype=jnp.int32)
-  full_r = iota_r[None, :] < rank
+  # Triton tensors have power-of-two sizes: R (3r for a fused qkv) is padded to rank_p and masked.
+  full_r = jnp.arange(rank_p, dtype=jnp.int32)[None, :] < rank
 
   # Rows of slot -1 belong to no tile: this program zeroes them in its share of row blocks.
   def zero_body(it, carry):
@@ -59,7 +59,8 @@ def _shrink_kernel(lo_ref, hi_ref, slot_ref, nt_ref, ids_ref, x_ref, a_ref, o_re
     rows = r0 + iota_t
     ids = plgpu.load(ids_ref.at[pl.ds(r0, bt)], mask=rows < num_tokens, other=0)
     mask = ((ids < 0) & (rows < num_tokens))[:, None] & full_r
-    plgpu.store(o_ref.at[split, pl.ds(r0, bt), :], jnp.zeros((bt, rank), jnp.float32), mask=mask)
+    plgpu.store(o_ref.at[split, pl.ds(r0, bt), pl.ds(0, rank_p)],
+                jnp.zeros((bt, rank_p), jnp.float32), mask=mask)
     return carry
 
   jax.lax.fori_loop(0, _trips(_cdiv(num_tokens, bt), pid, nprog), zero_body, 0)
@@ -76,12 +77,13 @@ def _shrink_kernel(lo_ref, hi_ref, slot_ref, nt_ref, ids_ref, x_ref, a_ref, o_re
       col_ok = (k0 + iota_k) < d_in
       xb = plgpu.load(x_ref.at[pl.ds(lo, bt), pl.ds(k0, bk)],
                       mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-      ab = plgpu.load(a_ref.at[slot, pl.ds(k0, bk), :],
+      ab = plgpu.load(a_ref.at[slot, pl.ds(k0, bk), pl.ds(0, rank_p)],
                       mask=col_ok[:, None] & full_r, other=0.0)
       return acc + _mm(xb.astype(compute_dtype), ab.astype(compute_dtype))
 
-    acc = jax.lax.fori_loop(0, k_steps, k_body, jnp.zeros((bt, rank), jnp.float32))
-    plgpu.store(o_ref.at[split, pl.ds(lo, bt), :], acc, mask=row_ok[:, None] & full_r)
+    acc = jax.lax.fori_loop(0, k_steps, k_body, jnp.zeros((bt, rank_p), jnp.float32))
+    plgpu.store(o_ref.at[split, pl.ds(lo, bt), pl.ds(0, rank_p)], acc,
+                mask=row_ok[:, None] & full_r)
     return carry
 
   num_tiles = nt_ref[0]
@@ -102,9 +104,8 @@ def shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, meta: SegmentMetadat
   k_steps = _cdiv(k_total, splits)
   grid = (_num_programs(meta, num_slots), splits)
   compute_dtype = jnp.promote_types(x.dtype, a.dtype)
-  if pl.next_power_of_2(rank) != rank:
-    raise ValueError(f"a's rank dimension must be a power of two for the Triton kernel, got {rank}")
-  kernel = functools.partial(_shrink_kernel, bt=bt, bk=bk, rank=rank, d_in=d_in, k_steps=k_steps,
+  kernel = functools.partial(_shrink_kernel, bt=bt, bk=bk, rank=rank,
+                             rank_p=pl.next_power_of_2(rank), d_in=d_in, k_steps=k_steps,
                              num_tokens=num_tokens, compute_dtype=compute_dtype)
   partials = pl.pallas_call(
       kernel,

@@ -31,7 +31,13 @@ class TpuBlocks:
 def block_t(num_tokens: int, backend: str) -> int:
   """Tokens per tile. Shared by shrink and expand, so one metadata serves a whole step."""
   if backend in ("mosaic", "interpret_mosaic"):
-    return 16 if num_tokens <= 256 else 128
+    preferred = 16 if num_tokens <= 256 else 128
+    for cand in (preferred, preferred // 2, preferred // 4, preferred // 8, preferred // 16):
+      if cand >= 8 and num_tokens % cand == 0:
+        return cand
+    if num_tokens <= 512:
+      return num_tokens  # a block as tall as the whole array is always legal
+    return preferred  # the Mosaic wrapper pads the rows (engines pad T to buckets anyway)
   if num_tokens <= 256:
     return 16
   return 64

@@ -1,0 +1,360 @@
+"""Benchmarks the multi-LoRA shrink/expand kernels against XLA baselines on the local device.
+
+Prints a table and writes JSON (default benchmarks/results/kernels_h100.json).
+
+Every figure is measured in the same run: the device-to-device copy bandwidth (the roofline), the
+Pallas kernels, XLA gather-einsum and `jax.lax.ragged_dot`. Each timing is the median over repeats of
+one jitted `fori_loop` that issues N calls, rotating over K input sets (so repeated calls do not hit L2
+where the inputs are large enough to rotate) and carrying outputs so nothing is hoisted or dropped.
+
+  python3 scripts/bench_kernels.py                # full sweep
+  python3 scripts/bench_kernels.py --quick        # a few shapes
+  python3 scripts/bench_kernels.py --tune         # also try alternative block sizes on key shapes
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import pallas_kernels as pk  # noqa: E402
+from pallas_kernels import tuning  # noqa: E402
+
+ROTATE_BYTES = 160e6  # > 3x the H100's 50 MB L2
+MAX_ROTATE = 32
+LOOP_SECONDS = 0.03
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  op: str        # "shrink" or "expand"
+  tokens: int    # T
+  adapters: int  # S distinct adapters, tokens sorted by slot
+  d: int         # d_in (shrink) or d_out (expand)
+  rank: int
+
+
+def _median_time(fn, sets, state, calls: int) -> float:
+  """Seconds per call: median of 5 timed runs of fn(sets, state) -> state, a loop of `calls` calls."""
+  state = fn(sets, state)  # compile and warm up
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    state = fn(sets, state)
+    jax.block_until_ready(state)
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times) / calls
+
+
+def _looped(op, num_sets: int, trips: int, carry_index: int | None):
+  """jit(loop of trips x num_sets calls of op(*set_k)); the output (or input carry_index) is carried."""
+  def run(sets, init):
+    def body(i, carry):
+      new = []
+      for k in range(num_sets):
+        args = list(sets[k])
+        if carry_index is not None:
+          args[carry_index] = carry[k]
+        else:  # make an input loop-variant, so XLA cannot hoist the call out of the loop
+          args[0], _ = jax.lax.optimization_barrier((args[0], i))
+        new.append(op(*args))
+      return tuple(new)
+    return jax.lax.fori_loop(0, trips, body, init)
+  return jax.jit(run, donate_argnums=(1,))
+
+
+def sorted_ids(tokens: int, adapters: int) -> np.ndarray:
+  """Sorted slot ids: `adapters` segments of near-equal length."""
+  return np.repeat(np.arange(adapters, dtype=np.int32),
+                   np.diff(np.linspace(0, tokens, adapters + 1).astype(np.int64)))
+
+
+def case_bytes(c: Case) -> float:
+  """Fewest bytes each call must move: inputs once, outputs once (bf16 data, f32 v)."""
+  if c.op == "shrink":
+    return c.tokens * c.d * 2 + c.adapters * c.d * c.rank * 2 + c.tokens * c.rank * 4
+  return 2 * c.tokens * c.d * 2 + c.adapters * c.rank * c.d * 2 + c.tokens * c.rank * 4
+
+
+def make_sets(c: Case, num_sets: int, key):
+  ids = jnp.asarray(sorted_ids(c.tokens, c.adapters))
+  sets = []
+  for k in range(num_sets):
+    k1, k2, key = jax.random.split(jax.random.fold_in(key, k), 3)
+    if c.op == "shrink":
+      x = jax.random.normal(k1, (c.tokens, c.d), jnp.bfloat16)
+      a = (jax.random.normal(k2, (c.adapters, c.d, c.rank), jnp.float32) / np.sqrt(c.d))
+      sets.append((x, a.astype(jnp.bfloat16)))
+    else:
+      v = jax.random.normal(k1, (c.tokens, c.rank), jnp.float32)
+      b = (0.01 * jax.random.normal(k2, (c.adapters, c.rank, c.d))).astype(jnp.bfloat16)
+      y = jax.random.normal(key, (c.tokens, c.d), jnp.bfloat16)
+      sets.append((y, v, b))
+  return ids, sets
+
+
+def impls(c: Case, ids, backend: str):
+  """name -> (op(*set) with ids/meta closed over, index of the carried arg or None)."""
+  meta = pk.segment_metadata(ids, backend=backend)
+  group_sizes = jnp.bincount(ids, length=c.adapters).astype(jnp.int32)
+  if c.op == "shrink":
+    return {
+        "pallas": (lambda x, a: pk.lora_shrink(x, a, ids, meta=meta, backend=backend), None),
+        "gather_einsum": (lambda x, a: jnp.einsum("td,tdr->tr", x, a[ids],
+                                                  preferred_element_type=jnp.float32), None),
+        "ragged_dot": (lambda x, a: jax.lax.ragged_dot(x, a, group_sizes,
+                                                       preferred_element_type=jnp.float32), None),
+    }
+
+  def einsum_expand(y, v, b):
+    d = jnp.einsum("tr,tro->to", v.astype(b.dtype), b[ids], preferred_element_type=jnp.float32)
+    return (y.astype(jnp.float32) + d).astype(y.dtype)
+
+  def ragged_expand(y, v, b):
+    d = jax.lax.ragged_dot(v.astype(b.dtype), b, group_sizes, preferred_element_type=jnp.float32)
+    return (y.astype(jnp.float32) + d).astype(y.dtype)
+
+  return {
+      "pallas": (lambda y, v, b: pk.lora_expand(y, v, (b,), ids, meta=meta, backend=backend), 0),
+      "gather_einsum": (einsum_expand, 0),
+      "ragged_dot": (ragged_expand, 0),
+  }
+
+
+def _init(op, sets, carry_index):
+  """The loop's first carry: fresh outputs, or copies of the carried inputs (they are donated)."""
+  if carry_index is None:
+    return tuple(jax.jit(op)(*s) for s in sets)
+  return tuple(jnp.array(s[carry_index], copy=True) for s in sets)
+
+
+def time_case(c: Case, backend: str, copy_bw: float, skip_ragged_above: int) -> dict:
+  nbytes = case_bytes(c)
+  num_sets = int(max(1, min(MAX_ROTATE, ROTATE_BYTES // nbytes)))
+  ids, sets = make_sets(c, num_sets, jax.random.key(c.tokens * 7 + c.adapters * 13 + c.d + c.rank))
+  row = dataclasses.asdict(c) | {"bytes": nbytes, "rotate_sets": num_sets,
+                                 "roofline_us": nbytes / copy_bw * 1e6}
+  for name, (op, carry_index) in impls(c, ids, backend).items():
+    if name == "ragged_dot" and c.tokens > skip_ragged_above:
+      row[f"{name}_us"] = None
+      continue
+    guess = {"pallas": 3.0, "gather_einsum": 10.0, "ragged_dot": 100.0}[name]
+    per_call = max(nbytes / copy_bw * guess, 10e-6)
+    trips = int(max(2, min(200, LOOP_SECONDS / (per_call * num_sets))))
+    fn = _looped(op, num_sets, trips, carry_index)
+    try:
+      row[f"{name}_us"] = _median_time(fn, sets, _init(op, sets, carry_index),
+                                       trips * num_sets) * 1e6
+    except Exception as e:  # noqa: BLE001 - a baseline that fails to run is reported, not fatal
+      row[f"{name}_us"] = None
+      row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      print(f"  {name} failed: {row[f'{name}_error']}", flush=True)
+  p = row["pallas_us"]
+  row["pallas_GBps"] = nbytes / (p * 1e-6) / 1e9
+  row["pallas_pct_roofline"] = 100.0 * row["roofline_us"] / p
+  for base in ("gather_einsum", "ragged_dot"):
+    row[f"speedup_vs_{base}"] = (row[f"{base}_us"] / p) if row.get(f"{base}_us") else None
+  return row
+
+
+def copy_bandwidth(n: int = 512 * 1024 * 1024) -> float:
+  """Bytes/s of a large device-to-device elementwise pass over n bf16 values (read + write)."""
+  x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+  trips = 20
+  fn = jax.jit(lambda x: jax.lax.fori_loop(0, trips, lambda i, x: x + jnp.bfloat16(1), x),
+               donate_argnums=0)
+  x = fn(x)
+  jax.block_until_ready(x)
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    x = fn(x)
+    jax.block_until_ready(x)
+    times.append(time.perf_counter() - t0)
+  return 2 * n * 2 * trips / statistics.median(times)
+
+
+def count_ops(jaxpr) -> dict:
+  """Counts pallas_call ops and other non-trivial ops in a closed jaxpr, recursively."""
+  counts = {"pallas_call": 0, "other": 0}
+  trivial = {"pjit", "jit", "closed_call", "convert_element_type", "reshape", "squeeze",
+             "broadcast_in_dim", "slice", "concatenate"}
+
+  def walk(jx):
+    for eqn in jx.eqns:
+      name = eqn.primitive.name
+      subs = [v for v in eqn.params.values() if hasattr(v, "jaxpr") or hasattr(v, "eqns")]
+      if name == "pallas_call":
+        counts["pallas_call"] += 1
+      elif subs:
+        for s in subs:
+          walk(s.jaxpr if hasattr(s, "jaxpr") else s)
+      elif name not in trivial:
+        counts["other"] += 1
+  walk(jaxpr.jaxpr)
+  return counts
+
+
+def launches_per_decode_step(backend: str, layers: int = 32, tokens: int = 256) -> dict:
+  """LoRA kernel launches per decode step of a Llama-3-8B-shaped model (4 fused groups x L)."""
+  groups = {  # name: (d_in, d_out slices), GQA 8 kv heads of 128
+      "qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)),
+      "gate_up": (4096, (14336, 14336)), "down": (14336, (4096,)),
+  }
+  r = 16
+  ids = jnp.zeros((tokens,), jnp.int32)
+  out = {"layers": layers, "tokens": tokens, "rank": r, "groups": {}}
+  meta_jaxpr = jax.make_jaxpr(lambda i: pk.segment_metadata(i, backend=backend))(ids)
+  total_p, total_o = 0, 0
+  for name, (d_in, dims) in groups.items():
+    n = len(dims)
+    x = jax.ShapeDtypeStruct((tokens, d_in), jnp.bfloat16)
+    a = jax.ShapeDtypeStruct((4, d_in, n * r), jnp.bfloat16)
+    bs = tuple(jax.ShapeDtypeStruct((4, r, d), jnp.bfloat16) for d in dims)
+    y = jax.ShapeDtypeStruct((tokens, sum(dims)), jnp.bfloat16)
+    meta = jax.eval_shape(lambda i: pk.segment_metadata(i, backend=backend), ids)
+
+    def group(x, a, bs, y, ids, meta):
+      v = pk.lora_shrink(x, a, ids, meta=meta, backend=backend)
+      return pk.lora_expand(y, v, bs, ids, meta=meta, backend=backend)
+    c = count_ops(jax.make_jaxpr(group)(x, a, bs, y, ids, meta))
+    out["groups"][name] = c
+    total_p += c["pallas_call"]
+    total_o += c["other"]
+  out["pallas_calls_per_layer"] = total_p
+  out["other_xla_ops_per_layer"] = total_o
+  out["pallas_calls_per_step"] = total_p * layers
+  out["other_xla_ops_per_step"] = total_o * layers
+  out["metadata_ops_per_step"] = count_ops(meta_jaxpr)["other"]
+  return out
+
+
+def sweep(quick: bool, smoke: bool = False) -> list[Case]:
+  if smoke:  # tiny shapes to check the script itself on CPU
+    return [Case(op, t, s, 256, 16) for op in ("shrink", "expand") for t, s in ((16, 16), (64, 2))]
+  cases = []
+  ts = (16, 256, 2048, 8192) if quick else (16, 64, 256, 1024, 2048, 8192)
+  for op in ("shrink", "expand"):
+    for d, r in ((4096, 16),) if quick else ((4096, 16), (4096, 8), (4096, 64), (14336, 16)):
+      main = d == 4096 and r == 16
+      for t in ts if main else (16, 256, 2048, 8192):
+        ss = {1, min(t, 128), t if t <= 256 else 1024} if main else {1, min(t, 128)}
+        for s in sorted(ss):
+          cases.append(Case(op, t, s, d, r))
+  return cases
+
+
+def tune(backend: str, copy_bw: float) -> list[dict]:
+  """Times alternative block sizes on key shapes by swapping the tuning table's entries."""
+  rows = []
+  shrink_opts = [(bk, ks, w, st) for bk in (128, 256) for ks in (1, 4) for w in (4, 8)
+                 for st in (3, 4)]
+  orig_s, orig_e, orig_t = tuning.gpu_shrink_blocks, tuning.gpu_expand_blocks, tuning.block_t
+  for t, s in ((256, 256), (256, 1), (8192, 128)):
+    for bt in (16, 32, 64) if t > 256 else (16,):
+      for bk, ks, w, st in shrink_opts:
+        if t > 256 and ks > 1:
+          continue
+        tuning.block_t = lambda n, b, bt=bt: bt
+        tuning.gpu_shrink_blocks = lambda *a, o=(bk, ks, w, st): tuning.GpuShrinkBlocks(*o)
+        jax.clear_caches()
+        c = Case("shrink", t, s, 4096, 16)
+        r = time_case_pallas_only(c, backend, copy_bw)
+        rows.append(r | {"block_t": bt, "block_k": bk, "k_splits": ks, "warps": w, "stages": st})
+        print(f"tune shrink T={t} S={s} bt={bt} bk={bk} ks={ks} w={w} st={st}: "
+              f"{r['pallas_us']:.1f} us", flush=True)
+      for bn in (64, 128, 256):
+        for w in (4, 8):
+          tuning.block_t = lambda n, b, bt=bt: bt
+          tuning.gpu_expand_blocks = lambda *a, o=(bn, w, 2): tuning.GpuExpandBlocks(*o)
+          jax.clear_caches()
+          c = Case("expand", t, s, 4096, 16)
+          r = time_case_pallas_only(c, backend, copy_bw)
+          rows.append(r | {"block_t": bt, "block_n": bn, "warps": w})
+          print(f"tune expand T={t} S={s} bt={bt} bn={bn} w={w}: {r['pallas_us']:.1f} us",
+                flush=True)
+  tuning.gpu_shrink_blocks, tuning.gpu_expand_blocks, tuning.block_t = orig_s, orig_e, orig_t
+  jax.clear_caches()
+  return rows
+
+
+def time_case_pallas_only(c: Case, backend: str, copy_bw: float) -> dict:
+  nbytes = case_bytes(c)
+  num_sets = int(max(1, min(MAX_ROTATE, ROTATE_BYTES // nbytes)))
+  ids, sets = make_sets(c, num_sets, jax.random.key(1))
+  op, carry_index = impls(c, ids, backend)["pallas"]
+  trips = int(max(2, min(200, LOOP_SECONDS / (max(nbytes / copy_bw * 3, 10e-6) * num_sets))))
+  fn = _looped(op, num_sets, trips, carry_index)
+  us = _median_time(fn, sets, _init(op, sets, carry_index), trips * num_sets) * 1e6
+  return {"pallas_us": us, "roofline_us": nbytes / copy_bw * 1e6}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true")
+  p.add_argument("--tune", action="store_true")
+  p.add_argument("--backend", default=None, help="kernel backend (default: by platform)")
+  p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "benchmarks",
+                                               "results", "kernels_h100.json"))
+  p.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on CPU")
+  p.add_argument("--max-seconds", type=float, default=1e9,
+                 help="stop the sweep after this long (the JSON keeps what was measured)")
+  p.add_argument("--skip-ragged-above", type=int, default=8192,
+                 help="skip ragged_dot above this many tokens (it is very slow)")
+  args = p.parse_args()
+  backend = pk.resolve_backend(args.backend)
+  dev = jax.devices()[0]
+  start = time.perf_counter()
+  copy_bw = copy_bandwidth(1 << 22 if args.smoke else 512 * 1024 * 1024)
+  print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, backend {backend}, "
+        f"copy roofline {copy_bw / 1e12:.2f} TB/s (read+write)", flush=True)
+  result = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+            "backend": backend, "dtype": "bfloat16", "copy_bandwidth_GBps": copy_bw / 1e9,
+            "command": "python3 scripts/bench_kernels.py" + (" --quick" if args.quick else "")}
+  result["launches_per_decode_step"] = launches_per_decode_step(backend)
+  result["cases"] = []
+  print("launches per decode step (Llama-3-8B shapes, L=32):",
+        json.dumps(result["launches_per_decode_step"]), flush=True)
+  if args.tune:
+    result["tune"] = tune(backend, copy_bw)
+  rows = result["cases"]
+  hdr = (f"{'op':6} {'T':>5} {'S':>5} {'d':>6} {'r':>3} | {'pallas us':>9} {'GB/s':>6} {'%roof':>5} "
+         f"| {'einsum us':>9} {'x':>5} | {'ragged us':>9} {'x':>6}")
+  print(hdr, flush=True)
+  for c in sweep(args.quick, args.smoke):
+    if time.perf_counter() - start > args.max_seconds:
+      print(f"stopping: --max-seconds {args.max_seconds} reached", flush=True)
+      result["stopped_early"] = True
+      break
+    row = time_case(c, backend, copy_bw, args.skip_ragged_above)
+    rows.append(row)
+
+    def f(v, w, p=1):
+      return f"{v:{w}.{p}f}" if v is not None else f"{'-':>{w}}"
+    print(f"{c.op:6} {c.tokens:5d} {c.adapters:5d} {c.d:6d} {c.rank:3d} | {f(row['pallas_us'], 9)} "
+          f"{f(row['pallas_GBps'], 6, 0)} {f(row['pallas_pct_roofline'], 5, 0)} | "
+          f"{f(row['gather_einsum_us'], 9)} {f(row['speedup_vs_gather_einsum'], 5, 2)} | "
+          f"{f(row['ragged_dot_us'], 9)} {f(row['speedup_vs_ragged_dot'], 6, 1)}", flush=True)
+    _write(args.out, result)
+  _write(args.out, result)
+  print(f"wrote {args.out}")
+
+
+def _write(path: str, result: dict) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as fh:
+    json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+  main()

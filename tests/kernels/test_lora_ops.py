@@ -1,0 +1,184 @@
+"""Shrink and expand kernels against the float32 references, on fresh random inputs."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import pallas_kernels as pk
+from conftest import POPULARITY, assert_close, popularity_ids, rand
+
+SLOTS = 6
+
+
+def _group(x, a, bs, y, ids, backend):
+  """One fused group: v = shrink(x), y_out = expand(y, v); metadata built once per call."""
+  meta = pk.segment_metadata(ids, backend=backend)
+  v = pk.lora_shrink(x, a, ids, meta=meta, backend=backend)
+  return v, pk.lora_expand(y, v, bs, ids, meta=meta, backend=backend)
+
+
+_group_jit = jax.jit(_group, static_argnames="backend")
+
+
+def run_group(backend, x, a, bs, y, ids, jit=True):
+  return (_group_jit if jit else _group)(x, a, bs, y, ids, backend=backend)
+
+
+def make_group(key, tokens, d_in, rank, dims, dtype, slots=SLOTS):
+  """Fresh random x [T, d_in], a [S, d_in, n*r], b_j [S, r, d_j], y [T, sum d_j]."""
+  kx, ka, kb, ky = jax.random.split(key, 4)
+  x = rand(kx, (tokens, d_in), dtype)
+  a = rand(ka, (slots, d_in, rank * len(dims)), dtype, d_in ** -0.5)
+  bs = tuple(rand(k, (slots, rank, d), dtype, 0.5) for k, d in
+             zip(jax.random.split(kb, len(dims)), dims))
+  y = rand(ky, (tokens, sum(dims)), dtype)
+  return x, a, bs, y
+
+
+def check_group(backend, ids, dtype=jnp.float32, d_in=128, rank=16, dims=(128,), seed=0):
+  """Shapes default to one shared set, so most tests reuse one compiled program per backend."""
+  ids = jnp.asarray(ids, jnp.int32)
+  x, a, bs, y = make_group(jax.random.key(seed), ids.shape[0], d_in, rank, dims, dtype)
+  v, out = run_group(backend, x, a, bs, y, ids)
+  v_ref = pk.ref_lora_shrink(x, a, ids)
+  assert v.dtype == jnp.float32 and v.shape == v_ref.shape
+  assert_close(v, v_ref, dtype, "shrink")
+  # Expand is checked against the reference applied to the kernel's own v, so its error is its own.
+  assert out.dtype == y.dtype
+  assert_close(out, pk.ref_lora_expand(y, v, bs, ids), dtype, "expand")
+  off = np.asarray(ids) < 0
+  np.testing.assert_array_equal(np.asarray(v)[off], 0.0)
+  np.testing.assert_array_equal(np.asarray(out, np.float32)[off], np.asarray(y, np.float32)[off])
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 133])
+def test_popularity_and_odd_token_counts(backend, tokens):
+  rng = np.random.default_rng(tokens)
+  for i, kind in enumerate(POPULARITY):
+    check_group(backend, popularity_ids(rng, tokens, SLOTS, kind), seed=i)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dtypes(backend, dtype):
+  rng = np.random.default_rng(1)
+  check_group(backend, popularity_ids(rng, 48, SLOTS, "uniform"), dtype=dtype)
+
+
+@pytest.mark.parametrize("rank", [8, 16, 32, 64, 128])
+def test_ranks(backend, rank):
+  rng = np.random.default_rng(rank)
+  check_group(backend, popularity_ids(rng, 48, SLOTS, "zipf"), rank=rank, dtype=jnp.bfloat16)
+
+
+def test_fused_three_slices_unequal_widths(backend):
+  """qkv under GQA: one shrink to 3r, three B's with different d_out."""
+  rng = np.random.default_rng(3)
+  ids = popularity_ids(rng, 40, SLOTS, "uniform")
+  ids[5:9] = -1
+  check_group(backend, ids, d_in=256, rank=16, dims=(256, 128, 128), dtype=jnp.bfloat16)
+
+
+def test_unaligned_widths_triton(backend):
+  if backend not in ("interpret", "triton"):
+    pytest.skip("the Mosaic kernel needs widths that are multiples of 128")
+  rng = np.random.default_rng(4)
+  check_group(backend, popularity_ids(rng, 19, SLOTS, "uniform"), d_in=72, rank=8, dims=(40, 24, 24))
+
+
+def test_minus_one_tokens_untouched(backend):
+  rng = np.random.default_rng(5)
+  ids = popularity_ids(rng, 48, SLOTS, "uniform")
+  ids[rng.random(48) < 0.4] = -1
+  check_group(backend, ids)
+  check_group(backend, np.full(48, -1, np.int32))
+
+
+def test_unsorted_slot_ids(backend):
+  rng = np.random.default_rng(6)
+  ids = rng.integers(-1, SLOTS, 48).astype(np.int32)
+  check_group(backend, ids)
+  # meta=None: the op builds its own metadata.
+  x, a, _, _ = make_group(jax.random.key(6), 48, 128, 16, (128,), jnp.float32)
+  v = jax.jit(lambda x, a, i: pk.lora_shrink(x, a, i, backend=backend))(x, a, jnp.asarray(ids))
+  assert_close(v, pk.ref_lora_shrink(x, a, jnp.asarray(ids)), jnp.float32, "shrink, meta=None")
+
+
+def test_mixed_rank_buckets(backend):
+  """Two buckets (r=8 and r=32) in one batch: one call per bucket, other tokens at -1."""
+  rng = np.random.default_rng(7)
+  tokens, d = 48, 128
+  bucket = rng.integers(0, 2, tokens)  # which bucket each token's adapter lives in
+  slot = rng.integers(0, SLOTS, tokens)
+  order = np.lexsort((slot, bucket))
+  bucket, slot = bucket[order], slot[order]
+  ky, k8, k32 = jax.random.split(jax.random.key(7), 3)
+  y = rand(ky, (tokens, d), jnp.bfloat16)
+  x = rand(jax.random.key(70), (tokens, d), jnp.bfloat16)
+  out, want = y, np.asarray(y, np.float32)
+  for b, (r, key) in enumerate(((8, k8), (32, k32))):
+    ids = jnp.asarray(np.where(bucket == b, slot, -1).astype(np.int32))
+    _, a, bs, _ = make_group(key, tokens, d, r, (d,), jnp.bfloat16)
+    _, out = run_group(backend, x, a, bs, out, ids)
+    v_ref = pk.ref_lora_shrink(x, a, ids)
+    delta = np.asarray(pk.ref_lora_expand(jnp.zeros((tokens, d)), v_ref, bs, ids))
+    want = want + delta
+  assert_close(out, want, jnp.bfloat16, "two buckets")
+
+
+@st.composite
+def segments(draw, tokens=48):
+  """Runs of drawn slots and lengths (0: an empty segment), cut or padded with -1 to `tokens`."""
+  runs = draw(st.lists(st.tuples(st.integers(-1, SLOTS - 1), st.integers(0, 20)), min_size=1,
+                       max_size=10))
+  ids = [slot for slot, length in runs for _ in range(length)][:tokens]
+  return np.array(ids + [-1] * (tokens - len(ids)), np.int32)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ids=segments(), seed=st.integers(0, 2**16))
+def test_drawn_segments(backend, ids, seed):
+  check_group(backend, ids, seed=seed)
+
+
+def test_validation_errors():
+  x = jnp.ones((4, 8))
+  a = jnp.ones((2, 8, 4))
+  ids = jnp.zeros((4,), jnp.int32)
+  with pytest.raises(ValueError, match="x must be"):
+    pk.lora_shrink(x[0], a, ids)
+  with pytest.raises(ValueError, match="d_in"):
+    pk.lora_shrink(x, jnp.ones((2, 9, 4)), ids)
+  with pytest.raises(ValueError, match="slot_ids"):
+    pk.lora_shrink(x, a, ids[:3])
+  with pytest.raises(ValueError, match="b_slices"):
+    pk.lora_expand(jnp.ones((4, 8)), jnp.ones((4, 4)), (jnp.ones((2, 4, 4)),), ids)
+  with pytest.raises(ValueError, match="multiple of len"):
+    pk.lora_expand(jnp.ones((4, 8)), jnp.ones((4, 5)), (jnp.ones((2, 2, 4)),) * 2, ids)
+  with pytest.raises(ValueError, match="backend"):
+    pk.lora_shrink(x, a, ids, backend="cuda-magic")
+  with pytest.raises(ValueError, match="meta"):
+    pk.lora_shrink(x, a, ids, meta=pk.segment_metadata(jnp.zeros((5,), jnp.int32)),
+                   backend="interpret")
+
+
+def test_env_var_selects_backend(monkeypatch):
+  monkeypatch.setenv("JLORA_LORA_BACKEND", "reference")
+  assert pk.resolve_backend(None) == "reference"
+  monkeypatch.setenv("JLORA_LORA_BACKEND", "interpret")
+  assert pk.resolve_backend(None) == "interpret"
+  assert pk.resolve_backend("reference") == "reference"
+
+
+def test_reference_hand_checked():
+  x = jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+  a = jnp.array([[[1.0], [0.0]], [[0.0], [1.0]]])  # slot 0 picks x[:, 0], slot 1 picks x[:, 1]
+  ids = jnp.array([1, -1, 0], jnp.int32)
+  np.testing.assert_array_equal(pk.ref_lora_shrink(x, a, ids), [[2.0], [0.0], [5.0]])
+  b = (jnp.array([[[1.0, 1.0]], [[2.0, 0.0]]]), jnp.array([[[3.0]], [[4.0]]]))
+  v = jnp.array([[1.0, 1.0], [9.0, 9.0], [1.0, 2.0]])
+  y = jnp.zeros((3, 3))
+  np.testing.assert_array_equal(pk.ref_lora_expand(y, v, b, ids),
+                                [[2.0, 0.0, 4.0], [0.0, 0.0, 0.0], [1.0, 1.0, 6.0]])
