@@ -14,13 +14,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlora import distributed
 from jlora.checkpoint.resolve import DEFAULT_MODEL, load_model
 from jlora.config import LoraBankConfig
 from jlora.errors import RequestError
 from jlora.lora.registry import AdapterRegistry
 from jlora.model.kv_cache import KVCache
 from jlora.model.llama import forward
+from jlora.model.sharded import ShardedModel
 from jlora.sampling import SamplingParams, sample
+from jlora.sharding import make_mesh
 from jlora.tokenizer import IncrementalDetokenizer
 
 
@@ -39,11 +42,12 @@ def _bucket(n: int, minimum: int) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("config", "backend"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "backend", "sharded"), donate_argnames=("cache",))
 def _step(params, bank, tokens, positions, lora_ids, cache, logit_index, temperature, top_k, top_p, keys, *,
-          config, backend):
-    logits, cache = forward(params, bank, tokens, positions, lora_ids, cache, config=config,
-                            logit_index=logit_index, lora_backend=backend)
+          config, backend, sharded: ShardedModel | None = None):
+    fwd = functools.partial(forward, config=config) if sharded is None else sharded.forward
+    logits, cache = fwd(params, bank, tokens, positions, lora_ids, cache, logit_index=logit_index,
+                        lora_backend=backend)
     return sample(logits, temperature, top_k, top_p, keys), cache
 
 
@@ -56,15 +60,23 @@ class LLM:
       dtype: "float32" or "bfloat16".
       bank: device slots per rank bucket.
       max_model_len: longest prompt + output; defaults to the model's context length.
+      tp, dp: tensor- and data-parallel degrees (see `jlora.model.sharded`); with several processes
+        (`jlora.distributed.initialize`), tp * dp must be the global device count and every process calls
+        `generate` with the same requests (process 0's batch is the one that runs).
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, adapters: dict[str, str] | None = None, dtype: str = "float32",
                  bank: LoraBankConfig = LoraBankConfig(), max_model_len: int | None = None,
-                 lora_backend: str | None = None, progress: bool = True):
+                 lora_backend: str | None = None, progress: bool = True, tp: int = 1, dp: int = 1):
         self.dtype = jnp.dtype(dtype)
         self.model, self.tokenizer = load_model(model, self.dtype, progress=progress)
         self.config = self.model.config
         self.params = self.model.params()
+        self.sharded = None
+        if tp * dp > 1 or jax.process_count() > 1:
+            self.sharded = ShardedModel(self.config, make_mesh(tp, dp))
+            self.params = self.sharded.place_params(self.params)
+        self._placed_bank = (None, None)  # (registry bank, its placed copy)
         self.registry = AdapterRegistry(self.config, bank, self.dtype)
         self.max_model_len = max_model_len or self.config.max_position_embeddings
         self.lora_backend = lora_backend
@@ -128,13 +140,24 @@ class LLM:
             raise RequestError("prompt is empty")
         return ids
 
+    def _device_bank(self):
+        bank = self.registry.bank
+        if self.sharded is None:
+            return bank
+        if self._placed_bank[0] is not bank:
+            self._placed_bank = (bank, self.sharded.place_bank(bank))
+        return self._placed_bank[1]
+
     def _run(self, ids, slots, sps):
         t0 = time.perf_counter()
         n = len(ids)
-        B = _bucket(n, 1)
+        dp = 1 if self.sharded is None else self.sharded.dp
+        B = -(-_bucket(n, 1) // dp) * dp
         T = _bucket(max(map(len, ids)), 16)
         max_new = max(sp.max_tokens for sp in sps)
-        cache = KVCache.zeros(self.config, B, _bucket(T + max_new, 64), self.dtype)
+        S = _bucket(T + max_new, 64)
+        cache = (KVCache.zeros(self.config, B, S, self.dtype) if self.sharded is None
+                 else self.sharded.cache_zeros(B, S, self.dtype))
         tokens = np.zeros((B, T), np.int32)
         positions = np.full((B, T), -1, np.int32)
         for i, p in enumerate(ids):
@@ -143,23 +166,26 @@ class LLM:
         lora = np.full((B,), -1, np.int32)
         lora[:n] = slots
         pad = B - n
+        seeds = [sp.seed if sp.seed is not None else next(self._seeds) for sp in sps] + [0] * pad
+        # With several processes, process 0's batch runs everywhere (its clock-drawn seeds included).
+        tokens, positions, lora, seeds = distributed.broadcast_step((tokens, positions, lora, np.array(seeds)))
         temp = jnp.asarray([sp.temperature for sp in sps] + [0.0] * pad, jnp.float32)
         top_k = jnp.asarray([sp.top_k for sp in sps] + [0] * pad, jnp.int32)
         top_p = jnp.asarray([sp.top_p for sp in sps] + [1.0] * pad, jnp.float32)
-        seeds = [sp.seed if sp.seed is not None else next(self._seeds) for sp in sps] + [0] * pad
         base_keys = jnp.stack([jax.random.key(s) for s in seeds])
         lengths = np.array([len(p) for p in ids] + [1] * pad)
-        step = functools.partial(_step, config=self.config, backend=self.lora_backend)
+        step = functools.partial(_step, config=self.config, backend=self.lora_backend, sharded=self.sharded)
+        bank = self._device_bank()
 
         keys = jax.vmap(jax.random.fold_in, (0, None))(base_keys, 0)
         lora_ids = jnp.asarray(np.repeat(lora[:, None], T, axis=1))
-        tok, cache = step(self.params, self.registry.bank, jnp.asarray(tokens), jnp.asarray(positions), lora_ids,
+        tok, cache = step(self.params, bank, jnp.asarray(tokens), jnp.asarray(positions), lora_ids,
                           cache, jnp.asarray(lengths - 1, jnp.int32), temp, top_k, top_p, keys)
         gen = [[] for _ in range(n)]
         detok = [IncrementalDetokenizer(self.tokenizer, p) if self.tokenizer else None for p in ids]
         texts, done, reasons, latency = [""] * n, [False] * n, ["length"] * n, [0.0] * n
         for t in range(max_new):
-            host = np.asarray(tok)
+            host = distributed.to_host(tok)
             for i in range(n):
                 if done[i]:
                     continue
@@ -169,9 +195,9 @@ class LLM:
                     latency[i] = time.perf_counter() - t0
             if all(done) or t == max_new - 1:
                 break
-            pos = np.where(np.array(done + [True] * pad), -1, lengths + t).astype(np.int32)
+            pos = distributed.broadcast_step(np.where(np.array(done + [True] * pad), -1, lengths + t).astype(np.int32))
             keys = jax.vmap(jax.random.fold_in, (0, None))(base_keys, t + 1)
-            tok, cache = step(self.params, self.registry.bank, tok[:, None], jnp.asarray(pos)[:, None],
+            tok, cache = step(self.params, bank, tok[:, None], jnp.asarray(pos)[:, None],
                               jnp.asarray(lora)[:, None], cache, jnp.zeros((B,), jnp.int32), temp, top_k, top_p, keys)
         return [(texts[i], gen[i], reasons[i], latency[i] or time.perf_counter() - t0) for i in range(n)]
 

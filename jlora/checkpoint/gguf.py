@@ -86,7 +86,7 @@ def read_tensors(reader, config: ModelConfig, progress: bool = True) -> dict[str
 
 def read_tokenizer(reader) -> Tokenizer:
     """Builds a byte-level BPE tokenizer from `tokenizer.ggml.*` the way transformers' GGUF loader does."""
-    from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, decoders, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers.models import BPE
 
@@ -96,15 +96,13 @@ def read_tokenizer(reader) -> Tokenizer:
     tokens = list(_field(reader, "tokenizer.ggml.tokens"))
     types = list(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
-    unk_id = _field(reader, "tokenizer.ggml.unknown_token_id")
-    tok = HFTokenizer(BPE({t: i for i, t in enumerate(tokens)}, merges,
-                          unk_token=tokens[unk_id] if unk_id is not None else None, fuse_unk=True, byte_fallback=True))
+    # The same pipeline transformers builds for a GGUF byte-level BPE: no normalizer, GPT-2 regex split,
+    # no byte fallback; control tokens are special and match whole even inside text.
+    tok = HFTokenizer(BPE({t: i for i, t in enumerate(tokens)}, merges))
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True)
                             for t, ty in zip(tokens, types) if ty == _TOKEN_CONTROL])
-    tok.normalizer = normalizers.Sequence([])
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)
-    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("\u2581", " "),
-                                     decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=True)])
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
     bos, eos = _field(reader, "tokenizer.ggml.bos_token_id"), _field(reader, "tokenizer.ggml.eos_token_id")
     return Tokenizer(tok, bos_token=tokens[bos] if bos is not None else None,
                      eos_token=tokens[eos] if eos is not None else None,

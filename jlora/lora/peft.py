@@ -98,10 +98,12 @@ def read_spec(path: str) -> AdapterSpec:
                            "only LoRA deltas on attention and MLP projections can be served")
     targets = cfg.get("target_modules")
     if isinstance(targets, list):
+        # PEFT may save full paths ("model.layers.0.mlp.down_proj"); the module is the last component.
+        targets = [str(t).rsplit(".", 1)[-1] for t in targets]
         unknown = sorted(set(targets) - set(LORA_MODULES))
         if unknown:
             raise AdapterError(f"unknown target modules {unknown}; supported: {list(LORA_MODULES)} or 'all-linear'")
-        targets = tuple(targets)
+        targets = tuple(sorted(set(targets)))
     elif not isinstance(targets, str):
         raise AdapterError(f"target_modules must be a list or a string, got {targets!r}")
     try:

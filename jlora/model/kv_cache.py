@@ -1,4 +1,4 @@
-"""A contiguous KV cache: one row of `max_len` positions per sequence."""
+"""KV caches: contiguous (one row of `max_len` positions per sequence) or paged (a pool of pages)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ class KVCache:
     """Keys and values of every layer.
 
     Attributes:
-      k: [L, B, S, K, H] keys (after RoPE).
-      v: [L, B, S, K, H] values.
+      k: [L, B, S, K, H] keys (after RoPE), or [L, P, page_size, K, H] for a paged cache.
+      v: same shape as k.
     """
 
     k: jax.Array
@@ -26,6 +26,11 @@ class KVCache:
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
         shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+    @classmethod
+    def pages(cls, config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> "KVCache":
+        shape = (config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     @property

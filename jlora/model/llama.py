@@ -16,11 +16,10 @@ from flax import nnx
 from jlora.config import ModelConfig
 from jlora.lora.bank import LoraBank
 from jlora.lora.ops import LoraBatch, lora_project, make_lora_batch
-from jlora.model import kv_cache, rope
+from jlora.model import attention, rope
 from jlora.model.kv_cache import KVCache
 
 Params = dict[str, Any]
-_NEG = -1e30
 
 
 def param_shapes(config: ModelConfig) -> Params:
@@ -59,36 +58,12 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return weight * xf.astype(x.dtype)
 
 
-def _attention(q, cache_k, cache_v, positions, config: ModelConfig):
-    """Causal attention of new queries over the whole cache row.
-
-    Args:
-      q: [B, T, N, H] queries; cache_k, cache_v: [B, S, K, H]; positions: [B, T] (negative: padding).
-        N and K may be a tensor-parallel shard's local head counts.
-    Returns:
-      [B, T, N * H].
-    """
-    B, T, N, H = q.shape
-    K = cache_k.shape[2]
-    q = q.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q.astype(jnp.float32), cache_k.astype(jnp.float32))
-    scores = scores * (H ** -0.5)
-    key_pos = jnp.arange(cache_k.shape[1])
-    qpos = positions[:, None, None, :, None]  # [B, 1, 1, T, 1]
-    mask = (key_pos <= qpos) & (qpos >= 0)
-    if config.sliding_window is not None:
-        mask &= key_pos > qpos - config.sliding_window
-    probs = jax.nn.softmax(jnp.where(mask, scores, _NEG), axis=-1)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, cache_v.astype(jnp.float32))
-    return out.reshape(B, T, N * H).astype(q.dtype)
-
-
 def _identity(y):
     return y
 
 
 def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config: ModelConfig, inv_freq,
-           backend, reduce=_identity):
+           backend, reduce=_identity, page_table=None):
     """One decoder layer.
 
     Head counts come from the local shapes, so the same code runs on a tensor-parallel shard (inside
@@ -96,8 +71,8 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
     are added to the partial sums before that reduction, so LoRA adds no collective.
 
     Args:
-      h: [B, T, D]; layer: this layer's params; cache_k, cache_v: [B, S, K, H];
-      lora_bank: this layer's bank or None.
+      h: [B, T, D]; layer: this layer's params; lora_bank: this layer's bank or None.
+      cache_k, cache_v: [B, S, K, H] rows, or [P, page_size, K, H] pages when `page_table` [B, max_pages] is given.
     """
     B, T, D = h.shape
     H = config.head_dim
@@ -119,8 +94,9 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
     q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
     q = rope.apply_rope(q.reshape(B, T, N, H), positions, inv_freq)
     k = rope.apply_rope(k.reshape(B, T, K, H), positions, inv_freq)
-    cache_k, cache_v = kv_cache.write(cache_k, cache_v, k, v.reshape(B, T, K, H), positions)
-    attn = _attention(q, cache_k, cache_v, positions, config).reshape(B * T, N * H)
+    attn, cache_k, cache_v = attention.attend(q, k, v.reshape(B, T, K, H), cache_k, cache_v, positions, page_table,
+                                              config)
+    attn = attn.reshape(B * T, N * H)
     h = h + project(attn, layer["w_o"], "o", layer.get("b_o"), row_parallel=True).reshape(B, T, D)
 
     x = rms_norm(h, layer["mlp_norm"], config.rms_norm_eps).reshape(B * T, D)
@@ -130,7 +106,7 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
 
 
 def decoder_stack(h, layers, cache_k, cache_v, positions, lora_bank, lora_batch, config: ModelConfig, *,
-                  backend=None, reduce=_identity):
+                  backend=None, reduce=_identity, page_table=None):
     """Every decoder layer, scanned over the leading [L] axis of `layers`, the caches and the bank.
 
     Returns (h, new cache_k, new cache_v). Runs unchanged on one tensor-parallel shard (see `_layer`).
@@ -139,7 +115,8 @@ def decoder_stack(h, layers, cache_k, cache_v, positions, lora_bank, lora_batch,
 
     def step(h, xs):
         layer, ck, cv, layer_bank = xs
-        h, ck, cv = _layer(h, layer, ck, cv, positions, layer_bank, lora_batch, config, inv_freq, backend, reduce)
+        h, ck, cv = _layer(h, layer, ck, cv, positions, layer_bank, lora_batch, config, inv_freq, backend, reduce,
+                           page_table)
         return h, (ck, cv)
 
     h, (new_k, new_v) = jax.lax.scan(step, h, (layers, cache_k, cache_v, lora_bank))
@@ -148,7 +125,8 @@ def decoder_stack(h, layers, cache_k, cache_v, positions, lora_bank, lora_batch,
 
 def forward(params: Params, lora_bank: LoraBank | None, tokens: jax.Array, positions: jax.Array,
             lora_ids: jax.Array | None, cache: KVCache, *, config: ModelConfig,
-            logit_index: jax.Array | None = None, lora_backend: str | None = None):
+            logit_index: jax.Array | None = None, lora_backend: str | None = None,
+            page_table: jax.Array | None = None):
     """The model as a pure function; jit it with `config` (and `lora_backend`) static.
 
     Args:
@@ -157,8 +135,9 @@ def forward(params: Params, lora_bank: LoraBank | None, tokens: jax.Array, posit
       tokens: [B, T] int32.
       positions: [B, T] int32 absolute positions; -1 marks padding (neither cached nor attended).
       lora_ids: [B, T] int32 global slot ids per token, -1 for no adapter (ignored without a bank).
-      cache: the KV cache; rows are sequences, positions index into them.
+      cache: the KV cache: rows [L, B, S, K, H] indexed by position, or pages [L, P, page_size, K, H].
       logit_index: optional [B] int32; if given, logits only at tokens[b, logit_index[b]].
+      page_table: [B, max_pages] int32 physical page of each logical page, for a paged cache.
     Returns:
       (logits [B, T, V] or [B, V] float32, the updated cache).
     """
@@ -170,7 +149,7 @@ def forward(params: Params, lora_bank: LoraBank | None, tokens: jax.Array, posit
         lora_batch = make_lora_batch(lora_bank, ids.reshape(B * T).astype(jnp.int32), lora_backend)
 
     h, new_k, new_v = decoder_stack(h, params["layers"], cache.k, cache.v, positions, lora_bank, lora_batch,
-                                    config, backend=lora_backend)
+                                    config, backend=lora_backend, page_table=page_table)
     if logit_index is not None:
         h = jnp.take_along_axis(h, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
     h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
