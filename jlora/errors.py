@@ -9,6 +9,10 @@ class AdapterError(JloraError):
     """A LoRA adapter cannot be used: bad files, incompatible shapes or modules, rank too large, bad path."""
 
 
+class AdapterPathError(AdapterError):
+    """An adapter path resolves outside the configured adapter roots."""
+
+
 class RequestError(JloraError):
     """A request is invalid: unknown adapter, prompt too long, bad sampling values."""
 

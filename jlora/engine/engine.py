@@ -1,0 +1,242 @@
+"""The engine: requests in, a scheduled step, streamed outputs out.
+
+One step: schedule (pure Python) -> make the batch's adapters resident -> one jitted paged forward with
+on-device sampling -> one device-to-host copy -> stop checks, incremental detokenization, page frees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import secrets
+import time
+
+import jax.numpy as jnp
+
+from jlora.config import LoraBankConfig
+from jlora.engine.adapter_store import AdapterStore
+from jlora.engine.block_manager import PageAllocator
+from jlora.engine.memory import MemoryPlan, plan_memory
+from jlora.engine.model_runner import ModelRunner, compile_count
+from jlora.engine.scheduler import Scheduler, SchedulerConfig
+from jlora.engine.sequence import Sequence, Status
+from jlora.errors import AdapterError, RequestError, UnknownAdapterError
+from jlora.sampling import SamplingParams
+from jlora.tokenizer import IncrementalDetokenizer
+
+log = logging.getLogger("jlora.engine")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Engine sizes. With `memory_bytes` set, KV pages and adapter slots are carved out of that one budget
+    (`adapter_memory_fraction` of it for the bank); otherwise `num_pages` and `bank` are used as given."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_prefill_chunk: int = 512
+    page_size: int = 16
+    num_pages: int = 512
+    max_model_len: int | None = None
+    memory_bytes: int | None = None
+    adapter_memory_fraction: float = 0.1
+    bank: LoraBankConfig = LoraBankConfig()
+    max_cpu_loras: int = 64
+    adapter_roots: tuple[str, ...] | None = None
+    lora_backend: str | None = None
+    num_logprobs: int = 5
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """A request's state after a step: cumulative `text`, and `delta` (the text new in this step)."""
+
+    request_id: str
+    adapter: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    delta: str
+    finished: bool
+    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
+    error: str | None = None
+    logprobs: list[dict] | None = None
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finish_time: float | None = None
+
+
+class Engine:
+    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
+        self.model_config, self.tokenizer, self.config = model.config, tokenizer, config
+        dtype = model.dtype
+        self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
+                                 model.config.max_position_embeddings)
+        self.plan: MemoryPlan = plan_memory(model.config, config, dtype)
+        self.store = AdapterStore(model.config, self.plan.bank, roots=config.adapter_roots,
+                                  max_cpu_loras=config.max_cpu_loras, dtype=dtype)
+        self.allocator = PageAllocator(self.plan.num_pages, config.page_size)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   config.max_prefill_chunk), self.allocator, self.store.fits)
+        self.runner = ModelRunner(model.config, model.params(), num_pages=self.plan.num_pages,
+                                  page_size=config.page_size, max_model_len=self.max_model_len,
+                                  max_num_seqs=config.max_num_seqs, dtype=dtype, lora_backend=config.lora_backend,
+                                  num_logprobs=config.num_logprobs)
+        self.requests: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._text: dict[str, str] = {}
+        self._logprobs: dict[str, list] = {}
+        self._ids = itertools.count()
+        self.tokens_generated = 0
+        self.steps = 0
+        self.preemptions = 0
+        log.info("memory plan: %s", self.plan.describe())
+
+    # -- requests -----------------------------------------------------------------------------------------
+
+    def add_request(self, prompt, sampling: SamplingParams | None = None, adapter: str | None = None,
+                    request_id: str | None = None, logprobs: bool = False) -> str:
+        """Queues a request (text or token ids). Raises `RequestError` (or `UnknownAdapterError`) at once for a
+        bad request, which then never touches the engine's state."""
+        sampling = sampling or SamplingParams()
+        ids = self._encode(prompt)
+        if len(ids) + sampling.max_tokens > self.max_model_len:
+            raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {sampling.max_tokens} exceeds the "
+                               f"context length {self.max_model_len}")
+        pages = -(-(len(ids) + sampling.max_tokens) // self.config.page_size)
+        if pages > self.plan.num_pages:
+            raise RequestError(f"prompt + max_tokens needs {pages} KV pages but the pool has {self.plan.num_pages}")
+        if adapter is not None and not self.store.has(adapter):
+            raise UnknownAdapterError(f"adapter {adapter!r} is not loaded; loaded: {self.store.names()}")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, ids, sampling, adapter, want_logprobs=logprobs,
+                       sampling_seed=sampling.seed if sampling.seed is not None else secrets.randbits(31))
+        self.store.acquire(adapter)
+        self.store.prefetch([adapter])
+        self.requests[request_id] = seq
+        self._text[request_id] = ""
+        self._logprobs[request_id] = []
+        if self.tokenizer is not None:
+            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, ids)
+        self.scheduler.add(seq)
+        return request_id
+
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("this model has no tokenizer: send token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            if not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in ids):
+                raise RequestError(f"token ids must be integers in [0, {self.model_config.vocab_size})")
+        if not ids:
+            raise RequestError("prompt is empty")
+        return ids
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancels a request at any time; its pages and adapter reference are freed at once."""
+        seq = self.requests.get(request_id)
+        if seq is None:
+            return None
+        return self._finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- stepping ----------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduled step and returns the requests that changed."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        self.preemptions += len(batch.preempted)
+        if not batch.seqs:
+            return []
+        try:
+            slots = self.store.ensure_resident({s.adapter for s in batch.seqs if s.adapter is not None})
+        except AdapterError as e:
+            return self._fail_adapter(batch.seqs, e)
+        out = self.runner.execute(batch, slots, self.store.bank)
+        self.steps += 1
+        now = time.perf_counter()
+        changed = []
+        for i, (seq, chunk) in enumerate(zip(batch.seqs, batch.chunks)):
+            seq.num_computed += chunk
+            if seq.num_computed < seq.num_tokens:
+                continue  # a prompt chunk that did not reach the end samples nothing
+            token = int(out.tokens[i])
+            seq.output_ids.append(token)
+            self.tokens_generated += 1
+            seq.first_token_time = seq.first_token_time or now
+            if seq.want_logprobs:
+                self._logprobs[seq.request_id].append({
+                    "token": token, "logprob": float(out.logprobs[i]),
+                    "top": dict(zip(map(int, out.top_ids[i]), map(float, out.top_logprobs[i])))})
+            changed.append(self._after_token(seq))
+        return changed
+
+    def _after_token(self, seq: Sequence) -> RequestOutput:
+        sp, rid, token = seq.sampling, seq.request_id, seq.output_ids[-1]
+        stop_ids = set(sp.stop_token_ids)
+        if not sp.ignore_eos and self.tokenizer is not None:
+            stop_ids |= set(self.tokenizer.stop_ids)
+        if token in stop_ids:
+            seq.output_ids.pop()  # like the text, token_ids end before the stop token
+            return self._finish(seq, "stop")
+        before = self._text[rid]
+        if rid in self._detok:
+            self._text[rid] += self._detok[rid].step([token])
+            hits = [self._text[rid].find(s) for s in sp.stop if s in self._text[rid]]
+            if hits:
+                self._text[rid] = self._text[rid][:min(hits)]
+                return self._finish(seq, "stop", before)
+        if len(seq.output_ids) >= sp.max_tokens:
+            return self._finish(seq, "length", before)
+        return self._output(seq, before)
+
+    def _finish(self, seq: Sequence, reason: str, before: str | None = None, error: str | None = None):
+        seq.status, seq.finish_reason, seq.finish_time = Status.FINISHED, reason, time.perf_counter()
+        self.scheduler.remove(seq)
+        self.store.release(seq.adapter)
+        out = self._output(seq, self._text[seq.request_id] if before is None else before, error)
+        del self.requests[seq.request_id]
+        self._detok.pop(seq.request_id, None)
+        self._text.pop(seq.request_id)
+        self._logprobs.pop(seq.request_id)
+        return out
+
+    def _output(self, seq: Sequence, before: str, error: str | None = None) -> RequestOutput:
+        text = self._text[seq.request_id]
+        return RequestOutput(seq.request_id, seq.adapter, seq.prompt_ids, list(seq.output_ids), text,
+                             text[len(before):], seq.is_finished, seq.finish_reason, error,
+                             list(self._logprobs[seq.request_id]) or None, seq.arrival_time, seq.first_token_time,
+                             seq.finish_time)
+
+    def _fail_adapter(self, seqs, error: AdapterError) -> list[RequestOutput]:
+        """An adapter's files turned out bad when first needed: fail its requests alone and drop it."""
+        bad = next((s.adapter for s in seqs if s.adapter and repr(s.adapter) in str(error)), None)
+        failed = [s for s in list(self.requests.values()) if s.adapter == bad] if bad else list(seqs)
+        outs = [self._finish(s, "error", error=str(error)) for s in failed]
+        if bad is not None and self.store.has(bad):
+            self.store.unregister(bad)
+        return outs
+
+    def warmup(self) -> int:
+        """Compiles every step shape now, so no request mix compiles anything later. Returns the count."""
+        return self.runner.warmup(self.store.bank, self.config.max_prefill_chunk)
+
+    # -- introspection -----------------------------------------------------------------------------------
+
+    def metrics(self) -> dict:
+        st = self.store.stats
+        return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+                "free_pages": self.allocator.num_free, "tokens_generated": self.tokens_generated,
+                "steps": self.steps, "preemptions": self.preemptions, "compilations": compile_count(), "step_shapes": len(self.runner.shapes_run),
+                "adapter_device_hits": st.device_hits, "adapter_device_misses": st.device_misses,
+                "adapter_host_hits": st.host_hits, "adapter_host_misses": st.host_misses,
+                "adapters_registered": len(self.store.paths)}

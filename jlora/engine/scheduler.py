@@ -1,0 +1,144 @@
+"""Continuous batching: which sequences run this step. Pure Python (no JAX).
+
+Each step is either a prefill step (chunks of prompts, up to `max_num_batched_tokens`) or a decode step (one
+token for every running sequence). Prefill goes first when there is waiting work. When pages run out during
+decode, the newest running sequence is preempted: its pages are freed and it is recomputed later from its tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Callable
+
+from jlora.engine.block_manager import PageAllocator
+from jlora.engine.sequence import Sequence, Status
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_prefill_chunk: int = 512  # longest chunk of one prompt per step, so long prompts are chunked
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise ValueError(f"SchedulerConfig.{f.name} must be >= 1, got {getattr(self, f.name)}")
+
+
+@dataclasses.dataclass
+class ScheduledBatch:
+    """One step's work: `chunks[i]` new tokens of `seqs[i]` starting at `seqs[i].num_computed`."""
+
+    mode: str  # "prefill" or "decode"
+    seqs: list[Sequence]
+    chunks: list[int]
+    preempted: list[Sequence] = dataclasses.field(default_factory=list)
+
+
+class Scheduler:
+    """Queues and budgets.
+
+    Args:
+      config: the budgets.
+      allocator: the KV page pool.
+      adapters_fit: callback(set of adapter names) -> whether they can all be resident at once.
+    """
+
+    def __init__(self, config: SchedulerConfig, allocator: PageAllocator,
+                 adapters_fit: Callable[[set[str]], bool] = lambda names: True):
+        self.config, self.allocator, self.adapters_fit = config, allocator, adapters_fit
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []
+        self._order = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Drops a finished or aborted sequence and frees its pages at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.allocator.free(seq)
+
+    def schedule(self) -> ScheduledBatch | None:
+        preempted = []
+        while True:
+            batch = self._schedule_prefill() or self._schedule_decode()
+            if batch is not None or not self.running:
+                break
+            # Running prompts hold every page and none can grow: recompute the newest later.
+            victim = max(self.running, key=lambda s: s.order)
+            self._preempt(victim)
+            preempted.append(victim)
+        if batch is not None:
+            batch.preempted = preempted + batch.preempted
+        return batch
+
+    def _adapters(self, seqs) -> set[str]:
+        return {s.adapter for s in seqs if s.adapter is not None}
+
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        budget = self.config.max_num_batched_tokens
+        seqs, chunks = [], []
+        # Sequences already running but not fully prefilled continue first, then waiting ones are admitted.
+        candidates = [s for s in self.running if s.remaining > 1] + list(self.waiting)
+        for seq in candidates:
+            if budget <= 0 or len(seqs) >= self.config.max_num_seqs:
+                break
+            admitting = seq.status is Status.WAITING
+            if admitting and len(self.running) + sum(s.status is Status.WAITING for s in seqs) >= self.config.max_num_seqs:
+                break
+            if admitting and not self.adapters_fit(self._adapters(self.running + seqs + [seq])):
+                break
+            # A chunk that reaches the end samples a token, so decode needs nothing more until then.
+            chunk = min(seq.remaining, budget, self.config.max_prefill_chunk)
+            if not self.allocator.reserve(seq, seq.num_computed + chunk):
+                break
+            seqs.append(seq)
+            chunks.append(chunk)
+            budget -= chunk
+        if not seqs:
+            return None
+        for seq in seqs:
+            if seq.status is Status.WAITING:
+                self.waiting.remove(seq)
+                seq.status = Status.RUNNING
+                self._order += 1
+                seq.order = self._order
+                self.running.append(seq)
+        return ScheduledBatch("prefill", seqs, chunks)
+
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        preempted = []
+        while True:
+            ready = [s for s in self.running if s.remaining == 1]
+            need = sum(self.allocator.pages_needed(s, s.num_tokens) for s in ready)
+            if self.allocator.can_allocate(need) or not self.running:
+                break
+            victim = max(self.running, key=lambda s: s.order)
+            self._preempt(victim)
+            preempted.append(victim)
+        ready = [s for s in self.running if s.remaining == 1][:self.config.max_num_seqs]
+        for seq in ready:
+            ok = self.allocator.reserve(seq, seq.num_tokens)
+            assert ok, "pages were counted before reserving"
+        if not ready:
+            return ScheduledBatch("decode", [], [], preempted) if preempted else None
+        return ScheduledBatch("decode", ready, [1] * len(ready), preempted)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Frees a sequence's pages; it goes back to the front of the queue and is recomputed from its tokens."""
+        self.running.remove(seq)
+        self.allocator.free(seq)
+        seq.num_computed = 0
+        seq.num_preemptions += 1
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)

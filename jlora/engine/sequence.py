@@ -1,0 +1,57 @@
+"""One request's state as the scheduler sees it. Pure Python."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from typing import Any
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """A request: its tokens, its pages, and how much of it the KV cache already holds.
+
+    `num_computed` tokens of `token_ids` have their keys and values cached. A step computes the next chunk of
+    `token_ids[num_computed:]`; when that reaches the end, the step samples one new token.
+    """
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: Any  # jlora.sampling.SamplingParams
+    adapter: str | None = None
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    status: Status = Status.WAITING
+    pages: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0
+    arrival_time: float = dataclasses.field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    want_logprobs: bool = False
+    sampling_seed: int = 0  # the request's seed, or one drawn for it: sampling is reproducible per request
+    order: int = 0  # admission order; the newest running sequence is preempted first
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def remaining(self) -> int:
+        """Tokens whose KV is not cached yet."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is Status.FINISHED

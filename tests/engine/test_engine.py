@@ -1,0 +1,165 @@
+"""The engine against the foundation's generation: continuous batching, paging, preemption, compiles, leaks."""
+
+import numpy as np
+import pytest
+from conftest import BANK, reference_greedy
+
+from jlora.engine.engine import Engine, EngineConfig
+from jlora.engine.model_runner import compile_count
+from jlora.errors import RequestError, UnknownAdapterError
+from jlora.sampling import SamplingParams
+
+
+def make_engine(tiny, **kw):
+    cfg = dict(max_num_seqs=8, max_num_batched_tokens=64, max_prefill_chunk=32, page_size=4, num_pages=64,
+               max_model_len=64, bank=BANK)
+    cfg.update(kw)
+    engine = Engine(tiny["model"], None, EngineConfig(**cfg))
+    for name, path in tiny["adapters"].items():
+        engine.store.register(name, path)
+    return engine
+
+
+def run_staggered(engine, requests, arrivals, abort_at=None):
+    """Adds request i at step arrivals[i]; returns {request_id: final output}."""
+    done, step, pending = {}, 0, list(range(len(requests)))
+    while pending or engine.has_unfinished():
+        for i in [i for i in pending if arrivals[i] <= step]:
+            prompt, adapter, sp = requests[i]
+            engine.add_request(prompt, sp, adapter, request_id=f"r{i}")
+            pending.remove(i)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        if abort_at:
+            for rid in abort_at.get(step, []):
+                out = engine.abort(rid)
+                if out is not None:
+                    done[rid] = out
+        step += 1
+        assert step < 10_000
+    return done
+
+
+def _requests(rng, n, names, max_tokens=(3, 9)):
+    return [(rng.integers(0, 97, rng.integers(1, 20)).tolist(), names[rng.integers(len(names))],
+             SamplingParams(temperature=0.0, max_tokens=int(rng.integers(*max_tokens)))) for _ in range(n)]
+
+
+def _check_against_reference(engine, tiny, requests, done):
+    names = sorted({a for _, a, _ in requests if a})
+    slots = engine.store.ensure_resident(set(names[:8]))
+    n = max(sp.max_tokens for _, _, sp in requests)
+    ref = reference_greedy(tiny["model"], engine.store.bank, lambda a: -1 if a is None else slots[a],
+                           [p for p, _, _ in requests], [a for _, a, _ in requests], n)
+    for i, (_, _, sp) in enumerate(requests):
+        assert done[f"r{i}"].token_ids == ref[i][:sp.max_tokens], f"request {i}"
+
+
+def test_mixed_arrivals_match_reference_generation(tiny):
+    engine = make_engine(tiny)
+    rng = np.random.default_rng(0)
+    names = [None] + list(tiny["adapters"])
+    requests = _requests(rng, 32, names)
+    done = run_staggered(engine, requests, arrivals=rng.integers(0, 12, 32).tolist())
+    assert len(done) == 32 and all(o.finish_reason == "length" for o in done.values())
+    assert len({a for _, a, _ in requests}) == 9  # 8 adapters of different ranks + base
+    _check_against_reference(engine, tiny, requests, done)
+
+
+def test_preemption_under_tiny_page_budget(tiny):
+    engine = make_engine(tiny, num_pages=10, max_num_seqs=8)
+    rng = np.random.default_rng(1)
+    requests = _requests(rng, 12, [None, "r3", "r8", "r16"], max_tokens=(6, 14))
+    done = run_staggered(engine, requests, arrivals=[0] * 12)
+    assert engine.preemptions > 0 and len(done) == 12
+    _check_against_reference(engine, tiny, requests, done)
+    assert engine.allocator.num_free == 10
+
+
+def test_no_new_compilations_after_warmup(tiny):
+    engine = make_engine(tiny)
+    shapes = engine.warmup()
+    before = compile_count()
+    rng = np.random.default_rng(2)
+    requests = _requests(rng, 300, [None] + list(tiny["adapters"]), max_tokens=(1, 6))
+    run_staggered(engine, requests, arrivals=rng.integers(0, 200, 300).tolist())
+    assert compile_count() == before, "a request mix compiled something after warm-up"
+    assert len(engine.runner.shapes_run) == shapes
+
+
+def test_no_leaks_after_2000_requests_with_cancellations(tiny):
+    engine = make_engine(tiny, num_pages=24)
+    rng = np.random.default_rng(3)
+    names = [None] + list(tiny["adapters"])
+    requests = [(rng.integers(0, 97, rng.integers(1, 12)).tolist(), names[rng.integers(len(names))],
+                 SamplingParams(temperature=1.0, max_tokens=int(rng.integers(1, 5)), seed=i)) for i in range(2000)]
+    arrivals = np.sort(rng.integers(0, 1500, 2000)).tolist()
+    aborts = {}
+    for i in rng.choice(2000, 300, replace=False):
+        aborts.setdefault(int(arrivals[i] + rng.integers(0, 4)), []).append(f"r{i}")
+    done, step, pending = {}, 0, list(range(2000))
+    while pending or engine.has_unfinished():
+        while pending and arrivals[pending[0]] <= step:
+            i = pending.pop(0)
+            engine.add_request(*requests[i][:1], requests[i][2], requests[i][1], request_id=f"r{i}")
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        for rid in aborts.get(step, []):
+            out = engine.abort(rid)
+            if out is not None:
+                done[rid] = out
+        live = engine.scheduler.running + list(engine.scheduler.waiting)
+        engine.allocator.check_invariants(live)
+        step += 1
+    assert len(done) == 2000
+    assert sum(o.finish_reason == "abort" for o in done.values()) > 50
+    assert engine.allocator.num_free == 24 and not engine.requests
+    assert not engine.store.refs, "adapter references leaked"
+
+
+def test_abort_frees_pages_at_once(tiny):
+    engine = make_engine(tiny)
+    engine.add_request(list(range(1, 30)), SamplingParams(max_tokens=20), "r8", request_id="x")
+    engine.step()
+    assert engine.allocator.num_free < 64 and engine.store.refs["r8"] == 1
+    out = engine.abort("x")
+    assert out.finish_reason == "abort" and out.finished
+    assert engine.allocator.num_free == 64 and not engine.store.refs and not engine.has_unfinished()
+
+
+def test_bad_requests_fail_alone(tiny):
+    engine = make_engine(tiny)
+    engine.add_request([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4), "r4", request_id="ok")
+    with pytest.raises(UnknownAdapterError, match="nope"):
+        engine.add_request([1], adapter="nope")
+    with pytest.raises(RequestError, match="context length"):
+        engine.add_request([1] * 60, SamplingParams(max_tokens=10))
+    with pytest.raises(RequestError, match="empty"):
+        engine.add_request([])
+    with pytest.raises(RequestError, match="already in use"):
+        engine.add_request([1], request_id="ok")
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert [o.request_id for o in outs if o.finished] == ["ok"] and len(outs[-1].token_ids) == 4
+
+
+def test_seeded_sampling_is_independent_of_batch_mix(tiny):
+    sp = SamplingParams(temperature=1.0, max_tokens=6, seed=7)
+    alone = run_staggered(make_engine(tiny), [([5, 6, 7], "r12", sp)], [0])["r0"].token_ids
+    rng = np.random.default_rng(4)
+    crowd = [([5, 6, 7], "r12", sp)] + _requests(rng, 7, [None, "r1", "r32"])
+    assert run_staggered(make_engine(tiny), crowd, [3] + [0] * 7)["r0"].token_ids == alone
+
+
+def test_logprobs_are_returned(tiny):
+    engine = make_engine(tiny)
+    engine.add_request([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=3), None, logprobs=True)
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    lp = outs[-1].logprobs
+    assert len(lp) == 3 and all(e["logprob"] <= 0 for e in lp)
+    assert all(e["token"] == max(e["top"], key=e["top"].get) for e in lp)  # greedy picks the top-1
