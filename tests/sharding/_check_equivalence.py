@@ -1,0 +1,248 @@
+"""Sharded vs single-device checks on 8 simulated CPU devices; prints one JSON object.
+
+Run by `test_sharded_forward.py` in a subprocess, because the device count must be fixed before jax starts
+(and the root conftest has already imported jax). Runs alone too: `python tests/sharding/_check_equivalence.py`.
+
+For each case (tp=8; tp=2 x dp=4; tp=4 on kv_heads=2; a paged cache at tp=2 x dp=2) it reports:
+  - rel_err: max |sharded - single| / max |single| of the logits, per step (prefill, then 2 decode steps),
+    with a mixed batch of rank-4/8/12/16 adapters and rows without one;
+  - placement: every placed array whose `sharding.spec` differs from the hand-written spec below, and
+    whether the local shards of w_qkv / B_k hold exactly the expected logical columns;
+  - collectives: all-reduce/all-gather/reduce-scatter/collective-permute/all-to-all counts in the compiled
+    decode step, in the whole module and per scanned layer, with the LoRA bank and without it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
+
+import functools  # noqa: E402
+import inspect  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+from helpers import rel_err, write_adapter  # noqa: E402
+from jlora.config import LoraBankConfig, ModelConfig  # noqa: E402
+from jlora.lora.bank import BucketBank, LoraBank, group_dims  # noqa: E402
+from jlora.lora.peft import load_adapter  # noqa: E402
+from jlora.model import llama  # noqa: E402
+from jlora.model.kv_cache import KVCache  # noqa: E402
+from jlora.model.sharded import ShardedModel  # noqa: E402
+from jlora.sharding import make_mesh  # noqa: E402
+
+KV8 = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
+                  num_kv_heads=8, head_dim=8, qkv_bias=True, max_position_embeddings=64)
+# Fewer kv heads than tp=4, tied embeddings, and a vocab that tp does not divide (padded to 100).
+KV2 = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
+                  num_kv_heads=2, head_dim=8, tie_word_embeddings=True, max_position_embeddings=64)
+BANK = LoraBankConfig(buckets=(8, 16), slots=(4, 2))
+# (rank, target modules) of the adapters in global slots 0..5: ranks 4 and 12 are zero-padded to 8 and 16.
+ADAPTERS = [(8, None), (8, None), (4, None), (8, ("q_proj", "v_proj", "down_proj")), (16, None),
+            (12, ("o_proj", "gate_proj", "up_proj"))]
+ROW_SLOTS = [-1, 0, 0, 1, 2, 3, 4, 5]  # B = 8 rows: no adapter, shared adapters, every bucket
+LENGTHS = [8, 5, 8, 3, 8, 6, 7, 8]
+T, MAX_LEN, DECODE_STEPS = 8, 16, 2  # steps after the prefill
+COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|collective-permute|all-to-all)(-start)?\(")
+
+# The expected placement, written out by hand (not read from jlora's tables).
+M = "model"
+EXPECTED_PARAMS = {"embed": P(M, None), "final_norm": P(None), "lm_head": P(None, M),
+                   "attn_norm": P(None, None), "mlp_norm": P(None, None), "w_qkv": P(None, None, M),
+                   "b_qkv": P(None, M), "w_o": P(None, M, None), "b_o": P(None, None),
+                   "w_gate_up": P(None, None, M), "w_down": P(None, M, None)}
+EXPECTED_A = {"qkv": P(), "gate_up": P(), "o": P(None, None, M, None), "down": P(None, None, M, None)}
+EXPECTED_B = {"qkv": P(None, None, None, M), "gate_up": P(None, None, None, M), "o": P(), "down": P()}
+
+
+def random_params(config: ModelConfig, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    shapes = llama.param_shapes(config)
+    out = {}
+    for key, shape in [*((k, s) for k, s in shapes.items() if k != "layers"),
+                       *((("layers", k), s) for k, s in shapes["layers"].items())]:
+        name = key[1] if isinstance(key, tuple) else key
+        x = 1 + rng.normal(0, 0.1, shape) if "norm" in name else rng.normal(0, 1.0 if name == "embed" else 0.1, shape)
+        if isinstance(key, tuple):
+            out.setdefault("layers", {})[name] = x.astype(np.float32)
+        else:
+            out[name] = x.astype(np.float32)
+    return out
+
+
+def random_bank(config: ModelConfig, tmp: str) -> LoraBank:
+    """A host bank with the ADAPTERS written by `helpers.write_adapter` and loaded like any PEFT adapter."""
+    dims, L = group_dims(config), config.num_layers
+    host = {rank: ({g: np.zeros((L, s, d_in, len(d_outs) * rank), np.float32) for g, (d_in, d_outs) in dims.items()},
+                   {g: [np.zeros((L, s, rank, d), np.float32) for d in d_outs] for g, (_, d_outs) in dims.items()})
+            for rank, s in BANK.active}
+    offsets = dict(zip([r for r, _ in BANK.active], np.cumsum([0] + [s for _, s in BANK.active])))
+    for slot, (r, targets) in enumerate(ADAPTERS):
+        kw = {"targets": targets} if targets else {}
+        path = write_adapter(os.path.join(tmp, f"a{slot}_{config.num_kv_heads}"), config, r=r, alpha=2.0 * r,
+                             seed=100 + slot, **kw)
+        ad = load_adapter(path, config, BANK)
+        a, b = host[ad.bucket]
+        local = slot - offsets[ad.bucket]
+        assert 0 <= local < dict(BANK.active)[ad.bucket], (slot, ad.bucket)
+        for g in a:
+            a[g][:, local] = ad.a[g]
+            for j, bj in enumerate(ad.b[g]):
+                b[g][j][:, local] = bj
+    return LoraBank(buckets=tuple(BucketBank(a=host[r][0], b={g: tuple(x) for g, x in host[r][1].items()}, rank=r,
+                                             offset=int(offsets[r])) for r, _ in BANK.active))
+
+
+def count_collectives(hlo: str) -> dict:
+    """Collectives in the whole module, and in the scan's while body (one layer per iteration)."""
+    comps, name = {}, None
+    for line in hlo.splitlines():
+        m = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
+        if m:
+            name = m.group(1)
+            comps[name] = []
+        elif name is not None:
+            comps[name].append(line)
+    text = {k: "\n".join(v) for k, v in comps.items()}
+
+    def closure(root, seen):
+        if root in seen or root not in text:
+            return 0
+        seen.add(root)
+        n = len(COLLECTIVE.findall(text[root]))
+        return n + sum(closure(c, seen) for c in re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)",
+                                                             text[root]))
+
+    bodies = re.findall(r"body=%?([\w.\-]+)", hlo)
+    return {"total": len(COLLECTIVE.findall(hlo)), "while_loops": len(bodies),
+            "per_layer": sum(closure(b, set()) for b in bodies)}
+
+
+def check_placement(model: ShardedModel, params, bank, cache, logical_params, logical_bank) -> dict:
+    mesh, bad = model.mesh, []
+
+    def expect(name, x, spec):
+        if not x.sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim):
+            bad.append(f"{name}: {x.sharding.spec} != {spec}")
+
+    for k, x in params.items():
+        if k != "layers":
+            expect(k, x, EXPECTED_PARAMS[k])
+    for k, x in params["layers"].items():
+        expect(k, x, EXPECTED_PARAMS[k])
+    for i, bucket in enumerate(bank.buckets):
+        for g in bucket.a:
+            expect(f"bank[{i}].a.{g}", bucket.a[g], EXPECTED_A[g])
+            for j, bj in enumerate(bucket.b[g]):
+                expect(f"bank[{i}].b.{g}[{j}]", bj, EXPECTED_B[g])
+    kv_spec = P(None, "data", None, M, None)
+    expect("cache.k", cache.k, kv_spec)
+    expect("cache.v", cache.v, kv_spec)
+
+    # Contents: model shard s must hold q heads [s N/tp, (s+1) N/tp) then the k and v heads its q heads use.
+    c, tp = model.config, model.tp
+    N, K, H = c.num_heads, c.num_kv_heads, c.head_dim
+    w = logical_params["layers"]["w_qkv"]
+    bk = logical_bank.buckets[0].b["qkv"][1]
+    contents_ok = True
+    for shard in params["layers"]["w_qkv"].addressable_shards:
+        s = (shard.index[2].start or 0) // shard.data.shape[2]
+        q_heads = range(s * N // tp, (s + 1) * N // tp)
+        kv_heads = sorted({h * K // N for h in q_heads})
+        cols = ([h * H + d for h in q_heads for d in range(H)] + [(N + h) * H + d for h in kv_heads for d in range(H)]
+                + [(N + K + h) * H + d for h in kv_heads for d in range(H)])
+        contents_ok &= bool(np.array_equal(np.asarray(shard.data), w[..., cols]))
+    for shard in bank.buckets[0].b["qkv"][1].addressable_shards:
+        s = (shard.index[3].start or 0) // shard.data.shape[3]
+        kv_heads = sorted({h * K // N for h in range(s * N // tp, (s + 1) * N // tp)})
+        contents_ok &= bool(np.array_equal(np.asarray(shard.data), bk[..., [h * H + d for h in kv_heads
+                                                                             for d in range(H)]]))
+    return {"mismatched": bad, "shard_contents_ok": contents_ok}
+
+
+def run_case(config, tp, dp, params, bank, paged=False) -> dict:
+    t0 = time.perf_counter()
+    model = ShardedModel(config, make_mesh(tp, dp))
+    B = len(ROW_SLOTS)
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(0, config.vocab_size, (B, T)).astype(np.int32)
+    positions = np.full((B, T), -1, np.int32)
+    for i, n in enumerate(LENGTHS):
+        positions[i, :n] = np.arange(n)
+    lora_ids = np.repeat(np.array(ROW_SLOTS, np.int32)[:, None], T, axis=1)
+    lengths = np.array(LENGTHS)
+
+    # Every step has the prefill's shape (decode steps are one valid token, the rest padding), so each
+    # function compiles once and the compiled decode step is the one whose collectives are counted.
+    ref_fwd = jax.jit(functools.partial(llama.forward, config=config))
+    extra_ref, extra = {}, {}
+    if paged:
+        page_size, per_seq = 4, MAX_LEN // 4
+        pool = B * per_seq
+        ref_cache = KVCache.pages(config, pool, page_size)
+        cache = model.pages_zeros(pool, page_size)
+        # Each data replica owns a contiguous block of pages and its sequences use only those (shuffled).
+        local_pool, rows_per = pool // dp, B // dp
+        table = np.zeros((B, per_seq), np.int32)
+        for r in range(dp):
+            local = rng.permutation(local_pool).reshape(rows_per, per_seq)
+            table[r * rows_per:(r + 1) * rows_per] = local + r * local_pool
+        extra_ref["page_table"] = table
+        extra["page_table"] = table - (np.arange(B) // rows_per * local_pool)[:, None]
+    else:
+        ref_cache = KVCache.zeros(config, B, MAX_LEN)
+        cache = model.cache_zeros(B, MAX_LEN)
+    placed_params, placed_bank = model.place_params(params), model.place_bank(bank)
+    fwd = jax.jit(model.forward)
+    step = fwd.lower(placed_params, placed_bank, tokens, positions, lora_ids, cache, **extra).compile()
+
+    errs = []
+    for i in range(1 + DECODE_STEPS):
+        ref, ref_cache = ref_fwd(params, bank, tokens, positions, lora_ids, ref_cache, **extra_ref)
+        out, cache = step(placed_params, placed_bank, tokens, positions, lora_ids, cache, **extra)
+        valid = positions >= 0
+        errs.append(rel_err(np.asarray(out)[valid], np.asarray(ref)[valid]))
+        col = lengths - 1 if i == 0 else np.zeros(B, int)  # the last valid token's logits
+        tokens = np.zeros_like(tokens)
+        tokens[:, 0] = np.asarray(ref)[np.arange(B), col].argmax(-1)
+        positions = np.full_like(positions, -1)
+        positions[:, 0] = lengths + i
+    result = {"tp": tp, "dp": dp, "kv_heads": config.num_kv_heads, "paged": paged, "rel_err": errs,
+              "logits_spec": str(out.sharding.spec)}
+    if not paged:
+        result["placement"] = check_placement(model, placed_params, placed_bank, cache, params, bank)
+        without = fwd.lower(placed_params, None, tokens, positions, lora_ids, cache).compile().as_text()
+        result["collectives"] = {"lora": count_collectives(step.as_text()), "base": count_collectives(without)}
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def main() -> None:
+    assert jax.device_count() == 8, jax.devices()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        kv8 = (random_params(KV8, 0), random_bank(KV8, tmp))
+        kv2 = (random_params(KV2, 1), random_bank(KV2, tmp))
+        results["tp8"] = run_case(KV8, 8, 1, *kv8)
+        results["tp2_dp4"] = run_case(KV8, 2, 4, *kv8)
+        results["tp4_kv2"] = run_case(KV2, 4, 1, *kv2)
+        if "page_table" in inspect.signature(llama.decoder_stack).parameters:
+            results["paged_tp2_dp2"] = run_case(KV2, 2, 2, *kv2, paged=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
