@@ -146,3 +146,16 @@ def test_chat_template_matches_transformers(smollm, case):
     text = smollm.tokenizer.apply_chat_template(case["messages"], add_generation_prompt=case["add_generation_prompt"])
     assert text == case["text"]
     assert smollm.tokenizer.encode(text) == case["ids"]
+
+
+def test_engine_streams_text_and_honours_stop_strings(smollm):
+    engine = smollm.engine
+    prompt = smollm.tokenizer.apply_chat_template(GG["messages"])
+    engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=12, stop=("Paris",)), request_id="s")
+    deltas, final = [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            deltas.append(out.delta)
+            final = out
+    assert final.text == "The capital of France is " and final.finish_reason == "stop"
+    assert "".join(deltas) == final.text and len([d for d in deltas if d]) > 3
