@@ -38,17 +38,6 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="register a PEFT adapter directory under NAME (repeatable)")
 
 
-def _add_parallel(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("parallelism", "tensor/data parallelism over a (data, model) mesh; multi-host via "
-                             "jax.distributed (start one process per host with the same arguments)")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: shards heads, MLP and vocab")
-    g.add_argument("--dp", type=int, default=1, help="data-parallel degree: splits the batch")
-    g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
-                   help="process 0's address; turns on multi-process mode")
-    g.add_argument("--num-processes", type=int, default=None, help="number of processes in the job")
-    g.add_argument("--process-id", type=int, default=None, help="this process's rank (0 schedules and prints)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jlora", description="Serve one base LLM with many LoRA adapters, in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,7 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object per output")
     _add_sampling(gen)
-    _add_parallel(gen)
     train_cli.register(sub)
     return parser
 
@@ -77,18 +65,7 @@ def _sampling(args):
                           max_tokens=args.max_tokens, seed=args.seed, stop=tuple(args.stop))
 
 
-def _init_distributed(args) -> bool:
-    """Joins the multi-process job if asked to; returns whether this process prints (process 0)."""
-    if args.coordinator_address is None and args.num_processes is None:
-        return True
-    from jlora import distributed
-
-    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
-    return distributed.is_scheduler()
-
-
 def cmd_generate(args) -> int:
-    prints = _init_distributed(args)
     from jlora.generate import LLM
 
     sampling = _sampling(args)
@@ -102,7 +79,7 @@ def cmd_generate(args) -> int:
         names = names * len(args.prompts) if len(names) == 1 else names
         rows = [(p, None if a == BASE else a) for p, a in zip(args.prompts, names)]
     t0 = time.perf_counter()
-    llm = LLM(args.model, adapters=loras, dtype=args.dtype, tp=args.tp, dp=args.dp)
+    llm = LLM(args.model, adapters=loras, dtype=args.dtype)
     t_load = time.perf_counter() - t0
     prompts = [p for p, _ in rows]
     if args.chat:
@@ -110,8 +87,6 @@ def cmd_generate(args) -> int:
     t1 = time.perf_counter()
     outs = llm.generate(prompts, adapter=[a for _, a in rows], sampling=sampling)
     t_gen = time.perf_counter() - t1
-    if not prints:
-        return 0
     for (prompt, adapter), out in zip(rows, outs):
         if args.json:
             print(json.dumps({"prompt": prompt, "adapter": adapter, "text": out.text,
