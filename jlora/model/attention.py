@@ -27,7 +27,8 @@ def attend_rows(q, cache_k, cache_v, positions, config: ModelConfig):
     B, T, N, H = q.shape
     K = cache_k.shape[2]
     q = q.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q.astype(jnp.float32), cache_k.astype(jnp.float32))
+    # Operands stay in the cache dtype (no upcast copy of the whole cache); products accumulate in fp32.
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, cache_k, preferred_element_type=jnp.float32)
     scores = scores * (H ** -0.5)
     key_pos = jnp.arange(cache_k.shape[1])
     qpos = positions[:, None, None, :, None]  # [B, 1, 1, T, 1]
@@ -35,7 +36,7 @@ def attend_rows(q, cache_k, cache_v, positions, config: ModelConfig):
     if config.sliding_window is not None:
         mask &= key_pos > qpos - config.sliding_window
     probs = jax.nn.softmax(jnp.where(mask, scores, _NEG), axis=-1)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, cache_v.astype(jnp.float32))
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(cache_v.dtype), cache_v, preferred_element_type=jnp.float32)
     return out.reshape(B, T, N * H).astype(q.dtype)
 
 
