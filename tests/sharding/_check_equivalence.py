@@ -20,7 +20,7 @@ import sys
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE)]
+sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE), HERE]
 
 import functools  # noqa: E402
 import inspect  # noqa: E402
@@ -35,24 +35,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from helpers import rel_err, write_adapter  # noqa: E402
-from jlora.config import LoraBankConfig, ModelConfig  # noqa: E402
-from jlora.lora.bank import BucketBank, LoraBank, group_dims  # noqa: E402
-from jlora.lora.peft import load_adapter  # noqa: E402
+from _common import KV2, KV8, random_bank, random_params  # noqa: E402
+from helpers import rel_err  # noqa: E402
 from jlora.model import llama  # noqa: E402
 from jlora.model.kv_cache import KVCache  # noqa: E402
 from jlora.model.sharded import ShardedModel  # noqa: E402
 from jlora.sharding import make_mesh  # noqa: E402
 
-KV8 = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
-                  num_kv_heads=8, head_dim=8, qkv_bias=True, max_position_embeddings=64)
-# Fewer kv heads than tp=4, tied embeddings, and a vocab that tp does not divide (padded to 100).
-KV2 = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
-                  num_kv_heads=2, head_dim=8, tie_word_embeddings=True, max_position_embeddings=64)
-BANK = LoraBankConfig(buckets=(8, 16), slots=(4, 2))
-# (rank, target modules) of the adapters in global slots 0..5: ranks 4 and 12 are zero-padded to 8 and 16.
-ADAPTERS = [(8, None), (8, None), (4, None), (8, ("q_proj", "v_proj", "down_proj")), (16, None),
-            (12, ("o_proj", "gate_proj", "up_proj"))]
 ROW_SLOTS = [-1, 0, 0, 1, 2, 3, 4, 5]  # B = 8 rows: no adapter, shared adapters, every bucket
 LENGTHS = [8, 5, 8, 3, 8, 6, 7, 8]
 T, MAX_LEN, DECODE_STEPS = 8, 16, 2  # steps after the prefill
@@ -66,44 +55,6 @@ EXPECTED_PARAMS = {"embed": P(M, None), "final_norm": P(None), "lm_head": P(None
                    "w_gate_up": P(None, None, M), "w_down": P(None, M, None)}
 EXPECTED_A = {"qkv": P(), "gate_up": P(), "o": P(None, None, M, None), "down": P(None, None, M, None)}
 EXPECTED_B = {"qkv": P(None, None, None, M), "gate_up": P(None, None, None, M), "o": P(), "down": P()}
-
-
-def random_params(config: ModelConfig, seed: int) -> dict:
-    rng = np.random.default_rng(seed)
-    shapes = llama.param_shapes(config)
-    out = {}
-    for key, shape in [*((k, s) for k, s in shapes.items() if k != "layers"),
-                       *((("layers", k), s) for k, s in shapes["layers"].items())]:
-        name = key[1] if isinstance(key, tuple) else key
-        x = 1 + rng.normal(0, 0.1, shape) if "norm" in name else rng.normal(0, 1.0 if name == "embed" else 0.1, shape)
-        if isinstance(key, tuple):
-            out.setdefault("layers", {})[name] = x.astype(np.float32)
-        else:
-            out[name] = x.astype(np.float32)
-    return out
-
-
-def random_bank(config: ModelConfig, tmp: str) -> LoraBank:
-    """A host bank with the ADAPTERS written by `helpers.write_adapter` and loaded like any PEFT adapter."""
-    dims, L = group_dims(config), config.num_layers
-    host = {rank: ({g: np.zeros((L, s, d_in, len(d_outs) * rank), np.float32) for g, (d_in, d_outs) in dims.items()},
-                   {g: [np.zeros((L, s, rank, d), np.float32) for d in d_outs] for g, (_, d_outs) in dims.items()})
-            for rank, s in BANK.active}
-    offsets = dict(zip([r for r, _ in BANK.active], np.cumsum([0] + [s for _, s in BANK.active])))
-    for slot, (r, targets) in enumerate(ADAPTERS):
-        kw = {"targets": targets} if targets else {}
-        path = write_adapter(os.path.join(tmp, f"a{slot}_{config.num_kv_heads}"), config, r=r, alpha=2.0 * r,
-                             seed=100 + slot, **kw)
-        ad = load_adapter(path, config, BANK)
-        a, b = host[ad.bucket]
-        local = slot - offsets[ad.bucket]
-        assert 0 <= local < dict(BANK.active)[ad.bucket], (slot, ad.bucket)
-        for g in a:
-            a[g][:, local] = ad.a[g]
-            for j, bj in enumerate(ad.b[g]):
-                b[g][j][:, local] = bj
-    return LoraBank(buckets=tuple(BucketBank(a=host[r][0], b={g: tuple(x) for g, x in host[r][1].items()}, rank=r,
-                                             offset=int(offsets[r])) for r, _ in BANK.active))
 
 
 def count_collectives(hlo: str) -> dict:
