@@ -3,7 +3,8 @@
 Run by `test_sharded_forward.py` in a subprocess, because the device count must be fixed before jax starts
 (and the root conftest has already imported jax). Runs alone too: `python tests/sharding/_check_equivalence.py`.
 
-For each case (tp=8; tp=2 x dp=4; tp=4 on kv_heads=2; a paged cache at tp=2 x dp=2) it reports:
+For each case (tp=8; tp=2 x dp=4, also with the Triton kernels in interpret mode; tp=4 on kv_heads=2;
+a paged cache at tp=2 x dp=2) it reports:
   - rel_err: max |sharded - single| / max |single| of the logits, per step (prefill, then 2 decode steps),
     with a mixed batch of rank-4/8/12/16 adapters and rows without one;
   - placement: every placed array whose `sharding.spec` differs from the hand-written spec below, and
@@ -124,7 +125,7 @@ def check_placement(model: ShardedModel, params, bank, cache, logical_params, lo
     return {"mismatched": bad, "shard_contents_ok": contents_ok}
 
 
-def run_case(config, tp, dp, params, bank, paged=False) -> dict:
+def run_case(config, tp, dp, params, bank, paged=False, backend=None) -> dict:
     t0 = time.perf_counter()
     model = ShardedModel(config, make_mesh(tp, dp))
     B = len(ROW_SLOTS)
@@ -157,7 +158,7 @@ def run_case(config, tp, dp, params, bank, paged=False) -> dict:
         ref_cache = KVCache.zeros(config, B, MAX_LEN)
         cache = model.cache_zeros(B, MAX_LEN)
     placed_params, placed_bank = model.place_params(params), model.place_bank(bank)
-    fwd = jax.jit(model.forward)
+    fwd = jax.jit(functools.partial(model.forward, lora_backend=backend))
     step = fwd.lower(placed_params, placed_bank, tokens, positions, lora_ids, cache, **extra).compile()
 
     errs = []
@@ -171,9 +172,9 @@ def run_case(config, tp, dp, params, bank, paged=False) -> dict:
         tokens[:, 0] = np.asarray(ref)[np.arange(B), col].argmax(-1)
         positions = np.full_like(positions, -1)
         positions[:, 0] = lengths + i
-    result = {"tp": tp, "dp": dp, "kv_heads": config.num_kv_heads, "paged": paged, "rel_err": errs,
+    result = {"tp": tp, "dp": dp, "kv_heads": config.num_kv_heads, "paged": paged, "backend": backend, "rel_err": errs,
               "logits_spec": str(out.sharding.spec)}
-    if not paged:
+    if not paged and backend is None:
         result["placement"] = check_placement(model, placed_params, placed_bank, cache, params, bank)
         without = fwd.lower(placed_params, None, tokens, positions, lora_ids, cache).compile().as_text()
         result["collectives"] = {"lora": count_collectives(step.as_text()), "base": count_collectives(without)}
@@ -190,6 +191,8 @@ def main() -> None:
         results["tp8"] = run_case(KV8, 8, 1, *kv8)
         results["tp2_dp4"] = run_case(KV8, 2, 4, *kv8)
         results["tp4_kv2"] = run_case(KV2, 4, 1, *kv2)
+        # The Triton LoRA kernels (interpret mode) on local shards, as they run on GPUs.
+        results["tp2_dp4_triton"] = run_case(KV8, 2, 4, *kv8, backend="interpret")
         if "page_table" in inspect.signature(llama.decoder_stack).parameters:
             results["paged_tp2_dp2"] = run_case(KV2, 2, 2, *kv2, paged=True)
     print(json.dumps(results))

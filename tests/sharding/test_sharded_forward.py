@@ -54,6 +54,12 @@ def test_lora_adds_no_collective(report, case):
     assert lora == {"total": 4, "while_loops": 1, "per_layer": 2}
 
 
+def test_triton_kernels_on_local_shards(report):
+    """The Pallas Triton LoRA kernels (interpret mode) inside shard_map see only local shards, as on GPUs."""
+    r = report["tp2_dp4_triton"]
+    assert r["backend"] == "interpret" and max(r["rel_err"]) < 1e-5, r["rel_err"]
+
+
 def test_paged_cache_split_over_data_and_kv_heads(report):
     if "paged_tp2_dp2" not in report:
         pytest.skip("decoder_stack has no page_table argument in this tree")
