@@ -306,6 +306,7 @@ def main() -> None:
   p.add_argument("--backend", default=None, help="kernel backend (default: by platform)")
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "benchmarks",
                                                "results", "kernels_h100.json"))
+  p.add_argument("--ranks", default=None, help="comma-separated ranks to keep from the sweep")
   p.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script on CPU")
   p.add_argument("--max-seconds", type=float, default=1e9,
                  help="stop the sweep after this long (the JSON keeps what was measured)")
@@ -331,7 +332,10 @@ def main() -> None:
   hdr = (f"{'op':6} {'T':>5} {'S':>5} {'d':>6} {'r':>3} | {'pallas us':>9} {'GB/s':>6} {'%roof':>5} "
          f"| {'einsum us':>9} {'x':>5} | {'ragged us':>9} {'x':>6}")
   print(hdr, flush=True)
+  keep = {int(r) for r in args.ranks.split(",")} if args.ranks else None
   for c in sweep(args.quick, args.smoke):
+    if keep is not None and c.rank not in keep:
+      continue
     if time.perf_counter() - start > args.max_seconds:
       print(f"stopping: --max-seconds {args.max_seconds} reached", flush=True)
       result["stopped_early"] = True
