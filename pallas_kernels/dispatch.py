@@ -139,4 +139,7 @@ def lora_expand(y: jax.Array, v: jax.Array, b_slices: Sequence[jax.Array], slot_
   meta = _check_meta(meta, slot_ids, backend)
   if backend in ("triton", "interpret"):
     return triton_lora.expand(y, v, b_slices, meta, interpret=backend == "interpret")
+  if any(b.shape[2] % 128 for b in b_slices):
+    # Mosaic blocks are 128 lanes wide; widths such as SmolLM2's 576/192 take the XLA path.
+    return reference.ref_lora_expand(y, v, b_slices, slot_ids)
   return mosaic_lora.expand(y, v, b_slices, meta, interpret=backend == "interpret_mosaic")
