@@ -59,8 +59,14 @@ def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: j
     Returns:
       [B] int32 token ids.
     """
-    V = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # The vocabulary sort is skipped when every row is greedy.
+    return jax.lax.cond(jnp.all(temperature <= 0), lambda: greedy,
+                        lambda: _draw(logits, temperature, top_k, top_p, keys, greedy))
+
+
+def _draw(logits, temperature, top_k, top_p, keys, greedy):
+    V = logits.shape[-1]
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     order = jnp.argsort(-scaled, axis=-1)
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)

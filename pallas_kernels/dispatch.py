@@ -7,16 +7,17 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import metadata, mosaic_lora, reference, triton_lora
+from pallas_kernels import metadata, mosaic_lora, reference, triton_lora, xla
 
-BACKENDS = ("reference", "interpret", "triton", "mosaic", "interpret_mosaic")
+BACKENDS = ("xla", "reference", "interpret", "triton", "mosaic", "interpret_mosaic")
 ENV_VAR = "JLORA_LORA_BACKEND"
 
 
 def resolve_backend(backend: str | None) -> str:
   """Returns the concrete backend: the argument, else $JLORA_LORA_BACKEND, else by platform.
 
-  Platform defaults: gpu -> "triton", tpu -> "mosaic", anything else -> "reference".
+  Platform defaults: gpu -> "triton", tpu -> "mosaic", anything else -> "xla" (dense over slots).
+  "reference" is the per-token gather oracle the others are tested against.
   "interpret" runs the Triton kernel in interpret mode; "interpret_mosaic" the Mosaic one.
   """
   if backend is None or backend == "auto":
@@ -27,7 +28,7 @@ def resolve_backend(backend: str | None) -> str:
       return "triton"
     if platform == "tpu":
       return "mosaic"
-    return "reference"
+    return "xla"
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
   return backend
@@ -96,7 +97,7 @@ def lora_shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, *, meta=None,
     a: [S, d_in, R] LoRA A weights (R = n*r for a fused group).
     slot_ids: [T] int32 in [-1, S); runs of equal ids are segments (fastest when sorted).
     meta: `segment_metadata(slot_ids)`, computed once per step; built here if None.
-    backend: None (by platform or $JLORA_LORA_BACKEND), "reference", "interpret", "triton", "mosaic",
+    backend: None (by platform or $JLORA_LORA_BACKEND), "xla", "reference", "interpret", "triton", "mosaic",
       "interpret_mosaic".
 
   Returns:
@@ -106,6 +107,8 @@ def lora_shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, *, meta=None,
   backend = resolve_backend(backend)
   if backend == "reference":
     return reference.ref_lora_shrink(x, a, slot_ids)
+  if backend == "xla":
+    return xla.xla_lora_shrink(x, a, slot_ids)
   meta = _check_meta(meta, slot_ids, backend)
   if backend in ("triton", "interpret"):
     return triton_lora.shrink(x, a, slot_ids, meta, interpret=backend == "interpret")
@@ -136,6 +139,8 @@ def lora_expand(y: jax.Array, v: jax.Array, b_slices: Sequence[jax.Array], slot_
   backend = resolve_backend(backend)
   if backend == "reference":
     return reference.ref_lora_expand(y, v, b_slices, slot_ids)
+  if backend == "xla":
+    return xla.xla_lora_expand(y, v, b_slices, slot_ids)
   meta = _check_meta(meta, slot_ids, backend)
   if backend in ("triton", "interpret"):
     return triton_lora.expand(y, v, b_slices, meta, interpret=backend == "interpret")

@@ -1,6 +1,6 @@
 """The one LoRA call site of the model. Every projection's delta goes through `lora_project`.
 
-On GPU and TPU it runs the Pallas SGMV kernels of `pallas_kernels`; on CPU, their XLA reference.
+On GPU and TPU it runs the Pallas SGMV kernels of `pallas_kernels`; on CPU, their XLA path.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ def make_lora_batch(bank: LoraBank, lora_ids: jax.Array, backend: str | None = N
         local = lora_ids - bucket.offset
         local = jnp.where((lora_ids >= 0) & (local >= 0) & (local < bucket.num_slots), local, -1).astype(jnp.int32)
         slot_ids.append(local)
-        meta.append(pallas_kernels.segment_metadata(local, backend=backend))
+        # The XLA paths need no tile table.
+        needs_meta = pallas_kernels.resolve_backend(backend) not in ("xla", "reference")
+        meta.append(pallas_kernels.segment_metadata(local, backend=backend) if needs_meta else None)
     return LoraBatch(slot_ids=tuple(slot_ids), meta=tuple(meta))
 
 

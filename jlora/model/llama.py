@@ -153,8 +153,11 @@ def forward(params: Params, lora_bank: LoraBank | None, tokens: jax.Array, posit
     if logit_index is not None:
         h = jnp.take_along_axis(h, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
     h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
-    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-    logits = jnp.matmul(h.astype(jnp.float32), head.astype(jnp.float32))
+    # A tied head is used as stored ([V, D]): no transposed copy of the embedding per step.
+    if config.tie_word_embeddings:
+        logits = jnp.einsum("...d,vd->...v", h, params["embed"], preferred_element_type=jnp.float32)
+    else:
+        logits = jnp.einsum("...d,dv->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
     return logits, KVCache(k=new_k, v=new_v)
 
 

@@ -124,3 +124,15 @@ def test_8b_shapes_without_allocating():
     assert abstract["layers"]["w_qkv"].shape == (32, 4096, 6144)
     assert jax.tree_util.tree_map(lambda x: x.shape, abstract) == jax.tree_util.tree_map(
         tuple, param_shapes(cfg), is_leaf=lambda s: isinstance(s, tuple))
+
+
+def test_bf16_loading_tracks_fp32(tmp_path):
+    model_dir = write_model(str(tmp_path / "m"))
+    c32, p32 = load_hf_dir(model_dir)
+    c16, p16 = load_hf_dir(model_dir, dtype=jnp.bfloat16)
+    assert p16["layers"]["w_qkv"].dtype == jnp.bfloat16
+    tokens, positions = _inputs(np.random.default_rng(5), 2, 6, c32.vocab_size)
+    ref, _ = fwd(p32, None, tokens, positions, None, KVCache.zeros(c32, 2, 8), config=c32)
+    got, _ = fwd(p16, None, tokens, positions, None, KVCache.zeros(c16, 2, 8, jnp.bfloat16), config=c16)
+    err = rel_err(got, ref)
+    assert 1e-5 < err < 5e-2  # bf16 rounding, not garbage, and really bf16

@@ -24,7 +24,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(os.path.dirname(HERE)), os.path.dirname(HERE), HERE]
 
 import functools  # noqa: E402
-import inspect  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
 import tempfile  # noqa: E402
@@ -193,8 +192,7 @@ def main() -> None:
         results["tp4_kv2"] = run_case(KV2, 4, 1, *kv2)
         # The Triton LoRA kernels (interpret mode) on local shards, as they run on GPUs.
         results["tp2_dp4_triton"] = run_case(KV8, 2, 4, *kv8, backend="interpret")
-        if "page_table" in inspect.signature(llama.decoder_stack).parameters:
-            results["paged_tp2_dp2"] = run_case(KV2, 2, 2, *kv2, paged=True)
+        results["paged_tp2_dp2"] = run_case(KV2, 2, 2, *kv2, paged=True)
     print(json.dumps(results))
 
 
