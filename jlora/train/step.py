@@ -58,14 +58,17 @@ def loss_fn(lora: TrainableLora, params: Params, tokens: jax.Array, positions: j
             config: ModelConfig, rank: int, scale: float) -> jax.Array:
     """The served forward with `lora` in slot 0 of a one-slot bank, scored on the target tokens.
 
+    The LoRA ops take the dense XLA path ("xla" backend) on every platform: the Pallas kernels define
+    no gradients, and the per-token-gather reference is slow to differentiate.
+
     Args:
       tokens, positions, mask: [B, T]; positions are -1 on padding.
     """
     B, T = tokens.shape
     bank = to_bank(lora, config, rank, scale)
-    lora_ids = jnp.zeros((B, T), jnp.int32)  # a constant, so XLA folds the slot routing away
+    lora_ids = jnp.zeros((B, T), jnp.int32)  # every token runs the one slot
     cache = KVCache.zeros(config, B, T, params["embed"].dtype)
-    logits, _ = forward(params, bank, tokens, positions, lora_ids, cache, config=config)
+    logits, _ = forward(params, bank, tokens, positions, lora_ids, cache, config=config, lora_backend="xla")
     return masked_nll(logits, tokens, mask)[0]
 
 
