@@ -8,14 +8,18 @@ import os
 import shutil
 import tempfile
 
+import jax
 import jax.numpy as jnp
 
 from jlora.checkpoint.gguf import convert_gguf
 from jlora.checkpoint.hf import load_hf_dir
+from jlora.checkpoint.orbax_store import restore_params, save_params
+from jlora.config import ModelConfig
 from jlora.errors import ModelLoadError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DONE = ".jlora-complete"
+ORBAX_DIR = "orbax"  # inside a converted model: its params as an orbax checkpoint, for fast restarts
 
 
 def cache_dir() -> str:
@@ -66,6 +70,23 @@ def load_model(model: str = DEFAULT_MODEL, dtype=jnp.float32, progress: bool = T
     from jlora.tokenizer import Tokenizer
 
     path = resolve_model_dir(model, progress)
-    config, params = load_hf_dir(path, dtype)
+    if os.path.dirname(path) == os.path.join(cache_dir(), "converted"):
+        config, params = load_converted(path, dtype)
+    else:
+        config, params = load_hf_dir(path, dtype)
     tokenizer = Tokenizer.from_dir(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
     return Llama(config, params), tokenizer
+
+
+def load_converted(path: str, dtype=jnp.float32):
+    """(config, params) of a converted model: restored from its orbax checkpoint, written on first use."""
+    config = ModelConfig.from_json(os.path.join(path, "config.json"))
+    ckpt = os.path.join(path, ORBAX_DIR)
+    if os.path.isdir(ckpt):  # orbax renames a checkpoint into place only once it is complete
+        return config, restore_params(ckpt, config, dtype=dtype)
+    config, params = load_hf_dir(path, jnp.float32)
+    try:
+        save_params(params, ckpt)
+    except (OSError, ValueError):  # e.g. another process saved it first; the cache is only an optimization
+        pass
+    return config, jax.tree.map(lambda x: x.astype(dtype), params)
