@@ -160,7 +160,7 @@ def train(cfg: TrainConfig, *, model=None, tokenizer=None, stop_after: int | Non
         ckpt.close()
     last = losses.get(cfg.steps)
     save_peft(cfg.output, lora, rank=cfg.rank, alpha=cfg.alpha, rslora=cfg.rslora, targets=targets,
-              base_model=cfg.model if not os.path.isdir(cfg.model) else os.path.abspath(cfg.model),
+              base_model=cfg.model,
               dtype=cfg.save_dtype,
               metadata={"jlora_steps": cfg.steps, "jlora_final_loss": f"{last:.6f}" if last is not None else "",
                         "jlora_data": os.path.basename(cfg.data)})
