@@ -46,6 +46,8 @@ class EngineConfig:
     adapter_roots: tuple[str, ...] | None = None
     lora_backend: str | None = None
     num_logprobs: int = 5
+    tp: int = 1  # tensor-parallel degree: the "model" axis of the mesh
+    dp: int = 1  # data-parallel degree: the "data" axis of the mesh
 
 
 @dataclasses.dataclass
@@ -70,6 +72,8 @@ class RequestOutput:
 class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
         self.model_config, self.tokenizer, self.config = model.config, tokenizer, config
+        if config.tp * config.dp != 1:
+            raise NotImplementedError("the engine does not run on a mesh yet (tp/dp > 1)")
         dtype = model.dtype
         self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
                                  model.config.max_position_embeddings)
