@@ -146,9 +146,12 @@ class AdapterStore:
                 self._loads[name] = self._pool.submit(load_adapter, self.paths[name], self.config,
                                                       self.bank_config, name)
 
-    def ensure_resident(self, names: set[str]) -> dict[str, int]:
+    def ensure_resident(self, names: set[str], running: set[str] | None = None) -> dict[str, int]:
         """Global slot of every name, writing missing ones into the bank. Raises `AdapterError` naming the
-        first adapter whose files turn out bad, `CapacityError` if the slots cannot hold them all."""
+        first adapter whose files turn out bad, `CapacityError` if the slots cannot hold them all.
+
+        `running`: the adapters of running sequences, kept resident; an adapter that only queued requests hold
+        may then be evicted. None keeps every acquired adapter resident."""
         if not self.fits(names):
             raise CapacityError(f"adapters {sorted(names)} do not fit the device slots at once")
         out = {}
@@ -158,9 +161,9 @@ class AdapterStore:
                 self.slots.touch(name)
             else:
                 self.stats.device_misses += 1
-                keep = names | self.pinned
+                keep = names | self.pinned | (running or set())
                 self.slots.place(name, self._host_get(name),
-                                 evictable=lambda n: n not in keep and self.refs[n] == 0)
+                                 evictable=lambda n: n not in keep and (running is not None or self.refs[n] == 0))
             out[name] = self.slots.slot(name)
         return out
 

@@ -162,7 +162,10 @@ class Engine:
         if not batch.seqs:
             return []
         try:
-            slots = self.store.ensure_resident({s.adapter for s in batch.seqs if s.adapter is not None})
+            # Queued requests' adapters may give up their slots: the scheduler only checked that the running
+            # sequences' adapters fit.
+            slots = self.store.ensure_resident({s.adapter for s in batch.seqs if s.adapter is not None},
+                                               running={s.adapter for s in self.scheduler.running if s.adapter})
         except AdapterError as e:
             return self._fail_adapter(batch.seqs, e)
         out = self.runner.execute(batch, slots, self.store.bank)

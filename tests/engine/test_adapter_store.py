@@ -121,3 +121,16 @@ def test_unload_while_in_use_waits_for_its_sequences(tiny):
         outs += engine.step()
     assert outs[-1].finished and len(outs[-1].token_ids) == 6
     assert "r8" not in engine.store.paths and engine.store.slots.slot("r8") is None
+
+
+def test_queued_requests_do_not_hold_device_slots(adapters):
+    """Adapters acquired only by queued requests give way to a batch's adapters (the engine passes `running`)."""
+    store = AdapterStore(TINY, TWO_SLOTS)
+    for n in "abc":
+        store.register(n, adapters[n])
+        store.acquire(n)
+    store.ensure_resident({"a", "b"})
+    with pytest.raises(CapacityError):
+        store.ensure_resident({"c"})  # without `running`, every acquired adapter stays
+    assert store.ensure_resident({"c"}, running={"b"}) == {"c": 0}  # a: least recently used, not running
+    assert set(store.slots.resident) == {"b", "c"}
