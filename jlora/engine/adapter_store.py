@@ -36,16 +36,17 @@ class AdapterStore:
       config, bank_config: the base model and its device bank layout.
       roots: directories adapter paths must resolve inside (symlinks resolved); None allows any path.
       max_cpu_loras: host LRU capacity (adapters kept padded and scaled in host memory).
+      layout: where the device bank lives (`jlora.lora.slots.SlotTable`); None: the default device.
     """
 
     def __init__(self, config: ModelConfig, bank_config: LoraBankConfig, *, roots=None, max_cpu_loras: int = 64,
-                 dtype=jnp.float32, workers: int = 2):
+                 dtype=jnp.float32, workers: int = 2, layout=None):
         if max_cpu_loras < 1:
             raise ValueError(f"max_cpu_loras must be >= 1, got {max_cpu_loras}")
         self.config, self.bank_config = config, bank_config
         self.roots = [os.path.realpath(r) for r in roots] if roots else None
         self.max_cpu_loras = max_cpu_loras
-        self.slots = SlotTable(config, bank_config, dtype)
+        self.slots = SlotTable(config, bank_config, dtype, layout=layout)
         self.paths: dict[str, str] = {}
         self.buckets: dict[str, int] = {}
         self.host: collections.OrderedDict[str, LoraAdapter] = collections.OrderedDict()

@@ -15,6 +15,7 @@ import time
 import jax.numpy as jnp
 
 from jlora.config import LoraBankConfig
+from jlora.engine import mesh
 from jlora.engine.adapter_store import AdapterStore
 from jlora.engine.block_manager import PageAllocator
 from jlora.engine.memory import MemoryPlan, plan_memory
@@ -47,7 +48,11 @@ class EngineConfig:
     lora_backend: str | None = None
     num_logprobs: int = 5
     tp: int = 1  # tensor-parallel degree: the "model" axis of the mesh
-    dp: int = 1  # data-parallel degree: the "data" axis of the mesh
+    dp: int = 1  # data-parallel degree: the "data" axis of the mesh; each replica gets num_pages / dp pages
+
+    def __post_init__(self):
+        if self.tp < 1 or self.dp < 1:
+            raise ValueError(f"EngineConfig.tp and .dp must be >= 1, got tp={self.tp}, dp={self.dp}")
 
 
 @dataclasses.dataclass
@@ -72,21 +77,28 @@ class RequestOutput:
 class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
         self.model_config, self.tokenizer, self.config = model.config, tokenizer, config
-        if config.tp * config.dp != 1:
-            raise NotImplementedError("the engine does not run on a mesh yet (tp/dp > 1)")
         dtype = model.dtype
         self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
                                  model.config.max_position_embeddings)
         self.plan: MemoryPlan = plan_memory(model.config, config, dtype)
+        sharded = mesh.sharded_model(model.config, config.tp, config.dp) if config.tp * config.dp > 1 else None
+        if config.dp > 1:  # each data replica owns an equal block of pages
+            if self.plan.num_pages < config.dp:
+                raise ValueError(f"{self.plan.num_pages} KV pages cannot be split over dp={config.dp} replicas")
+            self.plan = dataclasses.replace(self.plan, num_pages=self.plan.num_pages // config.dp * config.dp)
         self.store = AdapterStore(model.config, self.plan.bank, roots=config.adapter_roots,
-                                  max_cpu_loras=config.max_cpu_loras, dtype=dtype)
-        self.allocator = PageAllocator(self.plan.num_pages, config.page_size)
+                                  max_cpu_loras=config.max_cpu_loras, dtype=dtype,
+                                  layout=mesh.MeshBankLayout(sharded) if sharded else None)
+        self.allocator = PageAllocator(self.plan.num_pages, config.page_size, replicas=config.dp)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                                                    config.max_prefill_chunk), self.allocator, self.store.fits)
-        self.runner = ModelRunner(model.config, model.params(), num_pages=self.plan.num_pages,
-                                  page_size=config.page_size, max_model_len=self.max_model_len,
-                                  max_num_seqs=config.max_num_seqs, dtype=dtype, lora_backend=config.lora_backend,
-                                  num_logprobs=config.num_logprobs)
+        runner_kw = dict(num_pages=self.plan.num_pages, page_size=config.page_size, max_model_len=self.max_model_len,
+                         max_num_seqs=config.max_num_seqs, dtype=dtype, lora_backend=config.lora_backend,
+                         num_logprobs=config.num_logprobs)
+        if sharded is None:
+            self.runner = ModelRunner(model.config, model.params(), **runner_kw)
+        else:
+            self.runner = mesh.MeshRunner(model.config, model.params(), model=sharded, **runner_kw)
         self.requests: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._text: dict[str, str] = {}
@@ -109,8 +121,9 @@ class Engine:
             raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {sampling.max_tokens} exceeds the "
                                f"context length {self.max_model_len}")
         pages = -(-(len(ids) + sampling.max_tokens) // self.config.page_size)
-        if pages > self.plan.num_pages:
-            raise RequestError(f"prompt + max_tokens needs {pages} KV pages but the pool has {self.plan.num_pages}")
+        if pages > self.allocator.pages_per_replica:
+            raise RequestError(f"prompt + max_tokens needs {pages} KV pages but the pool has "
+                               f"{self.allocator.pages_per_replica}" + (" per data replica" if self.config.dp > 1 else ""))
         if adapter is not None and not self.store.has(adapter):
             raise UnknownAdapterError(f"adapter {adapter!r} is not loaded; loaded: {self.store.names()}")
         request_id = request_id or f"req-{next(self._ids)}"
@@ -234,7 +247,9 @@ class Engine:
         return outs
 
     def warmup(self) -> int:
-        """Compiles every step shape now, so no request mix compiles anything later. Returns the count."""
+        """Compiles every step shape (and the adapter slot writes) now, so no request mix compiles anything
+        later. Returns the number of step shapes."""
+        self.store.slots.warmup()
         return self.runner.warmup(self.store.bank, self.config.max_prefill_chunk)
 
     # -- introspection -----------------------------------------------------------------------------------

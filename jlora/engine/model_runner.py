@@ -68,30 +68,50 @@ def _paged_step(params, bank, cache, tokens, positions, lora_ids, page_table, lo
                 top_p, keys, *, config, backend, num_logprobs):
     logits, cache = forward(params, bank, tokens, positions, lora_ids, cache, config=config, logit_index=logit_index,
                             lora_backend=backend, page_table=page_table)
+    return sample_outputs(logits, temperature, top_k, top_p, keys, num_logprobs), cache
+
+
+def sample_outputs(logits, temperature, top_k, top_p, keys, num_logprobs: int):
+    """(sampled token [B], its log-probability [B], top ids [B, n], top log-probabilities [B, n]) from logits [B, V]."""
     token = sample(logits, temperature, top_k, top_p, keys)
     logp = jax.nn.log_softmax(logits, axis=-1)
     top_lp, top_ids = jax.lax.top_k(logp, num_logprobs)
-    return (token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], top_ids, top_lp), cache
+    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], top_ids, top_lp
 
 
 class ModelRunner:
-    """Owns the paged KV cache and runs steps.
+    """Owns the paged KV cache and runs steps on one device (`jlora.engine.mesh.MeshRunner`: on a mesh).
 
     Args:
       config, params: the base model.
       num_pages, page_size: the KV page pool.
       max_model_len: longest sequence; bounds the page-table width.
-      max_num_seqs: the largest sequence bucket.
+      max_num_seqs: the largest sequence bucket (per data replica).
     """
+
+    dp = 1  # data replicas: each owns a block of rows of every step and a block of pages
 
     def __init__(self, config: ModelConfig, params, *, num_pages: int, page_size: int, max_model_len: int,
                  max_num_seqs: int, dtype=jnp.float32, lora_backend: str | None = None, num_logprobs: int = 5):
-        self.config, self.params = config, params
+        self.config = config
         self.page_size, self.max_num_seqs = page_size, max_num_seqs
+        self.pages_per_replica = num_pages // self.dp
         self.max_pages = -(-max_model_len // page_size)
-        self.cache = KVCache.pages(config, num_pages, page_size, dtype)
+        self.params, self.cache = self._place(params, num_pages, page_size, dtype)
         self.backend, self.num_logprobs = lora_backend, num_logprobs
         self.shapes_run: set[tuple] = set()
+
+    def _place(self, params, num_pages: int, page_size: int, dtype):
+        return params, KVCache.pages(self.config, num_pages, page_size, dtype)
+
+    def _run(self, bank, a: dict) -> tuple[np.ndarray, ...]:
+        """One jitted step on host arrays `a`; returns (tokens, logprobs, top ids, top logprobs) on the host."""
+        keys = jax.vmap(lambda sd, st: jax.random.fold_in(jax.random.key(sd), st))(jnp.asarray(a["seeds"]),
+                                                                                   jnp.asarray(a["steps"]))
+        out, self.cache = _paged_step(self.params, bank, self.cache, a["tokens"], a["positions"], a["lora_ids"],
+                                      a["page_table"], a["logit_index"], a["temperature"], a["top_k"], a["top_p"],
+                                      keys, config=self.config, backend=self.backend, num_logprobs=self.num_logprobs)
+        return jax.device_get(out)  # the step's one device-to-host transfer
 
     # Small batches and short page tables share one bucket: fewer programs, at no cost worth counting.
     def _seq_range(self):
@@ -102,61 +122,61 @@ class ModelRunner:
 
     def bucket_shapes(self, max_prefill_chunk: int) -> list[tuple[str, int, int, int]]:
         """Every (mode, sequences, tokens per row, page-table width) a step can have."""
-        seq_b = _ladder(*self._seq_range())
+        seq_b = [self.dp * b for b in _ladder(*self._seq_range())]
         tok_b = _ladder(16, bucket(max_prefill_chunk, 16))
         page_b = _ladder(*self._page_range())
         return [(m, B, T, P) for B in seq_b for P in page_b for m, T in [("decode", 1)] + [("prefill", t) for t in tok_b]]
+
+    @staticmethod
+    def _arrays(B: int, T: int, P: int) -> dict[str, np.ndarray]:
+        """An all-padding step: positions -1 write nothing and no row has an adapter."""
+        return {"tokens": np.zeros((B, T), np.int32), "positions": np.full((B, T), -1, np.int32),
+                "lora_ids": np.full((B, T), -1, np.int32), "page_table": np.zeros((B, P), np.int32),
+                "logit_index": np.zeros((B,), np.int32), "temperature": np.zeros((B,), np.float32),
+                "top_k": np.zeros((B,), np.int32), "top_p": np.ones((B,), np.float32),
+                "seeds": np.zeros((B,), np.uint32), "steps": np.zeros((B,), np.int32)}
 
     def warmup(self, bank, max_prefill_chunk: int) -> int:
         """Compiles every bucket shape with all-padding batches (nothing is written); returns how many."""
         shapes = self.bucket_shapes(max_prefill_chunk)
         for mode, B, T, P in shapes:
-            zeros = np.zeros((B,), np.int32)
-            keys = jax.vmap(jax.random.key)(jnp.zeros((B,), jnp.uint32))
-            out, self.cache = _paged_step(self.params, bank, self.cache, np.zeros((B, T), np.int32),
-                                          np.full((B, T), -1, np.int32), np.full((B, T), -1, np.int32),
-                                          np.zeros((B, P), np.int32), zeros, np.zeros((B,), np.float32), zeros,
-                                          np.ones((B,), np.float32), keys, config=self.config, backend=self.backend,
-                                          num_logprobs=self.num_logprobs)
+            self._run(bank, self._arrays(B, T, P))
             self.shapes_run.add((mode, B, T, P))
-        jax.block_until_ready(out)
         return len(shapes)
 
+    def _rows(self, seqs, slot_of: list[int]) -> tuple[list[int], int]:
+        """(row of each sequence, rows B). Data replica r runs rows [r B / dp, (r + 1) B / dp), so a sequence goes
+        to the block of the replica holding its pages; inside a block rows go in adapter-slot order, so each
+        adapter is one contiguous kernel segment."""
+        blocks = [[] for _ in range(self.dp)]
+        for i, s in enumerate(seqs):
+            blocks[s.pages[0] // self.pages_per_replica].append(i)
+        b = bucket(max(map(len, blocks)), *self._seq_range())
+        rows = [0] * len(seqs)
+        for r, block in enumerate(blocks):
+            for k, i in enumerate(sorted(block, key=lambda i: slot_of[i])):
+                rows[i] = r * b + k
+        return rows, self.dp * b
+
     def execute(self, batch: ScheduledBatch, slots: dict[str, int], bank) -> StepOutput:
-        """Runs one step. Rows go in adapter-slot order, so each adapter is one contiguous kernel segment."""
+        """Runs one step and returns its results in the order of `batch.seqs`."""
         seqs, chunks = batch.seqs, batch.chunks
-        n = len(seqs)
         slot_of = [-1 if s.adapter is None else slots[s.adapter] for s in seqs]
-        order = sorted(range(n), key=lambda i: slot_of[i])
-        B = bucket(n, *self._seq_range())
+        rows, B = self._rows(seqs, slot_of)
         T = 1 if batch.mode == "decode" else bucket(max(chunks), 16)
         widest = max(-(-(s.num_computed + c) // self.page_size) for s, c in zip(seqs, chunks))
         P = bucket(widest, *self._page_range())
-        tokens = np.zeros((B, T), np.int32)
-        positions = np.full((B, T), -1, np.int32)
-        lora = np.full((B, T), -1, np.int32)
-        pages = np.zeros((B, P), np.int32)
-        last = np.zeros((B,), np.int32)
-        temp, top_k, top_p = np.zeros((B,), np.float32), np.zeros((B,), np.int32), np.ones((B,), np.float32)
-        seeds, steps = np.zeros((B,), np.uint32), np.zeros((B,), np.int32)
-        for row, i in enumerate(order):
-            s, c = seqs[i], chunks[i]
-            start = s.num_computed
-            tokens[row, :c] = s.token_ids[start:start + c]
-            positions[row, :c] = np.arange(start, start + c)
-            lora[row, :c] = slot_of[i]
-            pages[row, :len(s.pages)] = s.pages[:P]
-            last[row] = c - 1
-            sp = s.sampling
-            temp[row], top_k[row], top_p[row] = sp.temperature, sp.top_k, sp.top_p
-            seeds[row], steps[row] = s.sampling_seed, len(s.output_ids)
-        keys = jax.vmap(lambda sd, st: jax.random.fold_in(jax.random.key(sd), st))(jnp.asarray(seeds),
-                                                                                   jnp.asarray(steps))
+        a = self._arrays(B, T, P)
+        for i, (s, c) in enumerate(zip(seqs, chunks)):
+            row, start, sp = rows[i], s.num_computed, s.sampling
+            a["tokens"][row, :c] = s.token_ids[start:start + c]
+            a["positions"][row, :c] = np.arange(start, start + c)
+            a["lora_ids"][row, :c] = slot_of[i]
+            first = s.pages[0] // self.pages_per_replica * self.pages_per_replica  # the replica's page 0
+            a["page_table"][row, :len(s.pages)] = np.asarray(s.pages[:P]) - first
+            a["logit_index"][row] = c - 1
+            a["temperature"][row], a["top_k"][row], a["top_p"][row] = sp.temperature, sp.top_k, sp.top_p
+            a["seeds"][row], a["steps"][row] = s.sampling_seed, len(s.output_ids)
         self.shapes_run.add((batch.mode, B, T, P))
-        out, self.cache = _paged_step(self.params, bank, self.cache, tokens, positions, lora, pages, last, temp,
-                                      top_k, top_p, keys, config=self.config, backend=self.backend,
-                                      num_logprobs=self.num_logprobs)
-        token, logp, top_ids, top_lp = jax.device_get(out)  # the step's one device-to-host transfer
-        inv = np.empty(n, np.int64)
-        inv[order] = np.arange(n)
-        return StepOutput(token[inv], logp[inv], top_ids[inv], top_lp[inv])
+        token, logp, top_ids, top_lp = self._run(bank, a)
+        return StepOutput(token[rows], logp[rows], top_ids[rows], top_lp[rows])

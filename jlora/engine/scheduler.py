@@ -120,8 +120,7 @@ class Scheduler:
         preempted = []
         while True:
             ready = [s for s in self.running if s.remaining == 1]
-            need = sum(self.allocator.pages_needed(s, s.num_tokens) for s in ready)
-            if self.allocator.can_allocate(need) or not self.running:
+            if self.allocator.can_grow(ready) or not self.running:
                 break
             victim = max(self.running, key=lambda s: s.order)
             self._preempt(victim)

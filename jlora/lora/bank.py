@@ -87,12 +87,16 @@ def locate(bank: LoraBank, global_slot: int) -> tuple[int, int]:
     raise IndexError(f"slot {global_slot} is outside the bank's {bank.num_slots} slots")
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _write_slot(bucket: BucketBank, slot: jax.Array, a: dict, b: dict) -> BucketBank:
+def write_bucket_slot(bucket: BucketBank, slot: jax.Array, a: dict, b: dict) -> BucketBank:
+    """`bucket` with local slot `slot` set to one adapter's a / b (shaped like one slot). Unjitted: callers jit it
+    (with donation, and on a mesh with the bucket's shardings as `out_shardings`)."""
     new_a = {g: bucket.a[g].at[:, slot].set(a[g].astype(bucket.a[g].dtype)) for g in bucket.a}
     new_b = {g: tuple(old.at[:, slot].set(new.astype(old.dtype)) for old, new in zip(bucket.b[g], b[g]))
              for g in bucket.b}
     return BucketBank(a=new_a, b=new_b, rank=bucket.rank, offset=bucket.offset)
+
+
+_write_slot = jax.jit(write_bucket_slot, donate_argnums=(0,))
 
 
 def write_slot(bank: LoraBank, global_slot: int, a: dict, b: dict) -> LoraBank:

@@ -14,11 +14,19 @@ from jlora.lora.peft import LoraAdapter
 
 
 class SlotTable:
-    """The device bank plus its bookkeeping. `resident` is ordered least recently used first."""
+    """The device bank plus its bookkeeping. `resident` is ordered least recently used first.
 
-    def __init__(self, config: ModelConfig, bank_config: LoraBankConfig, dtype=jnp.float32):
+    Args:
+      layout: where the bank lives and how a slot is written: an object with `place(bank)`,
+        `write_slot(bank, slot, a, b)` and `clear_slot(bank, slot)` (`jlora.engine.mesh.MeshBankLayout` on a
+        mesh); None keeps the bank on the default device and writes with `jlora.lora.bank`.
+    """
+
+    def __init__(self, config: ModelConfig, bank_config: LoraBankConfig, dtype=jnp.float32, layout=None):
         self.bank_config = bank_config
-        self.bank = bank_lib.init_bank(config, bank_config, dtype)
+        self.layout = layout
+        bank = bank_lib.init_bank(config, bank_config, dtype)
+        self.bank = bank if layout is None else layout.place(bank)
         self.resident: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.bucket_of: dict[str, int] = {}
         self._free = {b.rank: list(range(b.offset, b.offset + b.num_slots)) for b in self.bank.buckets}
@@ -46,7 +54,7 @@ class SlotTable:
                                     f"all in use; send fewer distinct adapters at once or add slots")
             self.remove(victim, clear=False)
         slot = free.pop(0)
-        self.bank = bank_lib.write_slot(self.bank, slot, adapter.a, adapter.b)
+        self.bank = (self.layout or bank_lib).write_slot(self.bank, slot, adapter.a, adapter.b)
         self.num_writes += 1
         self.resident[name] = slot
         self.bucket_of[name] = adapter.bucket
@@ -58,5 +66,11 @@ class SlotTable:
         if slot is None:
             return
         if clear:
-            self.bank = bank_lib.clear_slot(self.bank, slot)
+            self.bank = (self.layout or bank_lib).clear_slot(self.bank, slot)
         self._free[self.bucket_of.pop(name)].append(slot)
+
+    def warmup(self) -> None:
+        """Compiles the slot writes now: clears one free slot of every bucket (a full bucket has written)."""
+        for slots in self._free.values():
+            if slots:
+                self.bank = (self.layout or bank_lib).clear_slot(self.bank, slots[0])

@@ -1,0 +1,109 @@
+"""The engine on a ("data", "model") mesh: placed weights and KV pages, the sharded paged step, and LoRA slot
+writes in the shard layout.
+
+Only the device side differs from the one-device runner: rows, page tables and buckets are built by
+`ModelRunner` (with `dp` row blocks, one per data replica, and replica-local page ids), and the bank's slot
+bookkeeping stays in `SlotTable`. With several processes every process runs the same engine on the same
+requests; process 0's host arrays of each step are broadcast (`distributed.broadcast_step`), so inputs that a
+process draws for itself (unseeded sampling seeds) cannot make the processes disagree.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+
+from jlora import distributed
+from jlora.config import ModelConfig
+from jlora.engine.model_runner import ModelRunner, sample_outputs
+from jlora.lora import bank as bank_lib
+from jlora.lora.bank import BucketBank, LoraBank
+from jlora.model.sharded import ShardedModel, bank_to_shard_layout
+from jlora.sharding import make_mesh
+
+
+def sharded_model(config: ModelConfig, tp: int, dp: int) -> ShardedModel:
+    """The model on a dp x tp mesh of the first tp * dp devices (every device of every process when several)."""
+    return ShardedModel(config, make_mesh(tp, dp))
+
+
+class MeshBankLayout:
+    """The LoRA bank placed in shard layout (`ShardedModel.place_bank`), written one slot at a time.
+
+    An adapter's host a / b (logical columns, `jlora.lora.peft.LoraAdapter`) go through `bank_to_shard_layout`
+    (B_k / B_v copied per kv head when num_kv_heads < tp) and into the placed bucket by a jitted write whose
+    `out_shardings` are the bucket's own: the bank never changes placement, and the write compiles once per
+    bucket, never per adapter.
+    """
+
+    def __init__(self, model: ShardedModel):
+        self.model = model
+        self._writers = []
+
+    def place(self, bank: LoraBank) -> LoraBank:
+        placed = self.model.place_bank(bank)
+        self._writers = [jax.jit(bank_lib.write_bucket_slot, donate_argnums=(0,),
+                                 out_shardings=jax.tree.map(lambda x: x.sharding, b)) for b in placed.buckets]
+        return placed
+
+    def write_slot(self, bank: LoraBank, global_slot: int, a: dict, b: dict) -> LoraBank:
+        """`bank` with one slot set to an adapter given in logical columns (a[group] [L, d_in, n r], b[group] tuple
+        of [L, r, d_j])."""
+        i, _ = bank_lib.locate(bank, global_slot)
+        one = LoraBank(buckets=(BucketBank(a=a, b=b, rank=bank.buckets[i].rank, offset=0),))
+        laid = bank_to_shard_layout(one, self.model.plan).buckets[0]  # the same columns as `place_bank`
+        return self._write(bank, global_slot, laid.a, laid.b)
+
+    def clear_slot(self, bank: LoraBank, global_slot: int) -> LoraBank:
+        """Zeroes one slot (float32 host zeros, like an adapter's: the same compiled write)."""
+        bucket = bank.buckets[bank_lib.locate(bank, global_slot)[0]]
+        a = {g: np.zeros(x.shape[:1] + x.shape[2:], np.float32) for g, x in bucket.a.items()}
+        b = {g: tuple(np.zeros(x.shape[:1] + x.shape[2:], np.float32) for x in xs) for g, xs in bucket.b.items()}
+        return self._write(bank, global_slot, a, b)
+
+    def _write(self, bank: LoraBank, global_slot: int, a: dict, b: dict) -> LoraBank:
+        i, local = bank_lib.locate(bank, global_slot)
+        buckets = list(bank.buckets)
+        buckets[i] = self._writers[i](buckets[i], np.int32(local), a, b)
+        return LoraBank(buckets=tuple(buckets))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "backend", "num_logprobs"), donate_argnames=("cache",))
+def _mesh_step(params, bank, cache, tokens, positions, lora_ids, page_table, logit_index, temperature, top_k, top_p,
+               seeds, steps, *, model: ShardedModel, backend, num_logprobs):
+    """`model_runner._paged_step` through `ShardedModel.forward`; the sampling keys are derived inside the
+    program (fold_in(key(seed), step), as on one device), so no per-process array enters it."""
+    logits, cache = model.forward(params, bank, tokens, positions, lora_ids, cache, logit_index=logit_index,
+                                  lora_backend=backend, page_table=page_table)
+    keys = jax.vmap(lambda sd, st: jax.random.fold_in(jax.random.key(sd), st))(seeds, steps)
+    return sample_outputs(logits, temperature, top_k, top_p, keys, num_logprobs), cache
+
+
+class MeshRunner(ModelRunner):
+    """`ModelRunner` on a mesh: params by `place_params`, KV pages by `pages_zeros` (data replica r holds pages
+    [r P / dp, (r + 1) P / dp)), the step through `ShardedModel.forward`.
+
+    Args:
+      model: the sharded model (its mesh); the other arguments are `ModelRunner`'s, `num_pages` a multiple of dp.
+    """
+
+    def __init__(self, config: ModelConfig, params, *, model: ShardedModel, num_pages: int, **kw):
+        if num_pages % model.dp:
+            raise ValueError(f"num_pages={num_pages} must be a multiple of dp={model.dp}")
+        self.model = model
+        super().__init__(config, params, num_pages=num_pages, **kw)
+
+    @property
+    def dp(self) -> int:
+        return self.model.dp
+
+    def _place(self, params, num_pages: int, page_size: int, dtype):
+        return self.model.place_params(params), self.model.pages_zeros(num_pages, page_size, dtype)
+
+    def _run(self, bank, a: dict) -> tuple[np.ndarray, ...]:
+        a = distributed.broadcast_step(a)  # process 0's batch, on every process
+        out, self.cache = _mesh_step(self.params, bank, self.cache, **a, model=self.model, backend=self.backend,
+                                     num_logprobs=self.num_logprobs)
+        return tuple(distributed.to_host(x) for x in out)
