@@ -38,6 +38,22 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="register a PEFT adapter directory under NAME (repeatable)")
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _add_parallel(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallelism (a (data, model) mesh of dp x tp devices)")
+    g.add_argument("--tp", type=_positive, default=1, help="tensor-parallel degree (default: %(default)s)")
+    g.add_argument("--dp", type=_positive, default=1, help="data-parallel degree (default: %(default)s)")
+    g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="multi-process: process 0's address; every process runs this same command")
+    g.add_argument("--num-processes", type=int, default=None, help="multi-process: how many processes")
+    g.add_argument("--process-id", type=int, default=None, help="multi-process: this process's rank (0 prints)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jlora", description="Serve one base LLM with many LoRA adapters, in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object per output")
     _add_sampling(gen)
+    _add_parallel(gen)
     train_cli.register(sub)
     return parser
 
@@ -66,8 +83,13 @@ def _sampling(args):
 
 
 def cmd_generate(args) -> int:
+    from jlora import distributed
+    from jlora.engine.engine import EngineConfig
     from jlora.generate import LLM
 
+    if args.coordinator_address or args.num_processes:
+        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    engine = EngineConfig(tp=args.tp, dp=args.dp)
     sampling = _sampling(args)
     loras = dict(args.lora)
     if args.all_adapters:
@@ -79,7 +101,7 @@ def cmd_generate(args) -> int:
         names = names * len(args.prompts) if len(names) == 1 else names
         rows = [(p, None if a == BASE else a) for p, a in zip(args.prompts, names)]
     t0 = time.perf_counter()
-    llm = LLM(args.model, adapters=loras, dtype=args.dtype)
+    llm = LLM(args.model, adapters=loras, dtype=args.dtype, engine=engine)
     t_load = time.perf_counter() - t0
     prompts = [p for p, _ in rows]
     if args.chat:
@@ -87,6 +109,8 @@ def cmd_generate(args) -> int:
     t1 = time.perf_counter()
     outs = llm.generate(prompts, adapter=[a for _, a in rows], sampling=sampling)
     t_gen = time.perf_counter() - t1
+    if not distributed.is_scheduler():
+        return 0  # every process holds the same outputs; process 0 prints them
     for (prompt, adapter), out in zip(rows, outs):
         if args.json:
             print(json.dumps({"prompt": prompt, "adapter": adapter, "text": out.text,

@@ -6,6 +6,7 @@ import pytest
 from helpers import write_adapter, write_model
 
 from jlora.cli import build_parser, main
+from jlora.errors import JloraError
 
 
 def test_help_explains_the_flags(capsys):
@@ -52,3 +53,21 @@ def _smollm_config():
     from jlora.checkpoint.resolve import resolve_model_dir
     from jlora.config import ModelConfig
     return ModelConfig.from_json(resolve_model_dir("smollm2-135m-instruct", progress=False) + "/config.json")
+
+
+def test_parallel_flags_reach_the_engine(monkeypatch, capsys):
+    import jlora.generate
+
+    seen = {}
+
+    class FakeLLM:
+        def __init__(self, model, adapters, dtype, engine):
+            seen["engine"] = engine
+            raise JloraError("stop here")
+
+    monkeypatch.setattr(jlora.generate, "LLM", FakeLLM)
+    assert main(["generate", "--tp", "2", "--dp", "4", "hi"]) == 2
+    assert (seen["engine"].tp, seen["engine"].dp) == (2, 4)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--tp", "0", "hi"])
+    assert "integer >= 1" in capsys.readouterr().err
