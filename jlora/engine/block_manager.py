@@ -82,4 +82,5 @@ class PageAllocator:
         assert len(owned) + len(free) == self.num_pages, "pages leaked"
         assert len(set(free)) == len(free), "a page is free twice"
         assert all(len({p // self.pages_per_replica for p in s.pages}) <= 1 for s in live), "a sequence spans replicas"
-        assert all(p // self.pages_per_replica == r for r, f in enumerate(self._free) for p in f), "a page in the wrong pool"
+        per = self.pages_per_replica
+        assert all(p // per == r for r, f in enumerate(self._free) for p in f), "a free page in the wrong pool"

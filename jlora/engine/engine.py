@@ -122,8 +122,9 @@ class Engine:
                                f"context length {self.max_model_len}")
         pages = -(-(len(ids) + sampling.max_tokens) // self.config.page_size)
         if pages > self.allocator.pages_per_replica:
+            per = " per data replica" if self.config.dp > 1 else ""
             raise RequestError(f"prompt + max_tokens needs {pages} KV pages but the pool has "
-                               f"{self.allocator.pages_per_replica}" + (" per data replica" if self.config.dp > 1 else ""))
+                               f"{self.allocator.pages_per_replica}{per}")
         if adapter is not None and not self.store.has(adapter):
             raise UnknownAdapterError(f"adapter {adapter!r} is not loaded; loaded: {self.store.names()}")
         request_id = request_id or f"req-{next(self._ids)}"

@@ -10,12 +10,14 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 from _common import KV2, random_bank, random_params  # noqa: E402
+import _dist_engine_worker  # noqa: E402
 from _dist_worker import REQUESTS, generate  # noqa: E402
 
 from jlora.model import llama  # noqa: E402
 from jlora.model.kv_cache import KVCache  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "_dist_worker.py")
+ENGINE_WORKER = os.path.join(os.path.dirname(__file__), "_dist_engine_worker.py")
 TIMEOUT_S = 150
 
 
@@ -25,14 +27,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_processes(tmp_path) -> list[dict]:
+def _run_two_processes(tmp_path, worker: str = WORKER, extra_args: tuple[str, ...] = ()) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
     env["JAX_PLATFORMS"] = "cpu"
     port = str(_free_port())
     outs = [tmp_path / f"out{i}.json" for i in range(2)]
     logs = [open(tmp_path / f"log{i}.txt", "w") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, WORKER, port, str(i), str(outs[i])], env=env, stdout=logs[i],
-                              stderr=subprocess.STDOUT) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, worker, port, str(i), str(outs[i]), *extra_args], env=env,
+                              stdout=logs[i], stderr=subprocess.STDOUT) for i in range(2)]
     try:
         codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
     except subprocess.TimeoutExpired:
@@ -62,3 +64,14 @@ def test_two_processes_generate_like_one(tmp_path):
     assert set(results[0]["tokens"]) == {"tp2dp1", "tp1dp2"}
     for mesh, tokens in results[0]["tokens"].items():
         assert [tokens[i] for i in seeded] == [ref[i] for i in seeded], mesh
+
+
+def test_engine_across_two_processes(tmp_path):
+    """`Engine(tp=2)` with one device per process: every process runs the same engine, process 0's batch wins."""
+    _dist_engine_worker.write_inputs(str(tmp_path))
+    results = _run_two_processes(tmp_path, ENGINE_WORKER, (str(tmp_path),))
+    assert [r["process_count"] for r in results] == [2, 2]
+    assert results[0]["tokens"] == results[1]["tokens"]  # the unseeded sampled row too
+    ref = _dist_engine_worker.run(str(tmp_path), tp=1)
+    greedy = [i for i, (*_, temperature, _) in enumerate(_dist_engine_worker.REQUESTS) if temperature == 0]
+    assert [results[0]["tokens"][i] for i in greedy] == [ref[i] for i in greedy]
