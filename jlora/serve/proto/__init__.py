@@ -1,0 +1,1 @@
+"""The gRPC API (`jlora.proto`) and its generated stubs; regenerate with `scripts/gen_proto.sh`."""
