@@ -1,0 +1,109 @@
+"""`jlora serve`: the gRPC and HTTP servers over one model. SIGTERM (or Ctrl-C) drains, then exits."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from jlora.checkpoint.resolve import DEFAULT_MODEL
+
+
+def _lora(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--lora expects NAME=PATH, got {text!r}")
+    return name, path
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 0..65535 (0 picks a free one), got {text!r}")
+    return int(text)
+
+
+def register(sub) -> None:
+    """Adds the `serve` subcommand to the `jlora` parser's subparsers."""
+    p = sub.add_parser("serve", help="serve the model and its adapters over gRPC and HTTP (OpenAI-compatible)",
+                       description="Serve one base model with many LoRA adapters: gRPC (jlora.v1.Jlora, health, "
+                                   "reflection) and HTTP (/v1/completions, /v1/chat/completions, /generate, "
+                                   "/v1/models, adapter loading, /health, /metrics). SIGTERM drains in-flight "
+                                   "requests, then exits.")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="default model name, a .gguf file, or a Hugging Face Llama-family directory "
+                        "(default: %(default)s)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the base model's name in the APIs (default: the --model name or directory name)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--lora", action="append", type=_lora, default=[], metavar="NAME=PATH",
+                   help="register a PEFT adapter directory under NAME at start-up (repeatable)")
+    p.add_argument("--lora-root", action="append", default=[], metavar="DIR",
+                   help="adapters may only be loaded from inside DIR (repeatable; symlinks are resolved). "
+                        "Without it, any path can be loaded: set it on any server others can reach")
+    p.add_argument("--max-loras-per-batch", type=_count, default=4,
+                   help="distinct adapters of each rank bucket one batch can mix: device slots per bucket "
+                        "(default: %(default)s)")
+    p.add_argument("--max-lora-rank", type=_count, default=64,
+                   help="largest adapter rank; buckets above it get no slots (default: %(default)s)")
+    p.add_argument("--max-cpu-loras", type=_count, default=64,
+                   help="adapters kept ready in host memory, LRU (default: %(default)s)")
+    p.add_argument("--max-num-seqs", type=_count, default=64, help="sequences per batch (default: %(default)s)")
+    p.add_argument("--max-model-len", type=_count, default=None,
+                   help="longest prompt + output in tokens (default: the model's context length)")
+    p.add_argument("--num-pages", type=_count, default=512,
+                   help="KV-cache pages of --page-size tokens (default: %(default)s)")
+    p.add_argument("--page-size", type=_count, default=16, help="tokens per KV page (default: %(default)s)")
+    p.add_argument("--tp", type=_count, default=1, help="tensor-parallel degree (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--grpc-port", type=_port, default=50051, help="gRPC port; 0 picks one (default: %(default)s)")
+    p.add_argument("--http-port", type=_port, default=8000, help="HTTP port; 0 picks one (default: %(default)s)")
+    p.add_argument("--warmup", action="store_true",
+                   help="compile every step shape before serving (slow on a CPU; no compiles while serving)")
+    p.add_argument("--drain-timeout", type=float, default=600.0,
+                   help="seconds SIGTERM waits for in-flight requests before aborting them (default: %(default)s)")
+
+
+def config_from_args(args):
+    from jlora.serve.server import ServeConfig
+
+    return ServeConfig(model=args.model, served_model_name=args.served_model_name, dtype=args.dtype,
+                       loras=tuple(args.lora), lora_roots=tuple(args.lora_root),
+                       max_loras_per_batch=args.max_loras_per_batch, max_lora_rank=args.max_lora_rank,
+                       max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
+                       max_model_len=args.max_model_len, num_pages=args.num_pages, page_size=args.page_size,
+                       tp=args.tp, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
+                       warmup=args.warmup, drain_timeout_s=args.drain_timeout)
+
+
+async def serve(config) -> int:
+    """Serves until SIGTERM or SIGINT, then drains. Returns the exit code."""
+    from jlora.serve.server import Server, build_service
+
+    service = build_service(config)
+    server = Server(service, config.host, config.grpc_port, config.http_port)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"jlora serve: ready: model {service.info.name!r}, gRPC {config.host}:{server.grpc_port}, "
+          f"HTTP http://{config.host}:{server.http_port}", file=sys.stderr, flush=True)
+    await stop.wait()
+    print(f"jlora serve: draining {service.engine.in_flight} in-flight requests", file=sys.stderr, flush=True)
+    drained = await server.stop(config.drain_timeout_s)
+    print("jlora serve: stopped" + ("" if drained else " (drain timed out; the rest were aborted)"),
+          file=sys.stderr, flush=True)
+    return 0 if drained else 1
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(config_from_args(args)))

@@ -1,0 +1,87 @@
+"""OpenAI-compatible request checks and response bodies (completions, chat completions, streamed chunks)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from jlora.engine.engine import RequestOutput
+from jlora.errors import RequestError
+
+# Fields this server does not implement, with the value that means "off". A request that sets one to anything
+# else is refused by name rather than silently ignored.
+UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None, "suffix": None,
+               "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "tools": None,
+               "response_format": None}
+
+
+def check_supported(body: dict) -> None:
+    for key, off in UNSUPPORTED.items():
+        value = body.get(key)
+        if value is not None and value != off and not (off is None and value is False):
+            raise RequestError(f"{key}={value!r} is not supported by this server (only {off!r})")
+    if not isinstance(body.get("stream", False), bool):
+        raise RequestError(f"stream must be true or false, got {body.get('stream')!r}")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise RequestError(f"stream_options must be an object, got {options!r}")
+
+
+def completion_prompt(body: dict):
+    """(prompt text, prompt token ids) of a /v1/completions body: a string, token ids, or a list of one of them."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return None, prompt
+    if isinstance(prompt, list) and prompt:
+        raise RequestError(f"prompt must be one string or one list of token ids; got a batch of {len(prompt)} "
+                           "(send one request per prompt)")
+    return prompt if prompt is not None else "", None
+
+
+def usage(out: RequestOutput) -> dict:
+    p, c = len(out.prompt_token_ids), len(out.token_ids)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def completion_body(out: RequestOutput, model: str) -> dict:
+    return {"id": f"cmpl-{out.request_id}", "object": "text_completion", "created": int(time.time()),
+            "model": model, "choices": [{"index": 0, "text": out.text, "logprobs": None,
+                                         "finish_reason": out.finish_reason}], "usage": usage(out)}
+
+
+def chat_body(out: RequestOutput, model: str) -> dict:
+    return {"id": f"chatcmpl-{out.request_id}", "object": "chat.completion", "created": int(time.time()),
+            "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
+                                         "logprobs": None, "finish_reason": out.finish_reason}],
+            "usage": usage(out)}
+
+
+def completion_chunk(out: RequestOutput, model: str, created: int) -> dict:
+    return {"id": f"cmpl-{out.request_id}", "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": out.delta, "logprobs": None,
+                         "finish_reason": out.finish_reason if out.finished else None}]}
+
+
+def chat_chunk(out: RequestOutput, model: str, created: int, first: bool) -> dict:
+    delta = {"role": "assistant", "content": out.delta} if first else {"content": out.delta}
+    return {"id": f"chatcmpl-{out.request_id}", "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                         "finish_reason": out.finish_reason if out.finished else None}]}
+
+
+def usage_chunk(out: RequestOutput, model: str, created: int, chat: bool) -> dict:
+    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{out.request_id}",
+            "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": model, "choices": [], "usage": usage(out)}
+
+
+def error_body(message: str, kind: str, status: int) -> dict:
+    return {"error": {"message": message, "type": kind, "code": status, "param": None}}
+
+
+def sse(event: dict | str) -> bytes:
+    """One server-sent event: `data: <json>` (or a literal like [DONE]) and a blank line."""
+    data = event if isinstance(event, str) else json.dumps(event, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()

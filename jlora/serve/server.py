@@ -1,0 +1,153 @@
+"""One serving process: the model, the engine thread, and the gRPC and HTTP servers on one event loop.
+
+Shutdown drains: new requests are refused (health reports NOT_SERVING / 503), requests in flight run to the end
+and their responses are sent, then the servers and the engine thread stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import threading
+
+from jlora.config import DEFAULT_RANK_BUCKETS, LoraBankConfig
+from jlora.engine.engine import Engine, EngineConfig
+from jlora.serve.async_engine import AsyncEngine
+from jlora.serve.grpc_server import GrpcServer
+from jlora.serve.http_server import HttpServer
+from jlora.serve.protocol import ModelInfo
+from jlora.serve.service import Service
+
+log = logging.getLogger("jlora.serve")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """What `jlora serve` sets up. Ports of 0 pick free ones.
+
+    `max_loras_per_batch` slots go to every rank bucket up to `max_lora_rank`: a batch can then mix that many
+    distinct adapters of each rank bucket, and adapters above `max_lora_rank` are refused at load time.
+    """
+
+    model: str = "smollm2-135m-instruct"
+    served_model_name: str | None = None
+    dtype: str = "float32"
+    loras: tuple[tuple[str, str], ...] = ()
+    lora_roots: tuple[str, ...] = ()
+    max_loras_per_batch: int = 4
+    max_lora_rank: int = 64
+    max_cpu_loras: int = 64
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    num_pages: int = 512
+    page_size: int = 16
+    tp: int = 1
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    http_port: int = 8000
+    warmup: bool = False
+    drain_timeout_s: float = 600.0
+
+    def __post_init__(self):
+        if self.max_loras_per_batch < 1:
+            raise ValueError(f"max_loras_per_batch must be >= 1, got {self.max_loras_per_batch}")
+        if self.max_lora_rank < DEFAULT_RANK_BUCKETS[0]:
+            raise ValueError(f"max_lora_rank must be >= {DEFAULT_RANK_BUCKETS[0]}, got {self.max_lora_rank}")
+
+    def bank(self) -> LoraBankConfig:
+        return LoraBankConfig(buckets=DEFAULT_RANK_BUCKETS,
+                              slots=tuple(self.max_loras_per_batch if b <= self.max_lora_rank else 0
+                                          for b in DEFAULT_RANK_BUCKETS))
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(max_num_seqs=self.max_num_seqs, num_pages=self.num_pages, page_size=self.page_size,
+                            max_model_len=self.max_model_len, bank=self.bank(), max_cpu_loras=self.max_cpu_loras,
+                            adapter_roots=tuple(self.lora_roots) or None, tp=self.tp)
+
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return os.path.basename(os.path.normpath(self.model)) if os.path.exists(self.model) else self.model
+
+
+def build_service(config: ServeConfig) -> Service:
+    """Loads the model, registers the `--lora` adapters (refusing bad ones now) and starts the engine thread."""
+    import jax.numpy as jnp
+
+    from jlora.checkpoint.resolve import load_model
+
+    model, tokenizer = load_model(config.model, jnp.dtype(config.dtype), progress=True)
+    engine = Engine(model, tokenizer, config.engine_config())
+    for name, path in config.loras:
+        engine.store.register(name, path)
+    if config.warmup:
+        log.info("warm-up compiled %d step shapes", engine.warmup())
+    info = ModelInfo(config.model_name(), tokenizer, model.config.vocab_size, engine.max_model_len)
+    return Service(AsyncEngine(engine), info)
+
+
+class Server:
+    """The gRPC and HTTP servers over one `Service`, on the running event loop."""
+
+    def __init__(self, service: Service, host: str = "127.0.0.1", grpc_port: int = 0, http_port: int = 0):
+        self.service = service
+        self.grpc = GrpcServer(service, host, grpc_port)
+        self.http = HttpServer(service, host, http_port)
+
+    @property
+    def grpc_port(self) -> int:
+        return self.grpc.port
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port
+
+    async def start(self) -> None:
+        await self.grpc.start()
+        await self.http.start()
+
+    async def stop(self, drain_timeout_s: float = 600.0, grace_s: float = 10.0) -> bool:
+        """Drains, then stops both servers and the engine thread. Returns False if the drain timed out (what
+        was still running is aborted)."""
+        await self.grpc.health.enter_graceful_shutdown()
+        drained = await self.service.engine.drain(drain_timeout_s)
+        await self.grpc.stop(grace_s)
+        await self.http.stop()
+        await asyncio.to_thread(self.service.engine.shutdown)
+        return drained
+
+
+class BackgroundServer:
+    """A `Server` on an event loop in a daemon thread: for tests and for embedding in another program."""
+
+    def __init__(self, service: Service, host: str = "127.0.0.1", grpc_port: int = 0, http_port: int = 0):
+        self.loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.server: Server | None = None
+        self._thread = threading.Thread(target=self._run, args=(service, host, grpc_port, http_port),
+                                        name="jlora-server", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self, service, host, grpc_port, http_port) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.server = Server(service, host, grpc_port, http_port)
+            self.loop.run_until_complete(self.server.start())
+        except BaseException as e:  # handed to the constructor's caller
+            self._error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+    def stop(self, drain_timeout_s: float = 60.0) -> bool:
+        drained = asyncio.run_coroutine_threadsafe(self.server.stop(drain_timeout_s), self.loop).result()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        return drained
