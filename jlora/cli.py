@@ -8,6 +8,7 @@ import sys
 import time
 
 from jlora.errors import JloraError
+from jlora.serve import cli as serve_cli
 from jlora.train import cli as train_cli
 
 BASE = "base"
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(gen)
     _add_parallel(gen)
     train_cli.register(sub)
+    serve_cli.register(sub)
     return parser
 
 
@@ -126,7 +128,7 @@ def cmd_generate(args) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "train": train_cli.run}[args.command](args)
+        return {"generate": cmd_generate, "train": train_cli.run, "serve": serve_cli.run}[args.command](args)
     except JloraError as e:
         print(f"jlora {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
