@@ -40,38 +40,46 @@ def attend_rows(q, cache_k, cache_v, positions, config: ModelConfig):
     return out.reshape(B, T, N * H).astype(q.dtype)
 
 
-def paged_write(cache_k, cache_v, k, v, positions, page_table):
-    """Writes new keys/values into their pages; negative positions are dropped.
+def paged_write(cache_k, cache_v, k, v, positions, page_table, layer):
+    """Writes new keys/values into their pages of one layer; negative positions are dropped.
+
+    The caches are every layer's pages and are updated in place: one scatter of the new tokens, never a copy
+    of the pool (a scan that sliced and restacked the pool per layer would write all of it every step).
 
     Args:
-      cache_k, cache_v: [P, page_size, K, H] one layer's pages.
+      cache_k, cache_v: [L, P, page_size, K, H] pages of every layer; layer: the layer to write (traced int).
       k, v: [B, T, K, H]; positions: [B, T]; page_table: [B, max_pages] physical page of each logical page.
     """
-    P, ps, K, H = cache_k.shape
+    L, P, ps, K, H = cache_k.shape
     B, T = positions.shape
     logical = jnp.maximum(positions, 0) // ps
     page = jnp.take_along_axis(page_table, logical, axis=1)
     flat = jnp.where(positions < 0, P * ps, page * ps + positions % ps).reshape(B * T)
-    ck = cache_k.reshape(P * ps, K, H).at[flat].set(k.reshape(B * T, K, H).astype(cache_k.dtype), mode="drop")
-    cv = cache_v.reshape(P * ps, K, H).at[flat].set(v.reshape(B * T, K, H).astype(cache_v.dtype), mode="drop")
+    ck = cache_k.reshape(L, P * ps, K, H).at[layer, flat].set(k.reshape(B * T, K, H).astype(cache_k.dtype),
+                                                             mode="drop")
+    cv = cache_v.reshape(L, P * ps, K, H).at[layer, flat].set(v.reshape(B * T, K, H).astype(cache_v.dtype),
+                                                             mode="drop")
     return ck.reshape(cache_k.shape), cv.reshape(cache_v.shape)
 
 
-def paged_rows(cache, page_table):
-    """[P, page_size, K, H] pages -> [B, max_pages * page_size, K, H] rows in logical order."""
-    rows = jnp.take(cache, page_table, axis=0)  # [B, max_pages, page_size, K, H]
+def paged_rows(cache, page_table, layer):
+    """One layer of [L, P, page_size, K, H] pages -> [B, max_pages * page_size, K, H] rows in logical order
+    (one gather; the layer's pages are never sliced out first)."""
+    rows = cache[layer, page_table]  # [B, max_pages, page_size, K, H]
     B, M, ps, K, H = rows.shape
     return rows.reshape(B, M * ps, K, H)
 
 
-def attend(q, k, v, cache_k, cache_v, positions, page_table, config: ModelConfig):
+def attend(q, k, v, cache_k, cache_v, positions, page_table, config: ModelConfig, layer=None):
     """Writes this step's keys/values, then attends. Returns (out [B, T, N*H], cache_k, cache_v).
 
-    With `page_table` None the cache is contiguous ([B, S, K, H] per layer), else paged ([P, page_size, K, H]).
+    With `page_table` None the cache is contiguous ([B, S, K, H], one layer's), else paged: every layer's
+    pages [L, P, page_size, K, H], of which `layer` is read and written.
     """
     if page_table is None:
         cache_k, cache_v = kv_cache.write(cache_k, cache_v, k, v, positions)
         return attend_rows(q, cache_k, cache_v, positions, config), cache_k, cache_v
-    cache_k, cache_v = paged_write(cache_k, cache_v, k, v, positions, page_table)
-    out = attend_rows(q, paged_rows(cache_k, page_table), paged_rows(cache_v, page_table), positions, config)
+    cache_k, cache_v = paged_write(cache_k, cache_v, k, v, positions, page_table, layer)
+    out = attend_rows(q, paged_rows(cache_k, page_table, layer), paged_rows(cache_v, page_table, layer), positions,
+                      config)
     return out, cache_k, cache_v

@@ -63,7 +63,7 @@ def _identity(y):
 
 
 def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config: ModelConfig, inv_freq,
-           backend, reduce=_identity, page_table=None):
+           backend, reduce=_identity, page_table=None, layer_index=None):
     """One decoder layer.
 
     Head counts come from the local shapes, so the same code runs on a tensor-parallel shard (inside
@@ -72,11 +72,12 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
 
     Args:
       h: [B, T, D]; layer: this layer's params; lora_bank: this layer's bank or None.
-      cache_k, cache_v: [B, S, K, H] rows, or [P, page_size, K, H] pages when `page_table` [B, max_pages] is given.
+      cache_k, cache_v: [B, S, K, H] rows of this layer, or every layer's pages [L, P, page_size, K, H] when
+        `page_table` [B, max_pages] is given, of which layer `layer_index` is used.
     """
     B, T, D = h.shape
     H = config.head_dim
-    K = cache_k.shape[2]
+    K = cache_k.shape[-2]
     N = layer["w_qkv"].shape[-1] // H - 2 * K
 
     def project(x2d, w, group, bias=None, row_parallel=False):
@@ -95,7 +96,7 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
     q = rope.apply_rope(q.reshape(B, T, N, H), positions, inv_freq)
     k = rope.apply_rope(k.reshape(B, T, K, H), positions, inv_freq)
     attn, cache_k, cache_v = attention.attend(q, k, v.reshape(B, T, K, H), cache_k, cache_v, positions, page_table,
-                                              config)
+                                              config, layer_index)
     attn = attn.reshape(B * T, N * H)
     h = h + project(attn, layer["w_o"], "o", layer.get("b_o"), row_parallel=True).reshape(B, T, D)
 
@@ -112,11 +113,23 @@ def decoder_stack(h, layers, cache_k, cache_v, positions, lora_bank, lora_batch,
     Returns (h, new cache_k, new cache_v). Runs unchanged on one tensor-parallel shard (see `_layer`).
     """
     inv_freq = rope.inverse_frequencies(config)
+    if page_table is not None:
+        # Paged: the whole pool rides in the carry and each layer scatters into it in place.
+        def paged_step(carry, xs):
+            h, ck, cv = carry
+            layer, layer_bank, i = xs
+            h, ck, cv = _layer(h, layer, ck, cv, positions, layer_bank, lora_batch, config, inv_freq, backend,
+                               reduce, page_table, i)
+            return (h, ck, cv), None
+
+        L = cache_k.shape[0]
+        (h, new_k, new_v), _ = jax.lax.scan(paged_step, (h, cache_k, cache_v),
+                                            (layers, lora_bank, jnp.arange(L, dtype=jnp.int32)))
+        return h, new_k, new_v
 
     def step(h, xs):
         layer, ck, cv, layer_bank = xs
-        h, ck, cv = _layer(h, layer, ck, cv, positions, layer_bank, lora_batch, config, inv_freq, backend, reduce,
-                           page_table)
+        h, ck, cv = _layer(h, layer, ck, cv, positions, layer_bank, lora_batch, config, inv_freq, backend, reduce)
         return h, (ck, cv)
 
     h, (new_k, new_v) = jax.lax.scan(step, h, (layers, cache_k, cache_v, lora_bank))
