@@ -15,6 +15,8 @@ an 8B model would be ~100 GB); each name is still its own adapter in the host an
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
 import os
 import sys
@@ -31,46 +33,7 @@ from jlora.engine.engine import Engine, EngineConfig  # noqa: E402
 from jlora.model import Llama, init_params  # noqa: E402
 from jlora.sampling import SamplingParams  # noqa: E402
 from bench_forward import LLAMA_8B, TINY  # noqa: E402
-
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-def write_adapters(config, root, count, rank, seed=0):
-    """`count` random PEFT adapters (q, k, v, o) on disk; returns their paths."""
-    from safetensors.numpy import save_file
-    rng = np.random.default_rng(seed)
-    dims = {"q_proj": (config.hidden_size, config.q_dim), "k_proj": (config.hidden_size, config.kv_dim),
-            "v_proj": (config.hidden_size, config.kv_dim), "o_proj": (config.q_dim, config.hidden_size)}
-    paths = []
-    for i in range(count):
-        path = os.path.join(root, f"a{i}")
-        os.makedirs(path, exist_ok=True)
-        t = {}
-        for layer in range(config.num_layers):
-            for m, (d_in, d_out) in dims.items():
-                key = f"base_model.model.model.layers.{layer}.self_attn.{m}"
-                t[f"{key}.lora_A.weight"] = rng.normal(0, 0.02, (rank, d_in)).astype(np.float32)
-                t[f"{key}.lora_B.weight"] = rng.normal(0, 0.02, (d_out, rank)).astype(np.float32)
-        save_file(t, os.path.join(path, "adapter_model.safetensors"))
-        with open(os.path.join(path, "adapter_config.json"), "w") as f:
-            json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS)}, f)
-        paths.append(path)
-    return paths
-
-
-def workload(n, num_adapters, rate, alpha, lengths, vocab, seed):
-    """S-LoRA's trace: (arrival time, prompt ids, output length, adapter index or None)."""
-    rng = np.random.default_rng(seed)
-    gaps = rng.gamma(shape=1.0, scale=1.0 / rate, size=n)  # CV = 1/sqrt(shape) = 1
-    arrivals = np.cumsum(gaps) - gaps[0]
-    lo, hi = lengths
-    trace = []
-    for t in arrivals:
-        adapter = None if num_adapters == 0 else min(int(rng.power(alpha) * num_adapters), num_adapters - 1)
-        prompt = rng.integers(0, vocab, rng.integers(lo, hi + 1)).tolist()
-        trace.append((float(t), prompt, int(rng.integers(lo, hi + 1)), adapter))
-    return trace
-
+from serving_workload import TARGETS, workload, write_adapters  # noqa: E402
 
 def run_trace(engine, trace, names):
     """Replays the trace in real time; returns per-request records and the wall time."""
@@ -103,20 +66,55 @@ def summarize(records, wall):
             "tpot_p50_s": float(np.percentile(tpot, 50)), "tpot_p99_s": float(np.percentile(tpot, 99))}
 
 
+def lora_off(engine):
+    """The same engine with LoRA off: every step runs the base model alone (no bank, no LoRA kernels)."""
+    run = engine.runner.execute
+    engine.runner.execute = lambda batch, slots, bank: run(batch, slots, None)
+    return engine
+
+
+def decode_throughput(engine, names, n, prompt_len, out_len, vocab, seed=2):
+    """n requests at once, request i on adapter names[i] (or the base when names is empty); returns decode tok/s
+    measured from the step after every request has its first token to the end."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        engine.add_request(rng.integers(0, vocab, prompt_len).tolist(),
+                           SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True),
+                           names[i] if names else None, request_id=f"d{i}")
+    started, t0, tok0, finished = 0, None, 0, 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            started += len(out.token_ids) == 1 or (out.finished and len(out.token_ids) <= 1)
+            finished += out.finished
+        if t0 is None and started >= n:
+            t0, tok0 = time.perf_counter(), engine.tokens_generated
+    return (engine.tokens_generated - tok0) / (time.perf_counter() - t0)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="a tiny model and short lengths, for a CPU smoke run")
-    ap.add_argument("--requests", type=int, default=1000)
-    ap.add_argument("--rate", type=float, default=8.0, help="mean arrivals per second")
+    ap.add_argument("--layers", type=int, default=0, help="override the layer count (a quick GPU smoke run)")
+    ap.add_argument("--requests", type=int, default=160, help="requests per trace")
+    ap.add_argument("--rate", type=float, default=20.0, help="mean arrivals per second (above capacity: the "
+                    "throughput figures are the engine's, not the arrival rate's)")
     ap.add_argument("--alpha", type=float, default=1.0, help="numpy.random.power exponent of adapter popularity")
-    ap.add_argument("--adapter-counts", default="5,100,1000,2000")
-    ap.add_argument("--distinct-files", type=int, default=16)
+    ap.add_argument("--adapter-counts", default="5,100,1000,2000", help="registered adapters, one run each")
+    ap.add_argument("--distinct-files", type=int, default=16, help="adapter directories behind the names")
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--memory-gib", type=float, default=40.0, help="KV + adapter budget")
-    ap.add_argument("--warmup-requests", type=int, default=128)
+    ap.add_argument("--memory-gib", type=float, default=None, help="KV + adapter budget (default 40, 0.25 with --tiny)")
+    ap.add_argument("--warmup-requests", type=int, default=None,
+                    help="length of the warm-up replay of the trace (default: --requests)")
+    ap.add_argument("--decode-batch", type=int, default=64, help="sequences in the decode-throughput comparison")
+    ap.add_argument("--decode-tokens", type=int, default=256, help="tokens each of them generates")
+    ap.add_argument("--peft-json", default=None, help="bench_peft_baseline.py's result, for the PEFT ratio")
     ap.add_argument("--out", default="benchmarks/results/serving_h100.json")
     args = ap.parse_args()
     config = TINY if args.tiny else LLAMA_8B
+    args.warmup_requests = args.warmup_requests or args.requests
+    args.memory_gib = args.memory_gib or (0.25 if args.tiny else 40.0)
+    if args.layers:
+        config = dataclasses.replace(config, num_layers=args.layers)
     lengths = (8, 48) if args.tiny else (8, 512)
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     model = Llama(config, jax.jit(lambda k: init_params(config, k, dtype))(jax.random.key(0)))
@@ -125,24 +123,50 @@ def main():
                         adapter_memory_fraction=0.1, bank=LoraBankConfig(buckets=(args.rank,), slots=(1,)),
                         max_cpu_loras=256)
     files = write_adapters(config, tempfile.mkdtemp(prefix="jlora-bench-"), args.distinct_files, args.rank)
-    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-               "model": "tiny" if args.tiny else "llama-8b-shaped", "workload": {
-                   "requests": args.requests, "rate": args.rate, "alpha": args.alpha, "lengths": lengths,
-                   "arrivals": "gamma, CV=1", "rank": args.rank, "targets": TARGETS}, "runs": {}}
-    counts = [0] + [int(c) for c in args.adapter_counts.split(",")]
-    # Warm-up: a short trace through a throwaway engine compiles the step shapes the runs will hit
-    # (the jit cache is shared); shapes first seen later still compile inside a run.
-    warm = Engine(model, None, ecfg)
-    for i in range(args.distinct_files):
-        warm.store.register(f"w{i}", files[i], eager=False)
-    run_trace(warm, [(0.0, p, o, a) for _, p, o, a in workload(args.warmup_requests, args.distinct_files, 1.0,
-                                                                args.alpha, lengths, config.vocab_size, 0)],
-              [f"w{i}" for i in range(args.distinct_files)])
-    for count in counts:
+
+    def engine_with(count, prefix="tenant"):
+        gc.collect()  # the last engine's KV pool must be gone before this one allocates its own
         engine = Engine(model, None, ecfg)
-        names = [f"tenant-{i}" for i in range(count)]
+        names = [f"{prefix}-{i}" for i in range(count)]
         for i, name in enumerate(names):
             engine.store.register(name, files[i % len(files)], eager=False)
+        return engine, names
+
+    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+               "model": "tiny" if args.tiny else "llama-8b-shaped", "layers": config.num_layers, "workload": {
+                   "requests": args.requests, "rate": args.rate, "alpha": args.alpha, "lengths": lengths,
+                   "arrivals": "gamma, CV=1", "rank": args.rank, "targets": TARGETS, "seed": 1},
+               "command": "python3 " + " ".join(sys.argv), "runs": {}}
+    t = time.perf_counter()
+    # Warm-up: the runs' own trace, replayed with and without the bank through throwaway engines, compiles the
+    # step shapes the runs will hit (the jit cache is shared); a shape first seen later compiles inside a run.
+    trace = workload(args.warmup_requests, args.distinct_files, args.rate, args.alpha, lengths, config.vocab_size,
+                     seed=1)
+    run_trace(engine_with(args.distinct_files, "w")[0], trace, [f"w-{i}" for i in range(args.distinct_files)])
+    gc.collect()
+    run_trace(lora_off(Engine(model, None, ecfg)), [(t_, p, o, None) for t_, p, o, _ in trace], [])
+    print(f"warm-up: {time.perf_counter() - t:.1f}s", flush=True)
+
+    # Decode throughput: a distinct adapter per sequence against LoRA off (each measured twice; the second counts).
+    n, plen = args.decode_batch, 64 if not args.tiny else 8
+    dec = {}
+    for name, make in [("lora_off", lambda: (lora_off(Engine(model, None, ecfg)), [])),
+                       ("distinct_adapters", lambda: engine_with(n, "d"))]:
+        for _ in range(2):
+            engine = names = None
+            gc.collect()
+            engine, names = make()
+            dec[name] = decode_throughput(engine, names, n, plen, args.decode_tokens, config.vocab_size)
+        print(f"decode, batch {n}, {name}: {dec[name]:.0f} tok/s", flush=True)
+    results["decode"] = {"batch": n, "prompt_len": plen, "tokens_each": args.decode_tokens, "tok_per_s": dec,
+                         "distinct_vs_lora_off": dec["distinct_adapters"] / dec["lora_off"]}
+
+    counts = [0] + [int(c) for c in args.adapter_counts.split(",")]
+    for count in counts:
+        engine = names = None
+        engine, names = engine_with(count)
+        if count == 0:
+            lora_off(engine)
         trace = workload(args.requests, count, args.rate, args.alpha, lengths, config.vocab_size, seed=1)
         records, wall = run_trace(engine, trace, names)
         row = summarize(records, wall)
@@ -150,26 +174,53 @@ def main():
         results["runs"]["lora_off" if count == 0 else f"{count}_adapters"] = row
         print(f"{count:>6} adapters: {row['req_per_s']:.2f} req/s {row['tok_per_s']:.0f} tok/s "
               f"TTFT p50 {row['ttft_p50_s']:.3f}s p99 {row['ttft_p99_s']:.3f}s TPOT p50 {row['tpot_p50_s'] * 1e3:.1f}ms "
-              f"| {row['memory']}", flush=True)
+              f"p99 {row['tpot_p99_s'] * 1e3:.1f}ms | {row['memory']}", flush=True)
     runs = results["runs"]
     few, most = f"{counts[1]}_adapters", f"{counts[-1]}_adapters"
-    results["ratios"] = {f"{most}_vs_{few}": runs[most]["tok_per_s"] / runs[few]["tok_per_s"],
-                         f"{few}_vs_lora_off": runs[few]["tok_per_s"] / runs["lora_off"]["tok_per_s"]}
-    print(json.dumps(results["ratios"], indent=2))
+    ratios = {"decode_distinct_vs_lora_off": results["decode"]["distinct_vs_lora_off"],
+              f"{most}_vs_{few}": runs[most]["tok_per_s"] / runs[few]["tok_per_s"],
+              f"{few}_vs_lora_off": runs[few]["tok_per_s"] / runs["lora_off"]["tok_per_s"]}
+    if args.peft_json and os.path.exists(args.peft_json):
+        with open(args.peft_json) as f:
+            peft = json.load(f)
+        results["peft_baseline"] = peft
+        key = f"{peft['adapters']}_adapters"
+        if key in runs:
+            ratios[f"{key}_vs_hf_peft"] = runs[key]["tok_per_s"] / peft["tok_per_s"]
+    results["ratios"] = ratios
+    print(json.dumps(ratios, indent=2))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
+    plot(results, os.path.splitext(args.out)[0] + ".png")
+
+
+def plot(results, path):
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        keys = [k for k in runs if k != "lora_off"]
-        plt.plot([int(k.split("_")[0]) for k in keys], [runs[k]["tok_per_s"] for k in keys], "o-", label="jlora")
-        plt.axhline(runs["lora_off"]["tok_per_s"], ls="--", label="LoRA off")
-        plt.xscale("log"), plt.xlabel("registered adapters"), plt.ylabel("tokens/s"), plt.legend()
-        plt.savefig(os.path.splitext(args.out)[0] + ".png", dpi=120)
     except ImportError:
         print("matplotlib not installed: no plot")
+        return
+    runs = results["runs"]
+    keys = [k for k in runs if k != "lora_off"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    xs = [int(k.split("_")[0]) for k in keys]
+    a.plot(xs, [runs[k]["tok_per_s"] for k in keys], "o-", label="jlora")
+    a.axhline(runs["lora_off"]["tok_per_s"], ls="--", color="gray", label="jlora, LoRA off")
+    if "peft_baseline" in results:
+        a.plot([results["peft_baseline"]["adapters"]], [results["peft_baseline"]["tok_per_s"]], "rs", label="HF PEFT")
+    a.set(xscale="log", yscale="log", xlabel="registered adapters", ylabel="tokens/s", title="throughput")
+    a.legend()
+    for q in ("p50", "p99"):
+        b.plot(xs, [runs[k][f"tpot_{q}_s"] * 1e3 for k in keys], "o-", label=f"TPOT {q}")
+    b.set(xscale="log", xlabel="registered adapters", ylabel="ms", title="time per output token")
+    b.legend()
+    fig.suptitle(f"S-LoRA workload, {results['model']} on {results['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot: {path}")
 
 
 if __name__ == "__main__":
