@@ -88,6 +88,7 @@ class AsyncEngine:
         self._rate_window = rate_window_s
         self._rate: collections.deque = collections.deque()  # (time, tokens generated so far)
         self.finished = collections.Counter()  # finish reason -> requests, for metrics
+        self.wakeups = 0  # loop iterations: constant while idle (the thread blocks, it never polls)
         self._stats: dict[str, Any] = {}
         self._publish()
         self._thread = threading.Thread(target=self._loop, name="jlora-engine", daemon=True)
@@ -130,7 +131,11 @@ class AsyncEngine:
                 self._deadlines[rid] = deadline
             return rid
 
-        await self.run(add)
+        try:
+            await self.run(add)
+        except asyncio.CancelledError:  # the caller went away while the request was being added
+            self.abort(rid)
+            raise
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -187,6 +192,7 @@ class AsyncEngine:
                     self._cv.wait(self._next_deadline_wait())
                     if self._deadlines and self._next_deadline_wait() == 0:
                         break
+                self.wakeups += 1
                 commands = list(self._commands)
                 self._commands.clear()
                 stop = self._stop

@@ -84,7 +84,9 @@ def build_service(config: ServeConfig) -> Service:
         engine.store.register(name, path)
     if config.warmup:
         log.info("warm-up compiled %d step shapes", engine.warmup())
-    info = ModelInfo(config.model_name(), tokenizer, model.config.vocab_size, engine.max_model_len)
+    # One request can use at most the KV pool, so that bounds its length too (and the default chat max_tokens).
+    max_len = min(engine.max_model_len, engine.allocator.pages_per_replica * config.page_size)
+    info = ModelInfo(config.model_name(), tokenizer, model.config.vocab_size, max_len)
     return Service(AsyncEngine(engine), info)
 
 
