@@ -17,6 +17,7 @@ from typing import AsyncIterator
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jlora.errors import JloraError, RequestError
 from jlora.serve import openai_format as oai
@@ -90,6 +91,12 @@ def build_app(service: Service) -> FastAPI:
         if status >= 500:
             log.error("HTTP %s %s failed", request.method, request.url.path, exc_info=error)
         return JSONResponse(oai.error_body(error_message(error), kind, status), status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)  # unknown routes, wrong methods
+    async def _http_error(request: Request, error: StarletteHTTPException):
+        message = f"{error.detail}: {request.method} {request.url.path}"
+        return JSONResponse(oai.error_body(message, "invalid_request_error", error.status_code),
+                            status_code=error.status_code)
 
     @app.exception_handler(Exception)  # a bug: Starlette logs the traceback after this response
     async def _internal(request: Request, error: Exception):

@@ -180,3 +180,13 @@ def test_disconnect_while_waiting_frees_pages(served):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(served.http_url + "/v1/completions", json=body, timeout=0.5)
     assert served.wait_idle()["finished"]["abort"] == before + 1
+
+
+def test_oversized_body_and_unknown_route(http, served):
+    r = http.post("/v1/completions", json={"prompt": "x" * (5 << 20)})
+    assert r.status_code == 413 and "above the limit" in r.json()["error"]["message"]
+    r = http.get("/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["message"] == "Not Found: GET /v1/nothing-here"
+    r = http.get("/v1/completions")
+    assert r.status_code == 405 and "GET /v1/completions" in r.json()["error"]["message"]
+    still_serves(http, served)
