@@ -4,7 +4,7 @@ import asyncio
 
 import grpc
 import openai
-from conftest import CONFIG
+from serve_helpers import CONFIG
 
 from jlora.engine.engine import EngineConfig
 from jlora.generate import LLM

@@ -3,7 +3,7 @@
 import httpx
 import openai
 import pytest
-from conftest import sse_events
+from serve_helpers import sse_events
 
 CHAT = [{"role": "user", "content": "hello"}]
 
