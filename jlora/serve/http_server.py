@@ -8,9 +8,11 @@ A client that disconnects, from a stream or while waiting, has its request abort
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import socket
 import time
 from typing import AsyncIterator
 
@@ -220,14 +222,12 @@ class HttpServer:
     """uvicorn serving `build_app(service)` on an already bound socket (port 0 picks a free one)."""
 
     def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0):
-        import socket
-
         self.socket = socket.create_server((host, port), reuse_port=False)
         self.port = self.socket.getsockname()[1]
         config = uvicorn.Config(build_app(service), log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=30, lifespan="off")
         self.server = uvicorn.Server(config)
-        self.server.capture_signals = _no_signals  # the serving process owns SIGTERM and SIGINT
+        self.server.capture_signals = contextlib.nullcontext  # the serving process owns SIGTERM and SIGINT
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -242,9 +242,3 @@ class HttpServer:
         self.server.should_exit = True
         if self._task is not None:
             await self._task
-
-
-def _no_signals():
-    import contextlib
-
-    return contextlib.nullcontext()
