@@ -120,7 +120,7 @@ def main():
     model = Llama(config, jax.jit(lambda k: init_params(config, k, dtype))(jax.random.key(0)))
     ecfg = EngineConfig(max_num_seqs=64, max_num_batched_tokens=2048, max_prefill_chunk=512, page_size=16,
                         max_model_len=2 * lengths[1] + 16, memory_bytes=int(args.memory_gib * 2**30),
-                        adapter_memory_fraction=0.1, bank=LoraBankConfig(buckets=(args.rank,), slots=(1,)),
+                        adapter_memory_fraction=0.2, bank=LoraBankConfig(buckets=(args.rank,), slots=(1,)),
                         max_cpu_loras=256)
     files = write_adapters(config, tempfile.mkdtemp(prefix="jlora-bench-"), args.distinct_files, args.rank)
 
@@ -172,6 +172,7 @@ def main():
         row = summarize(records, wall)
         row.update(memory=engine.plan.describe(), metrics=engine.metrics())
         results["runs"]["lora_off" if count == 0 else f"{count}_adapters"] = row
+        save(results, args.out)  # partial results survive a run cut short
         print(f"{count:>6} adapters: {row['req_per_s']:.2f} req/s {row['tok_per_s']:.0f} tok/s "
               f"TTFT p50 {row['ttft_p50_s']:.3f}s p99 {row['ttft_p99_s']:.3f}s TPOT p50 {row['tpot_p50_s'] * 1e3:.1f}ms "
               f"p99 {row['tpot_p99_s'] * 1e3:.1f}ms | {row['memory']}", flush=True)
@@ -189,10 +190,14 @@ def main():
             ratios[f"{key}_vs_hf_peft"] = runs[key]["tok_per_s"] / peft["tok_per_s"]
     results["ratios"] = ratios
     print(json.dumps(ratios, indent=2))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    save(results, args.out)
     plot(results, os.path.splitext(args.out)[0] + ".png")
+
+
+def save(results, path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
 
 
 def plot(results, path):
