@@ -101,7 +101,7 @@ def shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, meta: SegmentMetadat
   """Triton segmented shrink. Semantics and shapes as `dispatch.lora_shrink`; returns [T, R] f32."""
   num_tokens, d_in = x.shape
   num_slots, _, rank = a.shape
-  blocks = tuning.gpu_shrink_blocks(num_tokens, d_in, rank)
+  blocks = tuning.gpu_shrink_blocks(num_tokens, d_in, rank, jnp.promote_types(x.dtype, a.dtype).itemsize)
   bt = meta.block_t
   bk = min(blocks.block_k, max(16, pl.next_power_of_2(d_in)))
   k_total = _cdiv(d_in, bk)
@@ -181,7 +181,8 @@ def expand(y: jax.Array, v: jax.Array, b_slices: tuple[jax.Array, ...], meta: Se
   rank = v.shape[1] // n
   num_slots = b_slices[0].shape[0]
   dims = tuple(int(b.shape[2]) for b in b_slices)
-  blocks = tuning.gpu_expand_blocks(num_tokens, d_total, rank)
+  itemsize = jnp.promote_types(v.dtype, b_slices[0].dtype).itemsize
+  blocks = tuning.gpu_expand_blocks(num_tokens, d_total, rank, itemsize)
   if pl.next_power_of_2(rank) != rank:
     raise ValueError(f"per-slice rank must be a power of two for the Triton kernel, got {rank}")
   bn = min(blocks.block_n, max(16, pl.next_power_of_2(max(dims))))

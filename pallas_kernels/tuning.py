@@ -43,7 +43,12 @@ def block_t(num_tokens: int, backend: str) -> int:
   return 16
 
 
-def gpu_shrink_blocks(num_tokens: int, d_in: int, rank: int) -> GpuShrinkBlocks:
+def gpu_shrink_blocks(num_tokens: int, d_in: int, rank: int, itemsize: int = 2) -> GpuShrinkBlocks:
+  if itemsize >= 4:
+    # float32 operands take twice the shared memory per stage: the bf16 decode tiling asks for 240 KiB
+    # at rank 48 (fused qkv) and fails on Hopper's 227 KiB, so halve the K block and keep two stages.
+    bf16 = gpu_shrink_blocks(num_tokens, d_in, rank)
+    return dataclasses.replace(bf16, block_k=max(16, bf16.block_k // 2), num_stages=2)
   if num_tokens <= 256 and d_in >= 2048:
     # Decode: few tiles when few adapters are in the batch, so split d_in over 4 programs per tile
     # (H100, T=256, one adapter: 5.6 us vs 10.5 us unsplit; 256 adapters: 18.4 vs 16.4 us).
@@ -51,7 +56,7 @@ def gpu_shrink_blocks(num_tokens: int, d_in: int, rank: int) -> GpuShrinkBlocks:
   return GpuShrinkBlocks(block_k=128, k_splits=1, num_warps=4, num_stages=3)
 
 
-def gpu_expand_blocks(num_tokens: int, d_out: int, rank: int) -> GpuExpandBlocks:
+def gpu_expand_blocks(num_tokens: int, d_out: int, rank: int, itemsize: int = 2) -> GpuExpandBlocks:
   # H100: bn=128 with 4 warps was best or within 5% at T=256 and T=8192.
   return GpuExpandBlocks(block_n=128, num_warps=4, num_stages=2)
 
