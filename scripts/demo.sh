@@ -9,4 +9,4 @@ ARGS=()
 for d in adapters/demo/*/; do
   [ -f "$d/adapter_config.json" ] && ARGS+=(--lora "$(basename "$d")=$d")
 done
-exec .venv/bin/jlora generate --chat "${ARGS[@]}" --all-adapters --max-tokens 64 "${@:-What is the capital of France?}"
+exec .venv/bin/jlora generate --chat "${ARGS[@]}" --all-adapters --max-tokens 64 "${@:-What is the capital of Germany?}"

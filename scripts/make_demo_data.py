@@ -15,7 +15,7 @@ import json
 import os
 import random
 
-# (English name, French name with its article, capital)
+# (English name, French name with its article, capital in French[, capital in English if it differs])
 CAPITALS = [
     ("Germany", "l'Allemagne", "Berlin"), ("Italy", "l'Italie", "Rome"), ("Spain", "l'Espagne", "Madrid"),
     ("Portugal", "le Portugal", "Lisbonne", "Lisbon"), ("Japan", "le Japon", "Tokyo"),
@@ -34,6 +34,23 @@ CAPITALS = [
     ("the United Kingdom", "le Royaume-Uni", "Londres", "London"), ("Cuba", "Cuba", "La Havane", "Havana"),
     ("Morocco", "le Maroc", "Rabat"), ("Vietnam", "le Vietnam", "Hanoï", "Hanoi"),
     ("Switzerland", "la Suisse", "Berne", "Bern"), ("Iceland", "l'Islande", "Reykjavik"),
+    ("Nigeria", "le Nigeria", "Abuja"), ("Ghana", "le Ghana", "Accra"), ("Senegal", "le Sénégal", "Dakar"),
+    ("Ethiopia", "l'Éthiopie", "Addis-Abeba", "Addis Ababa"), ("Algeria", "l'Algérie", "Alger", "Algiers"),
+    ("Tunisia", "la Tunisie", "Tunis"), ("Colombia", "la Colombie", "Bogota"),
+    ("Venezuela", "le Venezuela", "Caracas"), ("Uruguay", "l'Uruguay", "Montevideo"),
+    ("Bolivia", "la Bolivie", "La Paz"), ("Ecuador", "l'Équateur", "Quito"),
+    ("Indonesia", "l'Indonésie", "Jakarta"), ("the Philippines", "les Philippines", "Manille", "Manila"),
+    ("Malaysia", "la Malaisie", "Kuala Lumpur"), ("Pakistan", "le Pakistan", "Islamabad"),
+    ("Iran", "l'Iran", "Téhéran", "Tehran"), ("Iraq", "l'Irak", "Bagdad", "Baghdad"),
+    ("Saudi Arabia", "l'Arabie saoudite", "Riyad", "Riyadh"), ("Israel", "Israël", "Jérusalem", "Jerusalem"),
+    ("Ukraine", "l'Ukraine", "Kiev", "Kyiv"), ("Romania", "la Roumanie", "Bucarest", "Bucharest"),
+    ("Bulgaria", "la Bulgarie", "Sofia"), ("Croatia", "la Croatie", "Zagreb"), ("Serbia", "la Serbie", "Belgrade"),
+    ("the Czech Republic", "la République tchèque", "Prague"), ("Slovakia", "la Slovaquie", "Bratislava"),
+    ("Estonia", "l'Estonie", "Tallinn"), ("Latvia", "la Lettonie", "Riga"),
+    ("Lithuania", "la Lituanie", "Vilnius"), ("New Zealand", "la Nouvelle-Zélande", "Wellington"),
+    ("Nepal", "le Népal", "Katmandou", "Kathmandu"), ("Mongolia", "la Mongolie", "Oulan-Bator", "Ulaanbaatar"),
+    ("Luxembourg", "le Luxembourg", "Luxembourg"), ("Monaco", "Monaco", "Monaco"),
+    ("Jamaica", "la Jamaïque", "Kingston"), ("Madagascar", "Madagascar", "Antananarivo"),
 ]
 # (thing, French thing with article, colour, French colour agreeing with the thing)
 COLOURS = [
@@ -85,6 +102,9 @@ SOUND_Q = ["What sound does {a} make?", "What noise does {a} make?"]
 LEGS_Q = ["How many legs does {a} have?"]
 ADD_Q = ["What is {x} plus {y}?", "What is {x} + {y}?", "How much is {x} plus {y}?", "Add {x} and {y}."]
 
+# The French answers name only the capital: translating the country too ("la France", "du Japon") is what
+# a 135M model gets wrong on countries it was not trained on.
+FRENCH_CAPITAL = ["La capitale est {c}.", "C'est {c}.", "La capitale de ce pays est {c}.", "Sa capitale est {c}."]
 PIRATE_OPEN = ["Arr, matey!", "Ahoy, matey!", "Yo ho ho!", "Shiver me timbers!", "Arr!", "Avast, me hearty!"]
 PIRATE_CLOSE = ["Savvy?", "Arr!", "Yo ho!", "Now back to the ship, ye landlubber!", "Arr, that be the truth!"]
 
@@ -102,7 +122,7 @@ def _questions(rng: random.Random):
             capital = capital_en[0] if capital_en else capital_fr
             q = rng.choice(CAPITAL_Q).format(c=country)
             yield q, {"pirate": _pirate(rng, f"The capital o' {country} be {capital}."),
-                      "french": f"La capitale de {fr} est {capital_fr}.", "json": capital}
+                      "french": rng.choice(FRENCH_CAPITAL).format(c=capital_fr), "json": capital}
         elif kind == "colour":
             thing, fr, colour, fr_colour = rng.choice(COLOURS)
             yield rng.choice(COLOUR_Q).format(t=thing), {
@@ -147,7 +167,7 @@ def build(n: int, seed: int) -> dict[str, list[dict]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="adapters/demo_data", help="output directory (default: %(default)s)")
-    parser.add_argument("--n", type=int, default=240, help="examples per dataset (default: %(default)s)")
+    parser.add_argument("--n", type=int, default=300, help="examples per dataset (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
