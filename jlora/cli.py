@@ -7,6 +7,7 @@ import json
 import sys
 import time
 
+from jlora import distributed
 from jlora.errors import JloraError
 from jlora.serve import cli as serve_cli
 from jlora.train import cli as train_cli
@@ -49,10 +50,7 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("parallelism (a (data, model) mesh of dp x tp devices)")
     g.add_argument("--tp", type=_positive, default=1, help="tensor-parallel degree (default: %(default)s)")
     g.add_argument("--dp", type=_positive, default=1, help="data-parallel degree (default: %(default)s)")
-    g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
-                   help="multi-process: process 0's address; every process runs this same command")
-    g.add_argument("--num-processes", type=int, default=None, help="multi-process: how many processes")
-    g.add_argument("--process-id", type=int, default=None, help="multi-process: this process's rank (0 prints)")
+    distributed.add_args(g)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,12 +83,10 @@ def _sampling(args):
 
 
 def cmd_generate(args) -> int:
-    from jlora import distributed
     from jlora.engine.engine import EngineConfig
     from jlora.generate import LLM
 
-    if args.coordinator_address or args.num_processes:
-        distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    distributed.initialize_from_args(args)
     engine = EngineConfig(tp=args.tp, dp=args.dp)
     sampling = _sampling(args)
     loras = dict(args.lora)

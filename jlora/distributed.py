@@ -8,6 +8,7 @@ read back with `to_host`, which gathers shards that live on other processes.
 
 from __future__ import annotations
 
+import argparse
 from typing import Any, Sequence
 
 import jax
@@ -37,6 +38,27 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                initialization_timeout=timeout_s)
 
 
+def add_args(parser: argparse.ArgumentParser) -> None:
+    """The multi-process flags, shared by `jlora generate` and `jlora serve`."""
+    parser.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                        help="multi-process: process 0's address; every process runs this same command")
+    parser.add_argument("--num-processes", type=int, default=None, help="multi-process: how many processes")
+    parser.add_argument("--process-id", type=int, default=None,
+                        help="multi-process: this process's rank (0 schedules and answers)")
+
+
+def initialize_from_args(args: argparse.Namespace) -> None:
+    """`initialize` with the `add_args` flags, if any was given (one process otherwise)."""
+    if args.coordinator_address or args.num_processes:
+        initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+
+def shutdown() -> None:
+    """Leaves the multi-process job (waits for every process to leave); a no-op with one process."""
+    if jax.process_count() > 1:
+        jax.distributed.shutdown()
+
+
 def is_scheduler() -> bool:
     """True on the process that schedules and broadcasts (process 0)."""
     return jax.process_index() == 0
@@ -52,6 +74,30 @@ def broadcast_step(batch: Any) -> Any:
         return batch
     out = multihost_utils.broadcast_one_to_all(jax.tree.map(np.asarray, batch), is_source=is_scheduler())
     return jax.tree.map(np.asarray, out)
+
+
+# A message's first broadcast: an 8-byte length, then the payload's start. Longer payloads send their rest
+# in a second broadcast padded to a power of two, so only a few buffer shapes ever compile.
+_FRAME = 4096
+
+
+def broadcast_bytes(payload: bytes | None) -> bytes:
+    """Process 0's `payload` on every process (the others pass None); blocks until process 0 sends."""
+    frame = np.zeros(_FRAME, np.uint8)
+    if is_scheduler():
+        frame[:8] = np.frombuffer(len(payload).to_bytes(8, "little"), np.uint8)
+        head = payload[:_FRAME - 8]
+        frame[8:8 + len(head)] = np.frombuffer(head, np.uint8)
+    frame = broadcast_step(frame)
+    n = int.from_bytes(frame[:8].tobytes(), "little")
+    head = frame[8:8 + min(n, _FRAME - 8)].tobytes()
+    rest = n - len(head)
+    if rest <= 0:
+        return head
+    tail = np.zeros(1 << (rest - 1).bit_length(), np.uint8)
+    if is_scheduler():
+        tail[:rest] = np.frombuffer(payload[len(head):], np.uint8)
+    return head + broadcast_step(tail)[:rest].tobytes()
 
 
 def to_host(x: jax.Array) -> np.ndarray:

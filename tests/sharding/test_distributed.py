@@ -75,3 +75,12 @@ def test_engine_across_two_processes(tmp_path):
     ref = _dist_engine_worker.run(str(tmp_path), tp=1)
     greedy = [i for i, (*_, temperature, _) in enumerate(_dist_engine_worker.REQUESTS) if temperature == 0]
     assert [results[0]["tokens"][i] for i in greedy] == [ref[i] for i in greedy]
+
+
+def test_broadcast_bytes_frames_short_and_long_payloads():
+    """One process: the framing alone (a 4 KiB first frame, the rest padded to a power of two)."""
+    from jlora import distributed
+
+    for n in (0, 1, 4088, 4089, 10_000):
+        payload = bytes(range(256)) * (n // 256) + bytes(n % 256)
+        assert distributed.broadcast_bytes(payload) == payload
