@@ -13,6 +13,7 @@ import dataclasses
 import os
 
 import jax.numpy as jnp
+import numpy as np
 
 from jlora.config import LoraBankConfig, ModelConfig
 from jlora.errors import AdapterError, AdapterPathError, CapacityError, UnknownAdapterError
@@ -46,6 +47,7 @@ class AdapterStore:
         self.config, self.bank_config = config, bank_config
         self.roots = [os.path.realpath(r) for r in roots] if roots else None
         self.max_cpu_loras = max_cpu_loras
+        self.dtype = np.dtype(dtype)  # host copies are kept in the bank's dtype
         self.slots = SlotTable(config, bank_config, dtype, layout=layout)
         self.paths: dict[str, str] = {}
         self.buckets: dict[str, int] = {}
@@ -84,7 +86,7 @@ class AdapterStore:
         rank = max([spec.r, *spec.rank_pattern.values()])
         if rank > self.bank_config.max_rank:
             raise AdapterError(f"rank {rank} is above the largest rank bucket ({self.bank_config.max_rank})")
-        adapter = load_adapter(real, self.config, self.bank_config, name=name) if eager else None
+        adapter = load_adapter(real, self.config, self.bank_config, name=name, dtype=self.dtype) if eager else None
         if name in self.paths:
             self.unregister(name)
         self.paths[name], self.buckets[name] = real, self.bank_config.bucket_for(rank)
@@ -145,7 +147,7 @@ class AdapterStore:
                 continue
             if self.slots.slot(name) is None:
                 self._loads[name] = self._pool.submit(load_adapter, self.paths[name], self.config,
-                                                      self.bank_config, name)
+                                                      self.bank_config, name, self.dtype)
 
     def ensure_resident(self, names: set[str], running: set[str] | None = None) -> dict[str, int]:
         """Global slot of every name, writing missing ones into the bank. Raises `AdapterError` naming the
@@ -177,7 +179,7 @@ class AdapterStore:
         future = self._loads.pop(name, None)
         try:
             adapter = future.result() if future else load_adapter(self.paths[name], self.config,
-                                                                  self.bank_config, name)
+                                                                  self.bank_config, name, self.dtype)
         except AdapterError as e:
             raise AdapterError(f"adapter {name!r}: {e}") from None
         self._host_put(name, adapter)

@@ -52,15 +52,16 @@ class MeshBankLayout:
         """`bank` with one slot set to an adapter given in logical columns (a[group] [L, d_in, n r], b[group] tuple
         of [L, r, d_j])."""
         i, _ = bank_lib.locate(bank, global_slot)
+        a, b = bank_lib.fill_absent(bank.buckets[i], a, b, zeros=_host_zeros)
         one = LoraBank(buckets=(BucketBank(a=a, b=b, rank=bank.buckets[i].rank, offset=0),))
         laid = bank_to_shard_layout(one, self.model.plan).buckets[0]  # the same columns as `place_bank`
         return self._write(bank, global_slot, laid.a, laid.b)
 
     def clear_slot(self, bank: LoraBank, global_slot: int) -> LoraBank:
-        """Zeroes one slot (float32 host zeros, like an adapter's: the same compiled write)."""
+        """Zeroes one slot (host zeros in the bank's dtype, like an adapter's: the same compiled write)."""
         bucket = bank.buckets[bank_lib.locate(bank, global_slot)[0]]
-        a = {g: np.zeros(x.shape[:1] + x.shape[2:], np.float32) for g, x in bucket.a.items()}
-        b = {g: tuple(np.zeros(x.shape[:1] + x.shape[2:], np.float32) for x in xs) for g, xs in bucket.b.items()}
+        a = {g: _host_zeros(x) for g, x in bucket.a.items()}
+        b = {g: tuple(_host_zeros(x) for x in xs) for g, xs in bucket.b.items()}
         return self._write(bank, global_slot, a, b)
 
     def _write(self, bank: LoraBank, global_slot: int, a: dict, b: dict) -> LoraBank:
@@ -107,3 +108,8 @@ class MeshRunner(ModelRunner):
         out, self.cache = _mesh_step(self.params, bank, self.cache, **a, model=self.model, backend=self.backend,
                                      num_logprobs=self.num_logprobs)
         return tuple(distributed.to_host(x) for x in out)
+
+
+def _host_zeros(x) -> np.ndarray:
+    """Host zeros shaped like one slot of bank array `x`, in its dtype."""
+    return np.zeros(x.shape[:1] + x.shape[2:], x.dtype)

@@ -99,16 +99,35 @@ def write_bucket_slot(bucket: BucketBank, slot: jax.Array, a: dict, b: dict) -> 
 _write_slot = jax.jit(write_bucket_slot, donate_argnums=(0,))
 
 
+_ZEROS: dict[tuple, jax.Array] = {}
+
+
+def _slot_zeros(x: jax.Array) -> jax.Array:
+    """Device zeros shaped like one slot of bank array `x` (made once per shape; never sent from the host)."""
+    key = (x.shape[:1] + x.shape[2:], x.dtype)
+    if key not in _ZEROS:
+        _ZEROS[key] = jnp.zeros(*key)
+    return _ZEROS[key]
+
+
+def fill_absent(bucket: BucketBank, a: dict, b: dict, zeros=_slot_zeros) -> tuple[dict, dict]:
+    """An adapter's (a, b) with `zeros(bank array)` for every group it does not target (given as None)."""
+    a = {g: zeros(bucket.a[g]) if a[g] is None else a[g] for g in bucket.a}
+    b = {g: tuple(zeros(x) for x in bucket.b[g]) if b[g] is None else b[g] for g in bucket.b}
+    return a, b
+
+
 def write_slot(bank: LoraBank, global_slot: int, a: dict, b: dict) -> LoraBank:
     """Returns `bank` with one slot overwritten. The slot index is traced, so this compiles once per bucket.
 
     Args:
       a, b: host arrays shaped like one slot of the target bucket: a[group] [L, d_in, n*rank],
-        b[group] tuple of [L, rank, d_j] (see `jlora.lora.peft.to_bank_layout`).
+        b[group] tuple of [L, rank, d_j] (see `jlora.lora.peft.load_adapter`); None for a group the adapter
+        does not target, which is zeroed on the device.
     """
     i, local = locate(bank, global_slot)
     buckets = list(bank.buckets)
-    buckets[i] = _write_slot(buckets[i], jnp.int32(local), a, b)
+    buckets[i] = _write_slot(buckets[i], jnp.int32(local), *fill_absent(buckets[i], a, b))
     return LoraBank(buckets=tuple(buckets))
 
 

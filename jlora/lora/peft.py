@@ -51,8 +51,9 @@ class LoraAdapter:
     """An adapter padded to its bucket with its scale folded into B, ready for `bank.write_slot`.
 
     Attributes:
-      a: group -> [L, d_in, n * bucket] float32.
-      b: group -> tuple of n [L, bucket, d_j] float32.
+      a: group -> [L, d_in, n * bucket], or None for a group the adapter does not target.
+      b: group -> tuple of n [L, bucket, d_j], or None likewise. Arrays are in the dtype `load_adapter` was given
+        (the bank's, so a slot write moves no more bytes than it must).
     """
 
     name: str
@@ -65,7 +66,18 @@ class LoraAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(x.nbytes for x in self.a.values()) + sum(x.nbytes for xs in self.b.values() for x in xs)
+        return (sum(x.nbytes for x in self.a.values() if x is not None)
+                + sum(x.nbytes for xs in self.b.values() if xs is not None for x in xs))
+
+    def dense(self, config: ModelConfig) -> tuple[dict, dict]:
+        """(a, b) with zeros in place of the groups this adapter does not target."""
+        L, r = config.num_layers, self.bucket
+        a, b = dict(self.a), dict(self.b)
+        for group, (d_in, d_outs) in group_dims(config).items():
+            if a[group] is None:
+                a[group] = np.zeros((L, d_in, len(d_outs) * r), np.float32)
+                b[group] = tuple(np.zeros((L, r, d), np.float32) for d in d_outs)
+        return a, b
 
 
 def _match_pattern(patterns: dict, module_name: str, default):
@@ -132,8 +144,10 @@ def _read_weights(path: str) -> dict[str, np.ndarray]:
         raise AdapterError(f"{weights} is not a readable safetensors file: {e}") from None
 
 
-def load_adapter(path: str, config: ModelConfig, bank_config: LoraBankConfig, name: str | None = None) -> LoraAdapter:
-    """Reads, checks, pads and scales one PEFT adapter. Raises `AdapterError` naming any problem."""
+def load_adapter(path: str, config: ModelConfig, bank_config: LoraBankConfig, name: str | None = None,
+                 dtype=np.float32) -> LoraAdapter:
+    """Reads, checks, pads and scales one PEFT adapter into `dtype` arrays (None for untargeted groups).
+    Raises `AdapterError` naming any problem."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise AdapterError(f"adapter directory {path!r} does not exist")
@@ -179,8 +193,11 @@ def load_adapter(path: str, config: ModelConfig, bank_config: LoraBankConfig, na
     L = config.num_layers
     out_a, out_b = {}, {}
     for group, (d_in, d_outs) in dims.items():
-        a_full = np.zeros((L, d_in, len(d_outs) * bucket), np.float32)
-        b_full = [np.zeros((L, bucket, d), np.float32) for d in d_outs]
+        if not any(module == m for _, module in pairs for m in LORA_GROUPS[group]):
+            out_a[group] = out_b[group] = None
+            continue
+        a_full = np.zeros((L, d_in, len(d_outs) * bucket), dtype)
+        b_full = [np.zeros((L, bucket, d), dtype) for d in d_outs]
         for j, module in enumerate(LORA_GROUPS[group]):
             for layer in range(L):
                 if (layer, module) not in pairs:

@@ -52,11 +52,12 @@ def random_bank(config: ModelConfig, tmp: str) -> LoraBank:
                              seed=100 + slot, **kw)
         ad = load_adapter(path, config, BANK)
         a, b = host[ad.bucket]
+        ad_a, ad_b = ad.dense(config)
         local = slot - offsets[ad.bucket]
         assert 0 <= local < dict(BANK.active)[ad.bucket], (slot, ad.bucket)
         for g in a:
-            a[g][:, local] = ad.a[g]
-            for j, bj in enumerate(ad.b[g]):
+            a[g][:, local] = ad_a[g]
+            for j, bj in enumerate(ad_b[g]):
                 b[g][j][:, local] = bj
     return LoraBank(buckets=tuple(BucketBank(a=host[r][0], b={g: tuple(x) for g, x in host[r][1].items()}, rank=r,
                                              offset=int(offsets[r])) for r, _ in BANK.active))
