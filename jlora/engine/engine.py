@@ -247,6 +247,10 @@ class Engine:
             self.store.unregister(bad)
         return outs
 
+    def close(self) -> None:
+        """Stops the adapter loader threads."""
+        self.store.close()
+
     def warmup(self) -> int:
         """Compiles every step shape (and the adapter slot writes) now, so no request mix compiles anything
         later. Returns the number of step shapes."""

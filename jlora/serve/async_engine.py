@@ -179,7 +179,7 @@ class AsyncEngine:
             self._stop = True
             self._cv.notify()
         self._thread.join()
-        self.engine.store.close()
+        self.engine.close()
 
     # -- the engine thread -----------------------------------------------------------------------------------
 

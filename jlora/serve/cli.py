@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 
+from jlora import distributed
 from jlora.checkpoint.resolve import DEFAULT_MODEL
 
 
@@ -69,6 +70,8 @@ def register(sub) -> None:
                    help="compile every step shape before serving (slow on a CPU; no compiles while serving)")
     p.add_argument("--drain-timeout", type=float, default=600.0,
                    help="seconds SIGTERM waits for in-flight requests before aborting them (default: %(default)s)")
+    g = p.add_argument_group("multi-process (process 0 serves and schedules; the others follow its steps)")
+    distributed.add_args(g)
 
 
 def config_from_args(args):
@@ -89,7 +92,11 @@ async def serve(config) -> int:
 
     service = build_service(config)
     server = Server(service, config.host, config.grpc_port, config.http_port)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        await asyncio.to_thread(service.engine.shutdown)  # with several processes, this stops the followers
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -104,6 +111,25 @@ async def serve(config) -> int:
     return 0 if drained else 1
 
 
+def follow(config) -> int:
+    """A process other than 0: the same engine, stepping as process 0 says until it stops."""
+    import jax
+
+    from jlora.serve import multihost
+    from jlora.serve.server import build_engine
+
+    engine = build_engine(config)
+    print(f"jlora serve: process {jax.process_index()} following process 0", file=sys.stderr, flush=True)
+    multihost.follow(engine)
+    print(f"jlora serve: stopped: {engine.steps} steps, {engine.tokens_generated} tokens generated",
+          file=sys.stderr, flush=True)
+    return 0
+
+
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(serve(config_from_args(args)))
+    distributed.initialize_from_args(args)
+    config = config_from_args(args)
+    code = asyncio.run(serve(config)) if distributed.is_scheduler() else follow(config)
+    distributed.shutdown()
+    return code

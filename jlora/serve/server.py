@@ -14,6 +14,7 @@ import threading
 
 from jlora.config import DEFAULT_RANK_BUCKETS, LoraBankConfig
 from jlora.engine.engine import Engine, EngineConfig
+from jlora.serve import multihost
 from jlora.serve.async_engine import AsyncEngine
 from jlora.serve.grpc_server import GrpcServer
 from jlora.serve.http_server import HttpServer
@@ -72,8 +73,8 @@ class ServeConfig:
         return os.path.basename(os.path.normpath(self.model)) if os.path.exists(self.model) else self.model
 
 
-def build_service(config: ServeConfig) -> Service:
-    """Loads the model, registers the `--lora` adapters (refusing bad ones now) and starts the engine thread."""
+def build_engine(config: ServeConfig) -> Engine:
+    """Loads the model and registers the `--lora` adapters (refusing bad ones now); every process does this."""
     import jax.numpy as jnp
 
     from jlora.checkpoint.resolve import load_model
@@ -84,10 +85,24 @@ def build_service(config: ServeConfig) -> Service:
         engine.store.register(name, path)
     if config.warmup:
         log.info("warm-up compiled %d step shapes", engine.warmup())
+    return engine
+
+
+def build_service(config: ServeConfig) -> Service:
+    """`build_engine`, then the engine thread. With several processes, this is process 0's: its engine sends
+    each step's changes to the followers (`multihost.Leader`)."""
+    import jax
+
+    engine = build_engine(config)
     # One request can use at most the KV pool, so that bounds its length too (and the default chat max_tokens).
     max_len = min(engine.max_model_len, engine.allocator.pages_per_replica * config.page_size)
-    info = ModelInfo(config.model_name(), tokenizer, model.config.vocab_size, max_len)
-    return Service(AsyncEngine(engine), info)
+    info = ModelInfo(config.model_name(), engine.tokenizer, engine.model_config.vocab_size, max_len)
+    if jax.process_count() == 1:
+        return Service(AsyncEngine(engine), info)
+    leader = multihost.Leader(engine)
+    async_engine = AsyncEngine(leader)
+    multihost.keep_alive(async_engine, leader)
+    return Service(async_engine, info)
 
 
 class Server:
