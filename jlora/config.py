@@ -158,10 +158,14 @@ class LoraBankConfig:
     Attributes:
       buckets: rank buckets, ascending. An adapter is zero-padded to the smallest bucket >= its rank.
       slots: device slots per bucket (same length as `buckets`); a bucket with 0 slots is absent.
+      modules: the projections the bank serves (default all 7). A fused group (qkv, o, gate_up, down) is in the
+        bank when any of its modules is; groups left out cost no memory and no kernel time, and adapters that
+        target them are refused.
     """
 
     buckets: tuple[int, ...] = DEFAULT_RANK_BUCKETS
     slots: tuple[int, ...] = (4, 4, 2, 2, 1)
+    modules: tuple[str, ...] = LORA_MODULES
 
     def __post_init__(self):
         if len(self.buckets) != len(self.slots):
@@ -170,6 +174,15 @@ class LoraBankConfig:
             raise ValueError(f"buckets must be strictly ascending positive ranks, got {self.buckets}")
         if any(s < 0 for s in self.slots) or sum(self.slots) == 0:
             raise ValueError(f"slots must be >= 0 with at least one slot, got {self.slots}")
+        object.__setattr__(self, "modules", tuple(self.modules))
+        unknown = sorted(set(self.modules) - set(LORA_MODULES))
+        if unknown or not self.modules:
+            raise ValueError(f"modules must be a non-empty subset of {LORA_MODULES}, got {self.modules}")
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """The fused groups in the bank, in LORA_GROUPS order."""
+        return tuple(g for g, ms in LORA_GROUPS.items() if set(ms) & set(self.modules))
 
     @property
     def max_rank(self) -> int:

@@ -24,9 +24,11 @@ class MemoryPlan:
                 f"{self.bank_bytes / 2**20:.1f} MiB")
 
 
-def slot_bytes(config: ModelConfig, rank: int, dtype) -> int:
-    """Bytes of one adapter slot of rank `rank` (A and B of every group, every layer)."""
-    per_layer = sum(d_in * len(outs) * rank + rank * sum(outs) for d_in, outs in group_dims(config).values())
+def slot_bytes(config: ModelConfig, rank: int, dtype, groups=None) -> int:
+    """Bytes of one adapter slot of rank `rank` (A and B of every group in `groups`, default all, every layer)."""
+    dims = group_dims(config)
+    per_layer = sum(d_in * len(outs) * rank + rank * sum(outs)
+                    for g, (d_in, outs) in dims.items() if groups is None or g in groups)
     return config.num_layers * per_layer * jnp.dtype(dtype).itemsize
 
 
@@ -42,10 +44,10 @@ def plan_memory(config: ModelConfig, engine_config, dtype) -> MemoryPlan:
         num_pages = engine_config.num_pages
     else:
         adapter_budget = engine_config.memory_bytes * engine_config.adapter_memory_fraction
-        per_round = sum(slot_bytes(config, b, dtype) for b in bank.buckets)  # one slot in every bucket
+        per_round = sum(slot_bytes(config, b, dtype, bank.groups) for b in bank.buckets)  # a slot per bucket
         n = max(1, int(adapter_budget // per_round))
-        bank = LoraBankConfig(buckets=bank.buckets, slots=(n,) * len(bank.buckets))
-        used = sum(slot_bytes(config, b, dtype) * s for b, s in bank.active)
+        bank = dataclasses.replace(bank, slots=(n,) * len(bank.buckets))
+        used = sum(slot_bytes(config, b, dtype, bank.groups) * s for b, s in bank.active)
         num_pages = max(1, int((engine_config.memory_bytes - used) // pb))
-    bank_bytes = sum(slot_bytes(config, b, dtype) * s for b, s in bank.active)
+    bank_bytes = sum(slot_bytes(config, b, dtype, bank.groups) * s for b, s in bank.active)
     return MemoryPlan(num_pages=num_pages, page_bytes=pb, bank=bank, bank_bytes=bank_bytes)

@@ -45,7 +45,7 @@ class BucketBank:
 
     @property
     def num_slots(self) -> int:
-        return self.a["qkv"].shape[1]
+        return next(iter(self.a.values())).shape[1]
 
 
 @jax.tree_util.register_dataclass
@@ -67,7 +67,8 @@ def init_bank(config: ModelConfig, bank_config: LoraBankConfig, dtype=jnp.float3
     L = config.num_layers
     for rank, slots in bank_config.active:
         a, b = {}, {}
-        for group, (d_in, d_outs) in dims.items():
+        for group in bank_config.groups:
+            d_in, d_outs = dims[group]
             a[group] = jnp.zeros((L, slots, d_in, len(d_outs) * rank), dtype)
             b[group] = tuple(jnp.zeros((L, slots, rank, d), dtype) for d in d_outs)
         buckets.append(BucketBank(a=a, b=b, rank=rank, offset=offset))

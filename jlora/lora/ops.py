@@ -60,6 +60,8 @@ def lora_project(x: jax.Array, y: jax.Array, group: str, layer_bank: LoraBank, b
       batch: this step's `LoraBatch`.
     """
     for bucket, ids, meta in zip(layer_bank.buckets, batch.slot_ids, batch.meta):
+        if group not in bucket.a:  # the bank does not serve this projection (LoraBankConfig.modules)
+            continue
         v = pallas_kernels.lora_shrink(x, bucket.a[group], ids, meta=meta, backend=backend)
         y = pallas_kernels.lora_expand(y, v, bucket.b[group], ids, meta=meta, backend=backend)
     return y

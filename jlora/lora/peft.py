@@ -74,7 +74,7 @@ class LoraAdapter:
         L, r = config.num_layers, self.bucket
         a, b = dict(self.a), dict(self.b)
         for group, (d_in, d_outs) in group_dims(config).items():
-            if a[group] is None:
+            if group in a and a[group] is None:
                 a[group] = np.zeros((L, d_in, len(d_outs) * r), np.float32)
                 b[group] = tuple(np.zeros((L, r, d), np.float32) for d in d_outs)
         return a, b
@@ -185,6 +185,10 @@ def load_adapter(path: str, config: ModelConfig, bank_config: LoraBankConfig, na
             raise AdapterError(f"{where}: weights contain NaN or Inf")
         ranks[(layer, module)] = (a.shape[0], spec.scale(module_name), module_name)
 
+    outside = sorted({m for _, m in pairs if _MODULE_OF[m][0] not in bank_config.groups})
+    if outside:
+        raise AdapterError(f"adapter targets {outside}, which this server's bank does not serve "
+                           f"(it serves {list(bank_config.modules)})")
     rank = max(r for r, _, _ in ranks.values())
     if rank > bank_config.max_rank:
         raise AdapterError(f"rank {rank} is above the largest rank bucket ({bank_config.max_rank}); "
@@ -192,7 +196,8 @@ def load_adapter(path: str, config: ModelConfig, bank_config: LoraBankConfig, na
     bucket = bank_config.bucket_for(rank)
     L = config.num_layers
     out_a, out_b = {}, {}
-    for group, (d_in, d_outs) in dims.items():
+    for group in bank_config.groups:
+        d_in, d_outs = dims[group]
         if not any(module == m for _, module in pairs for m in LORA_GROUPS[group]):
             out_a[group] = out_b[group] = None
             continue
