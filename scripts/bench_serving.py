@@ -120,7 +120,8 @@ def main():
     model = Llama(config, jax.jit(lambda k: init_params(config, k, dtype))(jax.random.key(0)))
     ecfg = EngineConfig(max_num_seqs=64, max_num_batched_tokens=2048, max_prefill_chunk=512, page_size=16,
                         max_model_len=2 * lengths[1] + 16, memory_bytes=int(args.memory_gib * 2**30),
-                        adapter_memory_fraction=0.2, bank=LoraBankConfig(buckets=(args.rank,), slots=(1,)),
+                        adapter_memory_fraction=0.1,
+                        bank=LoraBankConfig(buckets=(args.rank,), slots=(1,), modules=TARGETS),
                         max_cpu_loras=256)
     files = write_adapters(config, tempfile.mkdtemp(prefix="jlora-bench-"), args.distinct_files, args.rank)
 
