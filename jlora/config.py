@@ -149,6 +149,22 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # Fused groups: projections that share an input share one shrink.
 LORA_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
                "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+ALL_LINEAR = "all-linear"
+_SHORT = {m.removesuffix("_proj"): m for m in LORA_MODULES}  # "q" -> "q_proj", ...
+
+
+def parse_lora_modules(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Modules from "all-linear" or a comma list ("q,v" or "q_proj,v_proj"), in canonical order."""
+    if isinstance(spec, str):
+        if spec.strip() == ALL_LINEAR:
+            return LORA_MODULES
+        spec = [s.strip() for s in spec.split(",") if s.strip()]
+    names = {_SHORT.get(s, s) for s in spec}
+    unknown = sorted(names - set(LORA_MODULES))
+    if unknown or not names:
+        raise ValueError(f"target_modules must be {ALL_LINEAR!r} or a comma list of {list(LORA_MODULES)} "
+                         f"(or their short names {list(_SHORT)}), got {spec!r}")
+    return tuple(m for m in LORA_MODULES if m in names)
 
 
 @dataclasses.dataclass(frozen=True)

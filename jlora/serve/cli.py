@@ -10,6 +10,7 @@ import sys
 
 from jlora import distributed
 from jlora.checkpoint.resolve import DEFAULT_MODEL
+from jlora.config import parse_lora_modules
 
 
 def _lora(text: str) -> tuple[str, str]:
@@ -29,6 +30,14 @@ def _port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"expected a port in 0..65535 (0 picks a free one), got {text!r}")
     return int(text)
+
+
+def _modules(text: str) -> str:
+    try:
+        parse_lora_modules(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def register(sub) -> None:
@@ -54,6 +63,10 @@ def register(sub) -> None:
                         "(default: %(default)s)")
     p.add_argument("--max-lora-rank", type=_count, default=64,
                    help="largest adapter rank; buckets above it get no slots (default: %(default)s)")
+    p.add_argument("--lora-target-modules", type=_modules, default="all-linear",
+                   help="projections the adapter bank serves: 'all-linear' or a comma list of q,k,v,o,gate,up,down; "
+                        "fewer cost less memory and kernel time, and adapters needing others are refused "
+                        "(default: %(default)s)")
     p.add_argument("--max-cpu-loras", type=_count, default=64,
                    help="adapters kept ready in host memory, LRU (default: %(default)s)")
     p.add_argument("--max-num-seqs", type=_count, default=64, help="sequences per batch (default: %(default)s)")
@@ -80,6 +93,7 @@ def config_from_args(args):
     return ServeConfig(model=args.model, served_model_name=args.served_model_name, dtype=args.dtype,
                        loras=tuple(args.lora), lora_roots=tuple(args.lora_root),
                        max_loras_per_batch=args.max_loras_per_batch, max_lora_rank=args.max_lora_rank,
+                       lora_target_modules=parse_lora_modules(args.lora_target_modules),
                        max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
                        max_model_len=args.max_model_len, num_pages=args.num_pages, page_size=args.page_size,
                        tp=args.tp, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,

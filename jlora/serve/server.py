@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 
-from jlora.config import DEFAULT_RANK_BUCKETS, LoraBankConfig
+from jlora.config import DEFAULT_RANK_BUCKETS, LORA_MODULES, LoraBankConfig
 from jlora.engine.engine import Engine, EngineConfig
 from jlora.serve import multihost
 from jlora.serve.async_engine import AsyncEngine
@@ -39,6 +39,7 @@ class ServeConfig:
     lora_roots: tuple[str, ...] = ()
     max_loras_per_batch: int = 4
     max_lora_rank: int = 64
+    lora_target_modules: tuple[str, ...] = LORA_MODULES
     max_cpu_loras: int = 64
     max_num_seqs: int = 64
     max_model_len: int | None = None
@@ -60,7 +61,8 @@ class ServeConfig:
     def bank(self) -> LoraBankConfig:
         return LoraBankConfig(buckets=DEFAULT_RANK_BUCKETS,
                               slots=tuple(self.max_loras_per_batch if b <= self.max_lora_rank else 0
-                                          for b in DEFAULT_RANK_BUCKETS))
+                                          for b in DEFAULT_RANK_BUCKETS),
+                              modules=self.lora_target_modules)
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(max_num_seqs=self.max_num_seqs, num_pages=self.num_pages, page_size=self.page_size,

@@ -13,26 +13,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jlora.config import LORA_GROUPS, LORA_MODULES, ModelConfig
+from jlora.config import LORA_GROUPS, LORA_MODULES, ModelConfig, parse_lora_modules
 from jlora.lora.bank import BucketBank, LoraBank, group_dims
 
 TrainableLora = dict[str, dict[str, jax.Array]]
-ALL_LINEAR = "all-linear"
-_SHORT = {m.removesuffix("_proj"): m for m in LORA_MODULES}  # "q" -> "q_proj", ...
-
-
-def parse_targets(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """Target modules from "all-linear" or a comma list ("q,v" or "q_proj,v_proj"), in canonical order."""
-    if isinstance(spec, str):
-        if spec.strip() == ALL_LINEAR:
-            return LORA_MODULES
-        spec = [s.strip() for s in spec.split(",") if s.strip()]
-    names = {_SHORT.get(s, s) for s in spec}
-    unknown = sorted(names - set(LORA_MODULES))
-    if unknown or not names:
-        raise ValueError(f"target_modules must be {ALL_LINEAR!r} or a comma list of {list(LORA_MODULES)} "
-                         f"(or their short names {list(_SHORT)}), got {spec!r}")
-    return tuple(m for m in LORA_MODULES if m in names)
+parse_targets = parse_lora_modules
 
 
 def lora_scale(rank: int, alpha: float, rslora: bool) -> float:

@@ -38,8 +38,18 @@ def test_flags_parse():
     assert config.loras == (("a", "/x"), ("b", "/y")) and config.lora_roots == ("/r",)
     assert config.engine_config().tp == 2 and config.engine_config().max_cpu_loras == 32
     assert config.engine_config().bank.slots == (8, 8, 8, 8, 0)  # every bucket up to --max-lora-rank 64
+    assert config.engine_config().bank.groups == ("qkv", "o", "gate_up", "down")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--lora", "no-equals-sign"])
+
+
+def test_lora_target_modules_flag_limits_the_bank():
+    from jlora.serve.cli import config_from_args
+    args = build_parser().parse_args(["serve", "--lora-target-modules", "q,k,v,o"])
+    bank = config_from_args(args).engine_config().bank
+    assert bank.modules == ("q_proj", "k_proj", "v_proj", "o_proj") and bank.groups == ("qkv", "o")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--lora-target-modules", "q,lm_head"])
 
 
 def _start(args, tmp_path):
