@@ -175,7 +175,8 @@ def main():
         results["runs"]["lora_off" if count == 0 else f"{count}_adapters"] = row
         save(results, args.out)  # partial results survive a run cut short
         print(f"{count:>6} adapters: {row['req_per_s']:.2f} req/s {row['tok_per_s']:.0f} tok/s "
-              f"TTFT p50 {row['ttft_p50_s']:.3f}s p99 {row['ttft_p99_s']:.3f}s TPOT p50 {row['tpot_p50_s'] * 1e3:.1f}ms "
+              f"TTFT p50 {row['ttft_p50_s']:.3f}s p99 {row['ttft_p99_s']:.3f}s "
+              f"TPOT p50 {row['tpot_p50_s'] * 1e3:.1f}ms "
               f"p99 {row['tpot_p99_s'] * 1e3:.1f}ms | {row['memory']}", flush=True)
     runs = results["runs"]
     few, most = f"{counts[1]}_adapters", f"{counts[-1]}_adapters"

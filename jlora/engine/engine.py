@@ -263,7 +263,8 @@ class Engine:
         st = self.store.stats
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                 "free_pages": self.allocator.num_free, "tokens_generated": self.tokens_generated,
-                "steps": self.steps, "preemptions": self.preemptions, "compilations": compile_count(), "step_shapes": len(self.runner.shapes_run),
+                "steps": self.steps, "preemptions": self.preemptions, "compilations": compile_count(),
+                "step_shapes": len(self.runner.shapes_run),
                 "adapter_device_hits": st.device_hits, "adapter_device_misses": st.device_misses,
                 "adapter_host_hits": st.host_hits, "adapter_host_misses": st.host_misses,
                 "adapters_registered": len(self.store.paths)}

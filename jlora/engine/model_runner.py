@@ -125,7 +125,8 @@ class ModelRunner:
         seq_b = [self.dp * b for b in _ladder(*self._seq_range())]
         tok_b = _ladder(16, bucket(max_prefill_chunk, 16))
         page_b = _ladder(*self._page_range())
-        return [(m, B, T, P) for B in seq_b for P in page_b for m, T in [("decode", 1)] + [("prefill", t) for t in tok_b]]
+        modes = [("decode", 1)] + [("prefill", t) for t in tok_b]
+        return [(m, B, T, P) for B in seq_b for P in page_b for m, T in modes]
 
     @staticmethod
     def _arrays(B: int, T: int, P: int) -> dict[str, np.ndarray]:

@@ -94,7 +94,8 @@ class Scheduler:
             if budget <= 0 or len(seqs) >= self.config.max_num_seqs:
                 break
             admitting = seq.status is Status.WAITING
-            if admitting and len(self.running) + sum(s.status is Status.WAITING for s in seqs) >= self.config.max_num_seqs:
+            waiting_in_batch = sum(s.status is Status.WAITING for s in seqs)
+            if admitting and len(self.running) + waiting_in_batch >= self.config.max_num_seqs:
                 break
             if admitting and not self.adapters_fit(self._adapters(self.running + seqs + [seq])):
                 break

@@ -76,6 +76,9 @@ def register(sub) -> None:
                    help="KV-cache pages of --page-size tokens (default: %(default)s)")
     p.add_argument("--page-size", type=_count, default=16, help="tokens per KV page (default: %(default)s)")
     p.add_argument("--tp", type=_count, default=1, help="tensor-parallel degree (default: %(default)s)")
+    p.add_argument("--dp", type=_count, default=1,
+                   help="data-parallel degree: tp x dp devices, each replica with its own KV pages "
+                        "(default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     p.add_argument("--grpc-port", type=_port, default=50051, help="gRPC port; 0 picks one (default: %(default)s)")
     p.add_argument("--http-port", type=_port, default=8000, help="HTTP port; 0 picks one (default: %(default)s)")
@@ -96,7 +99,7 @@ def config_from_args(args):
                        lora_target_modules=parse_lora_modules(args.lora_target_modules),
                        max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
                        max_model_len=args.max_model_len, num_pages=args.num_pages, page_size=args.page_size,
-                       tp=args.tp, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
+                       tp=args.tp, dp=args.dp, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                        warmup=args.warmup, drain_timeout_s=args.drain_timeout)
 
 

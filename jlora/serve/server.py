@@ -46,6 +46,7 @@ class ServeConfig:
     num_pages: int = 512
     page_size: int = 16
     tp: int = 1
+    dp: int = 1
     host: str = "127.0.0.1"
     grpc_port: int = 50051
     http_port: int = 8000
@@ -67,7 +68,7 @@ class ServeConfig:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(max_num_seqs=self.max_num_seqs, num_pages=self.num_pages, page_size=self.page_size,
                             max_model_len=self.max_model_len, bank=self.bank(), max_cpu_loras=self.max_cpu_loras,
-                            adapter_roots=tuple(self.lora_roots) or None, tp=self.tp)
+                            adapter_roots=tuple(self.lora_roots) or None, tp=self.tp, dp=self.dp)
 
     def model_name(self) -> str:
         if self.served_model_name:

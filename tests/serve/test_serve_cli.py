@@ -31,12 +31,13 @@ def test_help_lists_the_flags():
 
 def test_flags_parse():
     args = build_parser().parse_args(["serve", "--lora", "a=/x", "--lora", "b=/y", "--lora-root", "/r",
-                                      "--max-loras-per-batch", "8", "--max-cpu-loras", "32", "--tp", "2",
+                                      "--max-loras-per-batch", "8", "--max-cpu-loras", "32", "--tp", "2", "--dp", "3",
                                       "--grpc-port", "0", "--http-port", "9000"])
     from jlora.serve.cli import config_from_args
     config = config_from_args(args)
     assert config.loras == (("a", "/x"), ("b", "/y")) and config.lora_roots == ("/r",)
-    assert config.engine_config().tp == 2 and config.engine_config().max_cpu_loras == 32
+    assert config.engine_config().tp == 2 and config.engine_config().dp == 3
+    assert config.engine_config().max_cpu_loras == 32
     assert config.engine_config().bank.slots == (8, 8, 8, 8, 0)  # every bucket up to --max-lora-rank 64
     assert config.engine_config().bank.groups == ("qkv", "o", "gate_up", "down")
     with pytest.raises(SystemExit):
