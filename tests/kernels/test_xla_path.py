@@ -34,5 +34,7 @@ def test_all_minus_one_is_identity_and_zero():
     np.testing.assert_array_equal(lora_expand(y, jnp.ones((5, 8)), (jnp.ones((2, 8, 4)),), slots, backend="xla"), y)
 
 
-def test_cpu_default_is_the_xla_path():
-    assert resolve_backend(None) == "xla"
+def test_default_backend_follows_the_platform(monkeypatch):
+    monkeypatch.delenv("JLORA_LORA_BACKEND", raising=False)
+    expected = {"cpu": "xla", "gpu": "triton", "cuda": "triton", "tpu": "mosaic"}[jax.default_backend()]
+    assert resolve_backend(None) == expected
