@@ -1,10 +1,13 @@
-"""Attention over a KV cache, contiguous ([B, S, K, H] rows) or paged ([P, page_size, K, H] with page tables).
+"""Attention over a KV cache, contiguous ([B, S, K, H] rows) or paged ([K, L, P, page_size, H] with page tables).
 
 The XLA path here is the reference and the CPU path: paged caches are gathered into per-sequence rows,
 then attended with the same masked softmax as the contiguous cache.
 """
 
 from __future__ import annotations
+
+import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,7 @@ from jlora.config import ModelConfig
 from jlora.model import kv_cache
 
 _NEG = -1e30
+ATTENTION_ENV = "JLORA_ATTENTION"  # "xla", "pallas" or "interpret"; default: "pallas" on GPU, else "xla"
 
 
 def attend_rows(q, cache_k, cache_v, positions, config: ModelConfig):
@@ -47,39 +51,82 @@ def paged_write(cache_k, cache_v, k, v, positions, page_table, layer):
     of the pool (a scan that sliced and restacked the pool per layer would write all of it every step).
 
     Args:
-      cache_k, cache_v: [L, P, page_size, K, H] pages of every layer; layer: the layer to write (traced int).
+      cache_k, cache_v: [K, L, P, page_size, H] pages of every layer; layer: the layer to write (traced int).
       k, v: [B, T, K, H]; positions: [B, T]; page_table: [B, max_pages] physical page of each logical page.
     """
-    L, P, ps, K, H = cache_k.shape
+    K, L, P, ps, H = cache_k.shape
     B, T = positions.shape
     logical = jnp.maximum(positions, 0) // ps
     page = jnp.take_along_axis(page_table, logical, axis=1)
     flat = jnp.where(positions < 0, P * ps, page * ps + positions % ps).reshape(B * T)
-    ck = cache_k.reshape(L, P * ps, K, H).at[layer, flat].set(k.reshape(B * T, K, H).astype(cache_k.dtype),
-                                                             mode="drop")
-    cv = cache_v.reshape(L, P * ps, K, H).at[layer, flat].set(v.reshape(B * T, K, H).astype(cache_v.dtype),
-                                                             mode="drop")
-    return ck.reshape(cache_k.shape), cv.reshape(cache_v.shape)
+
+    def put(cache, new):
+        new = jnp.swapaxes(new.reshape(B * T, K, H), 0, 1).astype(cache.dtype)  # [K, B*T, H]
+        return cache.reshape(K, L, P * ps, H).at[:, layer, flat].set(new, mode="drop").reshape(cache.shape)
+
+    return put(cache_k, k), put(cache_v, v)
 
 
 def paged_rows(cache, page_table, layer):
-    """One layer of [L, P, page_size, K, H] pages -> [B, max_pages * page_size, K, H] rows in logical order
+    """One layer of [K, L, P, page_size, H] pages -> [B, max_pages * page_size, K, H] rows in logical order
     (one gather; the layer's pages are never sliced out first)."""
-    rows = cache[layer, page_table]  # [B, max_pages, page_size, K, H]
-    B, M, ps, K, H = rows.shape
-    return rows.reshape(B, M * ps, K, H)
+    rows = cache[:, layer, page_table]  # [K, B, max_pages, page_size, H]
+    K, B, M, ps, H = rows.shape
+    return jnp.moveaxis(rows, 0, -2).reshape(B, M * ps, K, H)
+
+
+def decode_backend(config: ModelConfig, num_tokens: int) -> str:
+    """"pallas" (or "interpret") when JAX's Pallas GPU paged-attention kernel serves this step: decode steps
+    (one query per row) without a sliding window, on a GPU unless $JLORA_ATTENTION says otherwise; else "xla"."""
+    choice = os.environ.get(ATTENTION_ENV) or ("pallas" if jax.default_backend() == "gpu" else "xla")
+    if choice not in ("xla", "pallas", "interpret"):
+        raise ValueError(f"${ATTENTION_ENV} must be xla, pallas or interpret, got {choice!r}")
+    if num_tokens != 1 or config.sliding_window is not None:
+        return "xla"
+    return choice
+
+
+def paged_decode(q, cache_k, cache_v, positions, page_table, layer, interpret: bool = False):
+    """One query per row over paged K/V with JAX's Pallas GPU kernel, reading the pool in place.
+
+    The pool [K, L, P, page_size, H] folds (for free) into [K, L * P, page_size, H]: layer `layer`'s page p is
+    page layer * P + p there, so the kernel gets the whole pool and shifted page tables, never a copied slice.
+
+    Args:
+      q: [B, 1, N, H]; positions: [B, 1] (the new token's, already written); page_table: [B, max_pages].
+    Returns:
+      [B, 1, N * H].
+    """
+    from jax.experimental.pallas.ops.gpu import paged_attention as kernel
+
+    K, L, P, ps, H = cache_k.shape
+    B, _, N, _ = q.shape
+    M = page_table.shape[1]
+    k_splits = math.gcd(M, 16)
+    per_block = math.gcd(M // k_splits, 8)
+    lengths = jnp.maximum(positions[:, 0] + 1, 1).astype(jnp.int32)  # padding rows read one harmless token
+    out = kernel.paged_attention(
+        (q[:, 0] * H ** -0.5).astype(cache_k.dtype), cache_k.reshape(K, L * P, ps, H),
+        cache_v.reshape(K, L * P, ps, H), (page_table + layer * P).astype(jnp.int32), lengths,
+        k_splits=k_splits, pages_per_compute_block=per_block, interpret=interpret)
+    return out.reshape(B, 1, N * H).astype(q.dtype)
 
 
 def attend(q, k, v, cache_k, cache_v, positions, page_table, config: ModelConfig, layer=None):
     """Writes this step's keys/values, then attends. Returns (out [B, T, N*H], cache_k, cache_v).
 
     With `page_table` None the cache is contiguous ([B, S, K, H], one layer's), else paged: every layer's
-    pages [L, P, page_size, K, H], of which `layer` is read and written.
+    pages [K, L, P, page_size, H], of which `layer` is read and written. Paged decode steps use JAX's Pallas
+    kernel on a GPU (`decode_backend`); everything else is the XLA path.
     """
     if page_table is None:
         cache_k, cache_v = kv_cache.write(cache_k, cache_v, k, v, positions)
         return attend_rows(q, cache_k, cache_v, positions, config), cache_k, cache_v
     cache_k, cache_v = paged_write(cache_k, cache_v, k, v, positions, page_table, layer)
+    backend = decode_backend(config, q.shape[1])
+    if backend != "xla":
+        out = paged_decode(q, cache_k, cache_v, positions, page_table, layer, interpret=backend == "interpret")
+        return out, cache_k, cache_v
     out = attend_rows(q, paged_rows(cache_k, page_table, layer), paged_rows(cache_v, page_table, layer), positions,
                       config)
     return out, cache_k, cache_v

@@ -16,7 +16,8 @@ class KVCache:
     """Keys and values of every layer.
 
     Attributes:
-      k: [L, B, S, K, H] keys (after RoPE), or [L, P, page_size, K, H] for a paged cache.
+      k: [L, B, S, K, H] keys (after RoPE), or [K, L, P, page_size, H] for a paged cache (kv-head major, so one
+        head's pages of every layer fold into [L * P, page_size, H], the layout of JAX's paged-attention kernels).
       v: same shape as k.
     """
 
@@ -30,7 +31,7 @@ class KVCache:
 
     @classmethod
     def pages(cls, config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> "KVCache":
-        shape = (config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim)
+        shape = (config.num_kv_heads, config.num_layers, num_pages, page_size, config.head_dim)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
     @property

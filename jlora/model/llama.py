@@ -72,12 +72,12 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
 
     Args:
       h: [B, T, D]; layer: this layer's params; lora_bank: this layer's bank or None.
-      cache_k, cache_v: [B, S, K, H] rows of this layer, or every layer's pages [L, P, page_size, K, H] when
+      cache_k, cache_v: [B, S, K, H] rows of this layer, or every layer's pages [K, L, P, page_size, H] when
         `page_table` [B, max_pages] is given, of which layer `layer_index` is used.
     """
     B, T, D = h.shape
     H = config.head_dim
-    K = cache_k.shape[-2]
+    K = cache_k.shape[-2] if page_table is None else cache_k.shape[0]
     N = layer["w_qkv"].shape[-1] // H - 2 * K
 
     def project(x2d, w, group, bias=None, row_parallel=False):
@@ -122,7 +122,7 @@ def decoder_stack(h, layers, cache_k, cache_v, positions, lora_bank, lora_batch,
                                reduce, page_table, i)
             return (h, ck, cv), None
 
-        L = cache_k.shape[0]
+        L = cache_k.shape[1]
         (h, new_k, new_v), _ = jax.lax.scan(paged_step, (h, cache_k, cache_v),
                                             (layers, lora_bank, jnp.arange(L, dtype=jnp.int32)))
         return h, new_k, new_v
@@ -148,7 +148,7 @@ def forward(params: Params, lora_bank: LoraBank | None, tokens: jax.Array, posit
       tokens: [B, T] int32.
       positions: [B, T] int32 absolute positions; -1 marks padding (neither cached nor attended).
       lora_ids: [B, T] int32 global slot ids per token, -1 for no adapter (ignored without a bank).
-      cache: the KV cache: rows [L, B, S, K, H] indexed by position, or pages [L, P, page_size, K, H].
+      cache: the KV cache: rows [L, B, S, K, H] indexed by position, or pages [K, L, P, page_size, H].
       logit_index: optional [B] int32; if given, logits only at tokens[b, logit_index[b]].
       page_table: [B, max_pages] int32 physical page of each logical page, for a paged cache.
     Returns:

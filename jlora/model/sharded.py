@@ -53,7 +53,7 @@ _B = ("layers", "slots", "lora_rank")
 _BANK_B_AXES = {"qkv": (_B + ("heads",), _B + ("kv_heads",), _B + ("kv_heads",)), "o": (_B + ("embed",),),
                 "gate_up": (_B + ("mlp",), _B + ("mlp",)), "down": (_B + ("embed",),)}
 CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")  # [L, B, S, K', H]
-PAGED_CACHE_AXES = ("layers", "pages", "page_slots", "kv_heads", "head_dim")  # [L, P, page_size, K', H]
+PAGED_CACHE_AXES = ("kv_heads", "layers", "pages", "page_slots", "head_dim")  # [K', L, P, page_size, H]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +209,7 @@ def sharded_forward(params: Params, lora_bank: LoraBank | None, tokens: jax.Arra
         "params": param_specs(params),  # shard-major columns / vocab-parallel, replicated over "data"
         "tokens": sharding.spec("batch", "seq"),  # [B, T]
         "positions": sharding.spec("batch", "seq"),  # [B, T]
-        "cache": KVCache(k=cache_spec(paged), v=cache_spec(paged)),  # [L, B or P, S or page_size, K', H]
+        "cache": KVCache(k=cache_spec(paged), v=cache_spec(paged)),  # rows [L, B, S, K', H]; pages [K', L, P, ps, H]
     }
     if lora_bank is not None:
         args.update(bank=lora_bank, lora_ids=lora_ids)
@@ -285,7 +285,7 @@ class ShardedModel:
         return self._zeros(shape, cache_spec(False), dtype)
 
     def pages_zeros(self, num_pages: int, page_size: int, dtype=jnp.float32) -> KVCache:
-        shape = (self.config.num_layers, num_pages, page_size, self.plan.kv_heads, self.config.head_dim)
+        shape = (self.plan.kv_heads, self.config.num_layers, num_pages, page_size, self.config.head_dim)
         return self._zeros(shape, cache_spec(True), dtype)
 
     def _zeros(self, shape, spec, dtype) -> KVCache:
