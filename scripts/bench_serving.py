@@ -107,6 +107,7 @@ def main():
                     help="length of the warm-up replay of the trace (default: --requests)")
     ap.add_argument("--decode-batch", type=int, default=64, help="sequences in the decode-throughput comparison")
     ap.add_argument("--decode-tokens", type=int, default=256, help="tokens each of them generates")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode comparison (no traces)")
     ap.add_argument("--peft-json", default=None, help="bench_peft_baseline.py's result, for the PEFT ratio")
     ap.add_argument("--out", default="benchmarks/results/serving_h100.json")
     args = ap.parse_args()
@@ -133,20 +134,25 @@ def main():
             engine.store.register(name, files[i % len(files)], eager=False)
         return engine, names
 
+    from jlora.model.attention import decode_backend
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
+               "decode_attention": decode_backend(config, 1),
                "model": "tiny" if args.tiny else "llama-8b-shaped", "layers": config.num_layers, "workload": {
                    "requests": args.requests, "rate": args.rate, "alpha": args.alpha, "lengths": lengths,
                    "arrivals": "gamma, CV=1", "rank": args.rank, "targets": TARGETS, "seed": 1},
                "command": "python3 " + " ".join(sys.argv), "runs": {}}
     t = time.perf_counter()
+    if args.decode_only:
+        args.adapter_counts = ""
     # Warm-up: the runs' own trace, replayed with and without the bank through throwaway engines, compiles the
     # step shapes the runs will hit (the jit cache is shared); a shape first seen later compiles inside a run.
     trace = workload(args.warmup_requests, args.distinct_files, args.rate, args.alpha, lengths, config.vocab_size,
                      seed=1)
-    run_trace(engine_with(args.distinct_files, "w")[0], trace, [f"w-{i}" for i in range(args.distinct_files)])
-    gc.collect()
-    run_trace(lora_off(Engine(model, None, ecfg)), [(t_, p, o, None) for t_, p, o, _ in trace], [])
-    print(f"warm-up: {time.perf_counter() - t:.1f}s", flush=True)
+    if not args.decode_only:
+        run_trace(engine_with(args.distinct_files, "w")[0], trace, [f"w-{i}" for i in range(args.distinct_files)])
+        gc.collect()
+        run_trace(lora_off(Engine(model, None, ecfg)), [(t_, p, o, None) for t_, p, o, _ in trace], [])
+        print(f"warm-up: {time.perf_counter() - t:.1f}s", flush=True)
 
     # Decode throughput: a distinct adapter per sequence against LoRA off (each measured twice; the second counts).
     n, plen = args.decode_batch, 64 if not args.tiny else 8
@@ -162,6 +168,10 @@ def main():
     results["decode"] = {"batch": n, "prompt_len": plen, "tokens_each": args.decode_tokens, "tok_per_s": dec,
                          "distinct_vs_lora_off": dec["distinct_adapters"] / dec["lora_off"]}
 
+    if args.decode_only:
+        save(results, args.out)
+        print(json.dumps(results["decode"], indent=2))
+        return
     counts = [0] + [int(c) for c in args.adapter_counts.split(",")]
     for count in counts:
         engine = names = None
