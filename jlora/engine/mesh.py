@@ -75,11 +75,10 @@ class MeshBankLayout:
 def _mesh_step(params, bank, cache, tokens, positions, lora_ids, page_table, logit_index, temperature, top_k, top_p,
                seeds, steps, *, model: ShardedModel, backend, num_logprobs):
     """`model_runner._paged_step` through `ShardedModel.forward`; the sampling keys are derived inside the
-    program (fold_in(key(seed), step), as on one device), so no per-process array enters it."""
+    program (`sample_outputs`), so no per-process array enters it."""
     logits, cache = model.forward(params, bank, tokens, positions, lora_ids, cache, logit_index=logit_index,
                                   lora_backend=backend, page_table=page_table)
-    keys = jax.vmap(lambda sd, st: jax.random.fold_in(jax.random.key(sd), st))(seeds, steps)
-    return sample_outputs(logits, temperature, top_k, top_p, keys, num_logprobs), cache
+    return sample_outputs(logits, temperature, top_k, top_p, seeds, steps, num_logprobs), cache
 
 
 class MeshRunner(ModelRunner):

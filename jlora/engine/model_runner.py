@@ -65,14 +65,19 @@ class StepOutput:
 
 @functools.partial(jax.jit, static_argnames=("config", "backend", "num_logprobs"), donate_argnames=("cache",))
 def _paged_step(params, bank, cache, tokens, positions, lora_ids, page_table, logit_index, temperature, top_k,
-                top_p, keys, *, config, backend, num_logprobs):
+                top_p, seeds, steps, *, config, backend, num_logprobs):
     logits, cache = forward(params, bank, tokens, positions, lora_ids, cache, config=config, logit_index=logit_index,
                             lora_backend=backend, page_table=page_table)
-    return sample_outputs(logits, temperature, top_k, top_p, keys, num_logprobs), cache
+    return sample_outputs(logits, temperature, top_k, top_p, seeds, steps, num_logprobs), cache
 
 
-def sample_outputs(logits, temperature, top_k, top_p, keys, num_logprobs: int):
-    """(sampled token [B], its log-probability [B], top ids [B, n], top log-probabilities [B, n]) from logits [B, V]."""
+def sample_outputs(logits, temperature, top_k, top_p, seeds, steps, num_logprobs: int):
+    """(sampled token [B], its log-probability [B], top ids [B, n], top log-probabilities [B, n]) from logits [B, V].
+
+    Row b samples with key fold_in(key(seeds[b]), steps[b]): a request's draws depend on its seed and how many
+    tokens it has, never on the batch around it. Derived inside the jitted step (no per-step host dispatch).
+    """
+    keys = jax.vmap(lambda sd, st: jax.random.fold_in(jax.random.key(sd), st))(seeds, steps)
     token = sample(logits, temperature, top_k, top_p, keys)
     logp = jax.nn.log_softmax(logits, axis=-1)
     top_lp, top_ids = jax.lax.top_k(logp, num_logprobs)
@@ -106,11 +111,8 @@ class ModelRunner:
 
     def _run(self, bank, a: dict) -> tuple[np.ndarray, ...]:
         """One jitted step on host arrays `a`; returns (tokens, logprobs, top ids, top logprobs) on the host."""
-        keys = jax.vmap(lambda sd, st: jax.random.fold_in(jax.random.key(sd), st))(jnp.asarray(a["seeds"]),
-                                                                                   jnp.asarray(a["steps"]))
-        out, self.cache = _paged_step(self.params, bank, self.cache, a["tokens"], a["positions"], a["lora_ids"],
-                                      a["page_table"], a["logit_index"], a["temperature"], a["top_k"], a["top_p"],
-                                      keys, config=self.config, backend=self.backend, num_logprobs=self.num_logprobs)
+        out, self.cache = _paged_step(self.params, bank, self.cache, **a, config=self.config, backend=self.backend,
+                                      num_logprobs=self.num_logprobs)
         return jax.device_get(out)  # the step's one device-to-host transfer
 
     # Small batches and short page tables share one bucket: fewer programs, at no cost worth counting.

@@ -178,10 +178,16 @@ def test_disconnect_mid_stream_frees_pages(http, served):
 
 
 def test_disconnect_while_waiting_frees_pages(served):
-    before = served.service.engine.stats()["finished"].get("abort", 0)
     body = {"prompt": "long", "max_tokens": 240, "ignore_eos": True, "temperature": 0}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(served.http_url + "/v1/completions", json=body, timeout=0.5)
+    for _ in range(3):  # a request that completes before the client gives up is a lost race: retried, not passed
+        before = served.service.engine.stats()["finished"].get("abort", 0)
+        try:
+            httpx.post(served.http_url + "/v1/completions", json=body, timeout=0.2)
+        except httpx.ReadTimeout:
+            break
+        served.wait_idle()
+    else:
+        pytest.fail("every request completed before the client's 0.2 s timeout")
     assert served.wait_idle()["finished"]["abort"] == before + 1
 
 

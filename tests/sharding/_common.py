@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 from helpers import write_adapter
@@ -11,6 +14,15 @@ from jlora.config import LoraBankConfig, ModelConfig
 from jlora.lora.bank import BucketBank, LoraBank, group_dims
 from jlora.lora.peft import load_adapter
 from jlora.model import llama
+
+def run_check(script: str, timeout_s: int = 300) -> dict:
+    """Runs a check script on 8 simulated CPU devices in a subprocess (the device count must be set before jax
+    starts, and this process's jax has already started) and returns the JSON it prints last."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=timeout_s)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
 
 KV8 = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8,
                   num_kv_heads=8, head_dim=8, qkv_bias=True, max_position_embeddings=64)

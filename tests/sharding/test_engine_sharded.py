@@ -3,24 +3,18 @@
 The engines run in a subprocess (`_engine_check.py`), since the device count must be set before jax starts.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+from _common import run_check
 
 CHECK = os.path.join(os.path.dirname(__file__), "_engine_check.py")
-TIMEOUT_S = 300
 MESHES = ["tp2dp1", "tp2dp2", "tp4dp1"]
 
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, CHECK], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_check(CHECK)
 
 
 def test_reference_run_exercises_adapters_and_slot_reuse(report):

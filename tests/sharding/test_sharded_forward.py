@@ -4,24 +4,18 @@ The device count must be set before jax starts, and the root conftest has alread
 device, so the checks run in a subprocess (`_check_equivalence.py`) that reports JSON; these tests assert on it.
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
+from _common import run_check
 
 CHECK = os.path.join(os.path.dirname(__file__), "_check_equivalence.py")
-TIMEOUT_S = 300
 CASES = ["tp8", "tp2_dp4", "tp4_kv2"]
 
 
 @pytest.fixture(scope="module")
 def report():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, CHECK], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr[-5000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_check(CHECK)
 
 
 @pytest.mark.parametrize("case", CASES)
