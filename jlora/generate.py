@@ -30,12 +30,12 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, adapters: dict[str, str] | None = None, dtype: str = "float32",
                  bank: LoraBankConfig | None = None, max_model_len: int | None = None,
                  lora_backend: str | None = None, progress: bool = True, engine: EngineConfig | None = None):
-        self.model, self.tokenizer = load_model(model, jnp.dtype(dtype), progress=progress)
-        self.config = self.model.config
+        llama, self.tokenizer = load_model(model, jnp.dtype(dtype), progress=progress)
+        self.config = llama.config
         cfg = engine or EngineConfig()
         cfg = dataclasses.replace(cfg, bank=bank or cfg.bank, max_model_len=max_model_len or cfg.max_model_len,
                                   lora_backend=lora_backend or cfg.lora_backend)
-        self.engine = Engine(self.model, self.tokenizer, cfg)
+        self.engine = Engine(llama, self.tokenizer, cfg, donate_weights=True)  # the engine owns the weights
         for name, path in (adapters or {}).items():
             self.load_adapter(name, path)
 

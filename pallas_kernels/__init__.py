@@ -2,7 +2,7 @@
 
 Imports only jax and numpy.
 """
-from pallas_kernels.dispatch import lora_expand, lora_shrink, resolve_backend
+from pallas_kernels.dispatch import lora_expand, lora_shrink, lora_shrink_expand, resolve_backend
 from pallas_kernels.metadata import SegmentMetadata, segment_metadata
 from pallas_kernels.reference import ref_lora_expand, ref_lora_shrink
 
@@ -10,6 +10,7 @@ __all__ = [
     "SegmentMetadata",
     "lora_expand",
     "lora_shrink",
+    "lora_shrink_expand",
     "ref_lora_expand",
     "ref_lora_shrink",
     "resolve_backend",

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels import tuning
+from pallas_kernels import stacked, tuning
 from pallas_kernels.metadata import SegmentMetadata
 
 # tl.dot needs every dimension >= 16; smaller ranks use a broadcast multiply-reduce instead.
@@ -48,8 +48,8 @@ def _num_programs(meta: SegmentMetadata, num_slots: int) -> int:
   return max(1, min(meta.max_tiles, _cdiv(meta.num_tokens, meta.block_t) + num_slots + 1))
 
 
-def _shrink_kernel(lo_ref, hi_ref, slot_ref, nt_ref, ids_ref, x_ref, a_ref, o_ref, *, bt, bk, rank,
-                   rank_p, d_in, k_steps, num_tokens, compute_dtype):
+def _shrink_kernel(lo_ref, hi_ref, slot_ref, nt_ref, layer_ref, ids_ref, x_ref, a_ref, o_ref, *, bt, bk,
+                   rank, rank_p, d_in, k_steps, num_tokens, num_slots, compute_dtype):
   pid = pl.program_id(0)
   split = pl.program_id(1)
   nprog = pl.num_programs(0)
@@ -70,11 +70,13 @@ def _shrink_kernel(lo_ref, hi_ref, slot_ref, nt_ref, ids_ref, x_ref, a_ref, o_re
 
   jax.lax.fori_loop(0, _trips(_cdiv(num_tokens, bt), pid, nprog), zero_body, 0)
 
+  layer_base = layer_ref[0] * num_slots
+
   def tile_body(it, carry):
     i = pid + it * nprog
     lo = lo_ref[i]
     hi = hi_ref[i]
-    slot = slot_ref[i]
+    slot = layer_base + slot_ref[i]  # row of the [L * S, d_in, R] view of A
     row_ok = (lo + iota_t) < hi
 
     def k_body(kk, acc):
@@ -95,12 +97,17 @@ def _shrink_kernel(lo_ref, hi_ref, slot_ref, nt_ref, ids_ref, x_ref, a_ref, o_re
   jax.lax.fori_loop(0, _trips(num_tiles, pid, nprog), tile_body, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, meta: SegmentMetadata, *,
-           interpret: bool = False) -> jax.Array:
-  """Triton segmented shrink. Semantics and shapes as `dispatch.lora_shrink`; returns [T, R] f32."""
+@functools.partial(jax.jit, static_argnames=("interpret", "sum_splits"))
+def shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, meta: SegmentMetadata, layer=None, *,
+           interpret: bool = False, sum_splits: bool = True) -> jax.Array:
+  """Triton segmented shrink. Semantics and shapes as `dispatch.lora_shrink`; returns [T, R] f32.
+
+  With sum_splits=False it returns the [K, T, R] partial sums of its K programs per tile over d_in (decode splits
+  d_in to fill the GPU), for `expand` to add up: one launch fewer than summing them here.
+  """
   num_tokens, d_in = x.shape
-  num_slots, _, rank = a.shape
+  (a,), layer_arr, num_slots = stacked.in_place((a,), layer)
+  rank = a.shape[2]
   blocks = tuning.gpu_shrink_blocks(num_tokens, d_in, rank, jnp.promote_types(x.dtype, a.dtype).itemsize)
   bt = meta.block_t
   bk = min(blocks.block_k, max(16, pl.next_power_of_2(d_in)))
@@ -111,7 +118,7 @@ def shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, meta: SegmentMetadat
   compute_dtype = jnp.promote_types(x.dtype, a.dtype)
   kernel = functools.partial(_shrink_kernel, bt=bt, bk=bk, rank=rank,
                              rank_p=_padded(rank), d_in=d_in, k_steps=k_steps,
-                             num_tokens=num_tokens, compute_dtype=compute_dtype)
+                             num_tokens=num_tokens, num_slots=num_slots, compute_dtype=compute_dtype)
   partials = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((splits, num_tokens, rank), jnp.float32),
@@ -120,12 +127,14 @@ def shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, meta: SegmentMetadat
                                            num_stages=blocks.num_stages),
       interpret=interpret,
       name="lora_shrink",
-  )(meta.tile_lo, meta.tile_hi, meta.tile_slot, meta.num_tiles, slot_ids.astype(jnp.int32), x, a)
+  )(meta.tile_lo, meta.tile_hi, meta.tile_slot, meta.num_tiles, layer_arr, slot_ids.astype(jnp.int32), x, a)
+  if not sum_splits:
+    return partials
   return partials[0] if splits == 1 else jnp.sum(partials, axis=0)
 
 
-def _expand_kernel(lo_ref, hi_ref, slot_ref, nt_ref, v_ref, *refs, bt, bn, rank, rank_p, dims,
-                   block_starts, num_slices):
+def _expand_kernel(lo_ref, hi_ref, slot_ref, nt_ref, layer_ref, v_ref, *refs, bt, bn, rank, rank_p, dims,
+                   block_starts, num_slices, num_slots, v_splits):
   b_refs = refs[:num_slices]
   o_ref = refs[-1]  # aliases y: rows outside every tile keep y's values
   y_ref = refs[num_slices]
@@ -133,6 +142,7 @@ def _expand_kernel(lo_ref, hi_ref, slot_ref, nt_ref, v_ref, *refs, bt, bn, rank,
   col_block = pl.program_id(1)
   nprog = pl.num_programs(0)
   num_tiles = nt_ref[0]
+  layer_base = layer_ref[0] * num_slots
   iota_t = jnp.arange(bt, dtype=jnp.int32)
   iota_n = jnp.arange(bn, dtype=jnp.int32)
   r_ok = jnp.arange(rank_p, dtype=jnp.int32) < rank  # ranks below 16 are padded and masked
@@ -153,13 +163,16 @@ def _expand_kernel(lo_ref, hi_ref, slot_ref, nt_ref, v_ref, *refs, bt, bn, rank,
         i = pid + it * nprog
         lo = lo_ref[i]
         hi = hi_ref[i]
-        slot = slot_ref[i]
+        slot = layer_base + slot_ref[i]
         row_ok = (lo + iota_t) < hi
         mask = row_ok[:, None] & col_ok[None, :]
-        # A traced column start: a static one would fail Pallas's bounds check when rank_p > rank,
-        # although the padded columns are masked.
-        vb = plgpu.load(v_ref.at[pl.ds(lo, bt), pl.ds(j * rank + 0 * lo, rank_p)],
-                        mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        # Traced split and column starts: a static column start would fail Pallas's bounds check when
+        # rank_p > rank (although the padded columns are masked), a static split index interpret mode.
+        vb = None
+        for k in range(v_splits):  # the shrink's partial sums over d_in, added up here
+          part = plgpu.load(v_ref.at[k + 0 * lo, pl.ds(lo, bt), pl.ds(j * rank + 0 * lo, rank_p)],
+                            mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+          vb = part if vb is None else vb + part
         bb = plgpu.load(b_ref.at[slot, pl.ds(0, rank_p), pl.ds(n0, bn)],
                         mask=r_ok[:, None] & col_ok[None, :], other=0.0)
         # v is rounded to B's dtype so the dot runs on the tensor cores (as in Punica and vLLM).
@@ -173,13 +186,16 @@ def _expand_kernel(lo_ref, hi_ref, slot_ref, nt_ref, v_ref, *refs, bt, bn, rank,
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
-def expand(y: jax.Array, v: jax.Array, b_slices: tuple[jax.Array, ...], meta: SegmentMetadata, *,
+def expand(y: jax.Array, v: jax.Array, b_slices: tuple[jax.Array, ...], meta: SegmentMetadata, layer=None, *,
            interpret: bool = False) -> jax.Array:
-  """Triton segmented fused expand. Semantics and shapes as `dispatch.lora_expand`."""
+  """Triton segmented fused expand. Semantics and shapes as `dispatch.lora_expand`; v may also be the [K, T, n r]
+  partial sums of `shrink(..., sum_splits=False)`, added up here."""
   num_tokens, d_total = y.shape
   n = len(b_slices)
-  rank = v.shape[1] // n
-  num_slots = b_slices[0].shape[0]
+  if v.ndim == 2:
+    v = v[None]
+  rank = v.shape[2] // n
+  b_slices, layer_arr, num_slots = stacked.in_place(tuple(b_slices), layer)
   dims = tuple(int(b.shape[2]) for b in b_slices)
   itemsize = jnp.promote_types(v.dtype, b_slices[0].dtype).itemsize
   blocks = tuning.gpu_expand_blocks(num_tokens, d_total, rank, itemsize)
@@ -192,8 +208,9 @@ def expand(y: jax.Array, v: jax.Array, b_slices: tuple[jax.Array, ...], meta: Se
   grid = (_num_programs(meta, num_slots), block_starts[-1])
   kernel = functools.partial(_expand_kernel, bt=meta.block_t, bn=bn, rank=rank,
                              rank_p=_padded(rank), dims=dims,
-                             block_starts=tuple(block_starts), num_slices=n)
-  y_index = 5 + n
+                             block_starts=tuple(block_starts), num_slices=n, num_slots=num_slots,
+                             v_splits=v.shape[0])
+  y_index = 6 + n
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
@@ -203,4 +220,5 @@ def expand(y: jax.Array, v: jax.Array, b_slices: tuple[jax.Array, ...], meta: Se
                                            num_stages=blocks.num_stages),
       interpret=interpret,
       name="lora_expand",
-  )(meta.tile_lo, meta.tile_hi, meta.tile_slot, meta.num_tiles, v, *b_slices, y)
+  )(meta.tile_lo, meta.tile_hi, meta.tile_slot, meta.num_tiles, layer_arr, v, *b_slices, y)
+

@@ -50,15 +50,17 @@ def gpu_shrink_blocks(num_tokens: int, d_in: int, rank: int, itemsize: int = 2) 
     bf16 = gpu_shrink_blocks(num_tokens, d_in, rank)
     return dataclasses.replace(bf16, block_k=max(16, bf16.block_k // 2), num_stages=2)
   if num_tokens <= 256 and d_in >= 2048:
-    # Decode: few tiles when few adapters are in the batch, so split d_in over 4 programs per tile
-    # (H100, T=256, one adapter: 5.6 us vs 10.5 us unsplit; 256 adapters: 18.4 vs 16.4 us).
-    return GpuShrinkBlocks(block_k=256, k_splits=4, num_warps=4, num_stages=4)
+    # Decode: few tiles when few adapters are in the batch, so split d_in over programs per tile
+    # (H100, T=256, one adapter: 4 splits 5.6 us vs 10.5 us unsplit; 256 adapters: 18.4 vs 16.4 us). In the
+    # model's groups 2 splits measured best overall (benchmarks/results/decode_group_sweep_h100.json).
+    return GpuShrinkBlocks(block_k=256, k_splits=2, num_warps=4, num_stages=4)
   return GpuShrinkBlocks(block_k=128, k_splits=1, num_warps=4, num_stages=3)
 
 
 def gpu_expand_blocks(num_tokens: int, d_out: int, rank: int, itemsize: int = 2) -> GpuExpandBlocks:
-  # H100: bn=128 with 4 warps was best or within 5% at T=256 and T=8192.
-  return GpuExpandBlocks(block_n=128, num_warps=4, num_stages=2)
+  # H100: bn=128 with 4 warps was best or within 5% at T=256 and T=8192 for one expand alone; in the model's decode
+  # groups (shrink + expand over the stacked bank) bn=256 was 3-10% faster (decode_group_sweep_h100.json).
+  return GpuExpandBlocks(block_n=256 if num_tokens <= 256 else 128, num_warps=4, num_stages=2)
 
 
 def tpu_blocks(d_in: int, d_out: int) -> TpuBlocks:

@@ -1,9 +1,10 @@
 """Forward-step benchmark: one decode step of an 8B-shaped Llama with and without LoRA.
 
-Random bf16 weights; 64 sequences decoding, each with its own rank-16 adapter on all 7 target modules. Times
-(medians of jitted loops of decode steps, on device) the base model with LoRA off, the LoRA kernel path
-(`pallas_kernels` on this platform) and the XLA reference path, side by side, and counts the LoRA kernel
-launches per decode step. Prints a table and writes JSON.
+Random bf16 weights; 64 sequences decoding over the paged KV cache (as the engine runs them, with per-layer
+weights on GPU), each with its own rank-16 adapter on all 7 target modules. Times (medians of jitted loops of
+decode steps, on device) the base model with LoRA off, the LoRA kernel path (`pallas_kernels` on this platform)
+and the XLA reference path, side by side, and counts the LoRA kernel launches per decode step. Prints a table
+and writes JSON.
 
   python3 scripts/bench_forward.py                       # the 8B shape (needs a large GPU)
   python3 scripts/bench_forward.py --tiny --out /tmp/f.json   # a seconds-long smoke run on the CPU
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from jlora.config import LoraBankConfig, ModelConfig, RopeScaling  # noqa: E402
 from jlora.lora import bank as bank_lib  # noqa: E402
 from jlora.model import KVCache, forward, init_params  # noqa: E402
+from jlora.model.llama import split_layers, split_layers_enabled  # noqa: E402
 
 LLAMA_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                        num_kv_heads=8, head_dim=128, rope_theta=500000.0, max_position_embeddings=8192,
@@ -43,15 +45,19 @@ def random_bank(config, rank, slots, key, dtype):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def decode_loop(config, backend, steps):
-    """jit(steps decode steps), carrying the cache and feeding back the argmax token."""
+PAGE_SIZE = 16
+
+
+def decode_loop(config, backend, steps, page_table):
+    """jit(steps decode steps) over the paged KV pool, feeding back the argmax token."""
 
     def run(params, bank, cache, tokens, start, lora_ids):
         def body(i, carry):
             cache, tokens = carry
             pos = jnp.full(tokens.shape, start + i, jnp.int32)
             logits, cache = forward(params, bank, tokens, pos, lora_ids, cache, config=config,
-                                    logit_index=jnp.zeros(tokens.shape[:1], jnp.int32), lora_backend=backend)
+                                    logit_index=jnp.zeros(tokens.shape[:1], jnp.int32), lora_backend=backend,
+                                    page_table=page_table)
             return cache, jnp.argmax(logits, -1).astype(jnp.int32)[:, None]
 
         return jax.lax.fori_loop(0, steps, body, (cache, tokens))
@@ -60,8 +66,11 @@ def decode_loop(config, backend, steps):
 
 
 def time_variant(config, params, bank, backend, batch, ctx, steps, repeats):
-    fn = decode_loop(config, backend, steps)
-    cache = KVCache.zeros(config, batch, ctx + steps * (repeats + 2), params["embed"].dtype)
+    """Median seconds per decode step of `batch` sequences at `ctx` cached tokens (a page block each)."""
+    pages_each = -(-(ctx + steps * (repeats + 2)) // PAGE_SIZE)
+    page_table = jnp.arange(batch * pages_each, dtype=jnp.int32).reshape(batch, pages_each)
+    fn = decode_loop(config, backend, steps, page_table)
+    cache = KVCache.pages(config, batch * pages_each, PAGE_SIZE, params["embed"].dtype)
     tokens = jax.random.randint(jax.random.key(1), (batch, 1), 0, config.vocab_size, jnp.int32)
     lora_ids = jnp.arange(batch, dtype=jnp.int32)[:, None] if bank is not None else None
     start = ctx
@@ -77,13 +86,16 @@ def time_variant(config, params, bank, backend, batch, ctx, steps, repeats):
     return statistics.median(times), np.asarray(tokens)[:, 0]
 
 
-def kernel_launches(config, params, bank, batch, ctx):
-    """pallas_call ops in one decode step (the layer scan body counts once per layer)."""
-    cache = jax.eval_shape(lambda: KVCache.zeros(config, batch, ctx, params["embed"].dtype))
+def kernel_launches(config, params, bank, batch):
+    """pallas_call ops in one decode step (a scanned layer body counts once per layer)."""
+    cache = jax.eval_shape(lambda: KVCache.pages(config, batch, PAGE_SIZE, params["embed"].dtype))
     tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-    jaxpr = jax.make_jaxpr(lambda p, b, c, t: forward(p, b, t, t, t, c, config=config))(params, bank, cache, tokens)
-    text = str(jaxpr)
-    return text.count("pallas_call") * config.num_layers if "pallas_call" in text else 0
+    table = jnp.arange(batch, dtype=jnp.int32)[:, None]
+    jaxpr = jax.make_jaxpr(lambda p, b, c, t: forward(p, b, t, t, t, c, config=config, page_table=table))(
+        params, bank, cache, tokens)
+    per_body = str(jaxpr).count("pallas_call")
+    scanned = not isinstance(params["layers"], (tuple, list))
+    return per_body * config.num_layers if scanned else per_body
 
 
 def main():
@@ -99,6 +111,9 @@ def main():
     config = TINY if args.tiny else LLAMA_8B
     dtype = jnp.bfloat16
     params = jax.jit(lambda k: init_params(config, k, dtype))(jax.random.key(0))
+    split = split_layers_enabled()  # as the engine runs it: per-layer weights on GPU ($JLORA_LAYER_LOOP)
+    if split:
+        params = split_layers(params, donate=True)
     bank = random_bank(config, args.rank, args.batch, jax.random.key(2), dtype)
     rows = {}
     for name, b, backend in [("lora_off", None, None), ("lora_kernels", bank, None),
@@ -117,13 +132,14 @@ def main():
         if "ms_per_step" in r and base:
             r["vs_lora_off"] = r["ms_per_step"] / base
     try:
-        launches = kernel_launches(config, params, bank, args.batch, args.ctx)
+        launches = kernel_launches(config, params, bank, args.batch)
     except Exception as e:  # a count we could not take is reported, not fatal
         launches = "not counted: " + type(e).__name__
     result = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(), "jax": jax.__version__,
               "model": "tiny" if args.tiny else "llama-8b-shaped", "dtype": "bfloat16", "batch": args.batch,
               "distinct_adapters": args.batch, "rank": args.rank, "target_modules": 7, "ctx": args.ctx,
-              "lora_kernel_launches_per_decode_step": launches, "variants": rows,
+              "lora_kernel_launches_per_decode_step": launches, "variants": rows, "kv_cache": "paged",
+              "layer_loop": "split" if split else "scan",
               "command": "python3 scripts/bench_forward.py" + (" --tiny" if args.tiny else "")}
     print(f"{'variant':<16}{'ms/step':>10}{'tok/s':>12}{'vs LoRA off':>14}")
     for name, r in rows.items():

@@ -75,7 +75,10 @@ class RequestOutput:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig()):
+    def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig(), donate_weights: bool = False):
+        """Args: model (`Llama`), tokenizer, config; donate_weights: the engine may delete the model's stacked weight
+        arrays once it holds its per-layer copies (GPU), which leaves `model` unusable (`LLM` and `jlora serve`
+        pass True)."""
         self.model_config, self.tokenizer, self.config = model.config, tokenizer, config
         dtype = model.dtype
         self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
@@ -94,7 +97,7 @@ class Engine:
                                                    config.max_prefill_chunk), self.allocator, self.store.fits)
         runner_kw = dict(num_pages=self.plan.num_pages, page_size=config.page_size, max_model_len=self.max_model_len,
                          max_num_seqs=config.max_num_seqs, dtype=dtype, lora_backend=config.lora_backend,
-                         num_logprobs=config.num_logprobs)
+                         num_logprobs=config.num_logprobs, donate_params=donate_weights)
         if sharded is None:
             self.runner = ModelRunner(model.config, model.params(), **runner_kw)
         else:

@@ -20,6 +20,7 @@ from jlora.config import ModelConfig
 from jlora.engine.model_runner import ModelRunner, sample_outputs
 from jlora.lora import bank as bank_lib
 from jlora.lora.bank import BucketBank, LoraBank
+from jlora.model.llama import split_layers_enabled
 from jlora.model.sharded import ShardedModel, bank_to_shard_layout
 from jlora.sharding import make_mesh
 
@@ -100,7 +101,8 @@ class MeshRunner(ModelRunner):
         return self.model.dp
 
     def _place(self, params, num_pages: int, page_size: int, dtype):
-        return self.model.place_params(params), self.model.pages_zeros(num_pages, page_size, dtype)
+        return (self.model.place_params(params, split=split_layers_enabled()),
+                self.model.pages_zeros(num_pages, page_size, dtype))
 
     def _run(self, bank, a: dict) -> tuple[np.ndarray, ...]:
         a = distributed.broadcast_step(a)  # process 0's batch, on every process

@@ -17,7 +17,7 @@ import numpy as np
 from jlora.config import ModelConfig
 from jlora.engine.scheduler import ScheduledBatch
 from jlora.model.kv_cache import KVCache
-from jlora.model.llama import forward
+from jlora.model.llama import forward, split_layers, split_layers_enabled
 from jlora.sampling import sample
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
@@ -92,21 +92,27 @@ class ModelRunner:
       num_pages, page_size: the KV page pool.
       max_model_len: longest sequence; bounds the page-table width.
       max_num_seqs: the largest sequence bucket (per data replica).
+      donate_params: on GPU the stacked layer weights are split per layer (`llama.split_layers`); if True the
+        caller's stacked arrays are deleted as they are split, so the weights are never held twice.
     """
 
     dp = 1  # data replicas: each owns a block of rows of every step and a block of pages
 
     def __init__(self, config: ModelConfig, params, *, num_pages: int, page_size: int, max_model_len: int,
-                 max_num_seqs: int, dtype=jnp.float32, lora_backend: str | None = None, num_logprobs: int = 5):
+                 max_num_seqs: int, dtype=jnp.float32, lora_backend: str | None = None, num_logprobs: int = 5,
+                 donate_params: bool = False):
         self.config = config
         self.page_size, self.max_num_seqs = page_size, max_num_seqs
         self.pages_per_replica = num_pages // self.dp
         self.max_pages = -(-max_model_len // page_size)
+        self.donate_params = donate_params
         self.params, self.cache = self._place(params, num_pages, page_size, dtype)
         self.backend, self.num_logprobs = lora_backend, num_logprobs
         self.shapes_run: set[tuple] = set()
 
     def _place(self, params, num_pages: int, page_size: int, dtype):
+        if split_layers_enabled():
+            params = split_layers(params, donate=self.donate_params)
         return params, KVCache.pages(self.config, num_pages, page_size, dtype)
 
     def _run(self, bank, a: dict) -> tuple[np.ndarray, ...]:

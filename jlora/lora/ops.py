@@ -46,8 +46,8 @@ def make_lora_batch(bank: LoraBank, lora_ids: jax.Array, backend: str | None = N
     return LoraBatch(slot_ids=tuple(slot_ids), meta=tuple(meta))
 
 
-def lora_project(x: jax.Array, y: jax.Array, group: str, layer_bank: LoraBank, batch: LoraBatch,
-                 backend: str | None = None) -> jax.Array:
+def lora_project(x: jax.Array, y: jax.Array, group: str, bank: LoraBank, batch: LoraBatch,
+                 backend: str | None = None, layer: jax.Array | None = None) -> jax.Array:
     """Adds every token's own adapter delta to a (fused) projection's output.
 
     Semantics: y[t, slice j] += (x[t] @ A_j[slot(t)]) @ B_j[slot(t)] for each fused slice j.
@@ -56,12 +56,13 @@ def lora_project(x: jax.Array, y: jax.Array, group: str, layer_bank: LoraBank, b
       x: [N, d_in] the projection's input.
       y: [N, sum_j d_j] the base projection's output.
       group: one of "qkv", "o", "gate_up", "down".
-      layer_bank: one layer's bank (leading L axis removed).
+      bank: the stacked bank ([L, ...] arrays) with `layer` the int32 layer index, or one layer's bank
+        (L axis removed) with layer None.
       batch: this step's `LoraBatch`.
     """
-    for bucket, ids, meta in zip(layer_bank.buckets, batch.slot_ids, batch.meta):
+    for bucket, ids, meta in zip(bank.buckets, batch.slot_ids, batch.meta):
         if group not in bucket.a:  # the bank does not serve this projection (LoraBankConfig.modules)
             continue
-        v = pallas_kernels.lora_shrink(x, bucket.a[group], ids, meta=meta, backend=backend)
-        y = pallas_kernels.lora_expand(y, v, bucket.b[group], ids, meta=meta, backend=backend)
+        y = pallas_kernels.lora_shrink_expand(x, y, bucket.a[group], bucket.b[group], ids, meta=meta,
+                                              backend=backend, layer=layer)
     return y

@@ -32,7 +32,7 @@ from jlora.config import ModelConfig
 from jlora.lora.bank import BucketBank, LoraBank
 from jlora.lora.ops import make_lora_batch
 from jlora.model.kv_cache import KVCache
-from jlora.model.llama import Params, decoder_stack, rms_norm
+from jlora.model.llama import Params, decoder_stack, rms_norm, split_layers
 
 # Logical axes of every placed (shard-major) parameter.
 _LAYER_AXES = {
@@ -147,7 +147,11 @@ def bank_to_shard_layout(bank: LoraBank, plan: ShardPlan) -> LoraBank:
 def param_specs(params: Params):
     """`PartitionSpec` of every placed parameter, keyed like `params`."""
     specs = {k: sharding.spec(*_TOP_AXES[k]) for k in params if k != "layers"}
-    specs["layers"] = {k: sharding.spec(*_LAYER_AXES[k]) for k in params["layers"]}
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):  # split per layer (`split_layers`): no leading L axis
+        specs["layers"] = tuple({k: sharding.spec(*_LAYER_AXES[k][1:]) for k in layer} for layer in layers)
+    else:
+        specs["layers"] = {k: sharding.spec(*_LAYER_AXES[k]) for k in layers}
     return specs
 
 
@@ -271,10 +275,16 @@ class ShardedModel:
     def plan(self) -> ShardPlan:
         return ShardPlan(self.config, self.tp)
 
-    def place_params(self, params: Params) -> Params:
-        """Logical params (NumPy or jax arrays; the same on every process) -> placed, shard-major params."""
+    def place_params(self, params: Params, split: bool = False) -> Params:
+        """Logical params (NumPy or jax arrays; the same on every process) -> placed, shard-major params, split per
+        layer (`split_layers`, the placed stacked copies freed) if `split`."""
         laid = to_shard_layout(params, self.plan)
-        return _place_tree(laid, param_specs(laid), self.mesh)
+        placed = _place_tree(laid, param_specs(laid), self.mesh)
+        if not split:
+            return placed
+        one = {k: NamedSharding(self.mesh, sharding.spec(*_LAYER_AXES[k][1:])) for k in placed["layers"]}
+        given = {id(x) for x in jax.tree_util.tree_leaves(params)}  # device_put may hand back the caller's array
+        return split_layers(placed, donate=lambda x: id(x) not in given, shardings=one)
 
     def place_bank(self, bank: LoraBank) -> LoraBank:
         laid = bank_to_shard_layout(bank, self.plan)

@@ -83,7 +83,7 @@ def build_engine(config: ServeConfig) -> Engine:
     from jlora.checkpoint.resolve import load_model
 
     model, tokenizer = load_model(config.model, jnp.dtype(config.dtype), progress=True)
-    engine = Engine(model, tokenizer, config.engine_config())
+    engine = Engine(model, tokenizer, config.engine_config(), donate_weights=True)
     for name, path in config.loras:
         engine.store.register(name, path)
     if config.warmup:

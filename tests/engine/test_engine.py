@@ -67,6 +67,24 @@ def test_mixed_arrivals_match_reference_generation(tiny):
     _check_against_reference(engine, tiny, requests, done)
 
 
+def test_split_layers_engine_matches_reference(tiny, monkeypatch):
+    """The engine's GPU layout, forced on the CPU: per-layer weights give the (scanned) reference's greedy tokens,
+    and donate_weights frees the model's stacked arrays once they are split."""
+    from jlora.model import Llama
+    monkeypatch.setenv("JLORA_LAYER_LOOP", "split")
+    engine = make_engine(tiny)
+    assert isinstance(engine.runner.params["layers"], tuple)
+    rng = np.random.default_rng(3)
+    requests = _requests(rng, 12, [None] + list(tiny["adapters"]))
+    done = run_staggered(engine, requests, arrivals=rng.integers(0, 6, 12).tolist())
+    _check_against_reference(engine, tiny, requests, done)
+    assert not any(x.is_deleted() for x in tiny["model"].params()["layers"].values())  # not donated: untouched
+    copy = Llama(tiny["model"].config, {**tiny["model"].params(), "layers": {
+        k: v + 0 for k, v in tiny["model"].params()["layers"].items()}})
+    Engine(copy, None, EngineConfig(num_pages=8, page_size=4, max_model_len=32, bank=BANK), donate_weights=True)
+    assert all(x.is_deleted() for x in copy.params()["layers"].values())
+
+
 def test_preemption_under_tiny_page_budget(tiny):
     engine = make_engine(tiny, num_pages=10, max_num_seqs=8)
     rng = np.random.default_rng(1)

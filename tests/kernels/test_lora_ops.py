@@ -142,6 +142,59 @@ def test_drawn_segments(backend, ids, seed):
   check_group(backend, ids, seed=seed)
 
 
+@pytest.mark.parametrize("layer", [0, 2])
+def test_stacked_bank_read_in_place_at_a_traced_layer(backend, layer):
+  """layer= on a stacked [L, S, ...] bank equals the per-layer call on that layer's slice."""
+  num_layers, tokens = 3, 37
+  keys = jax.random.split(jax.random.key(layer + 10), num_layers)
+  groups = [make_group(k, tokens, 128, 16, (256, 128, 128), jnp.float32) for k in keys]
+  a = jnp.stack([g[1] for g in groups])
+  bs = tuple(jnp.stack([g[2][j] for g in groups]) for j in range(3))
+  x, y = groups[0][0], groups[0][3]
+  ids = jnp.asarray(popularity_ids(np.random.default_rng(layer), tokens, SLOTS, "uniform"))
+  ids = ids.at[:3].set(-1)
+
+  @jax.jit
+  def run(x, a, bs, y, ids, i):
+    meta = pk.segment_metadata(ids, backend=backend)
+    v = pk.lora_shrink(x, a, ids, meta=meta, backend=backend, layer=i)
+    return v, pk.lora_expand(y, v, bs, ids, meta=meta, backend=backend, layer=i)
+
+  v, out = run(x, a, bs, y, ids, jnp.int32(layer))
+  v_ref = pk.ref_lora_shrink(x, a[layer], ids)
+  assert_close(v, v_ref, jnp.float32, "stacked shrink")
+  assert_close(out, pk.ref_lora_expand(y, v, tuple(b[layer] for b in bs), ids), jnp.float32, "stacked expand")
+  other = pk.ref_lora_shrink(x, a[(layer + 1) % num_layers], ids)
+  assert np.linalg.norm(np.asarray(v - other)) > 0.1 * np.linalg.norm(np.asarray(v_ref)), "read the wrong layer"
+  with pytest.raises(ValueError, match="stacked"):
+    pk.lora_shrink(x, a[0], ids, backend=backend, layer=0)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_group_with_split_d_in(backend, dtype):
+  """lora_shrink_expand (the model's call) equals the reference; d_in=2048 at T=24 makes the Triton shrink split
+  d_in over programs per tile, whose partial sums the expand adds up."""
+  tokens, num_layers = 24, 2
+  keys = jax.random.split(jax.random.key(7), num_layers)
+  groups = [make_group(k, tokens, 2048, 16, (256, 128), dtype) for k in keys]
+  a = jnp.stack([g[1] for g in groups])
+  bs = tuple(jnp.stack([g[2][j] for g in groups]) for j in range(2))
+  x, y = groups[0][0], groups[0][3]
+  ids = jnp.asarray(popularity_ids(np.random.default_rng(3), tokens, SLOTS, "zipf")).at[-2:].set(-1)
+  out = jax.jit(lambda x, y, ids: pk.lora_shrink_expand(x, y, a, bs, ids, backend=backend, layer=1))(x, y, ids)
+  b1 = tuple(b[1] for b in bs)
+  want = pk.ref_lora_expand(y, pk.ref_lora_shrink(x, a[1], ids), b1, ids)
+  assert out.dtype == y.dtype
+  assert_close(out, want, dtype, "fused group")
+  assert rel_err_np(want, y) > 1e-2  # the delta is not negligible
+  np.testing.assert_array_equal(np.asarray(out[-2:], np.float32), np.asarray(y[-2:], np.float32))
+
+
+def rel_err_np(a, b):
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
 def test_validation_errors():
   x = jnp.ones((4, 8))
   a = jnp.ones((2, 8, 4))

@@ -13,6 +13,7 @@ from jlora.config import LoraBankConfig, ModelConfig, RopeScaling
 from jlora.lora.peft import read_spec
 from jlora.lora.registry import AdapterRegistry
 from jlora.model import KVCache, forward, init_params, param_shapes
+from jlora.model.llama import split_layers, split_layers_enabled
 
 fwd = jax.jit(forward, static_argnames=("config", "lora_backend"))
 
@@ -136,3 +137,32 @@ def test_bf16_loading_tracks_fp32(tmp_path):
     got, _ = fwd(p16, None, tokens, positions, None, KVCache.zeros(c16, 2, 8, jnp.bfloat16), config=c16)
     err = rel_err(got, ref)
     assert 1e-5 < err < 5e-2  # bf16 rounding, not garbage, and really bf16
+
+
+@pytest.mark.parametrize("backend", ["xla", "interpret"])
+def test_split_layers_equal_the_scan(tmp_path, monkeypatch, backend):
+    """Per-layer weights (`split_layers`, a Python layer loop) give the scan's logits and cache, paged or not, with
+    LoRA through the XLA path or the Triton kernels (interpret mode) reading the stacked bank in place."""
+    config, params = load_hf_dir(write_model(str(tmp_path / "m")))
+    reg = AdapterRegistry(config, LoraBankConfig(buckets=(4, 8), slots=(1, 1)))
+    reg.register("a", write_adapter(str(tmp_path / "a"), r=3, seed=1, std=0.3))
+    reg.register("b", write_adapter(str(tmp_path / "b"), r=8, seed=2, std=0.3))
+    rng = np.random.default_rng(5)
+    tokens, positions = _inputs(rng, 3, 6, config.vocab_size)
+    ids = jnp.asarray(np.repeat(np.array(reg.slots_for(["a", "b", None]))[:, None], 6, 1), jnp.int32)
+    split = split_layers(params)
+    assert isinstance(split["layers"], tuple) and len(split["layers"]) == config.num_layers
+    assert split["layers"][1]["w_qkv"].shape == params["layers"]["w_qkv"].shape[1:]
+    table = jnp.asarray(rng.permutation(12)[:6].reshape(3, 2), jnp.int32)
+    for cache, page_table in [(KVCache.zeros(config, 3, 8), None), (KVCache.pages(config, 12, 4), table)]:
+        run = jax.jit(lambda p, c: forward(p, reg.bank, tokens, positions, ids, c, config=config,
+                                           lora_backend=backend, page_table=page_table))
+        want, want_cache = run(params, cache)
+        got, got_cache = run(split, cache)
+        assert rel_err(got, want) < 1e-5 and rel_err(got_cache.k, want_cache.k) < 1e-6
+        assert float(jnp.abs(got_cache.v).max()) > 0.01  # the cache was written
+    base, _ = fwd(params, None, tokens, positions, None, KVCache.zeros(config, 3, 8), config=config)
+    assert rel_err(base[:2], got[:2]) > 1e-3  # the adapters change the output
+    monkeypatch.setenv("JLORA_LAYER_LOOP", "unroll")
+    with pytest.raises(ValueError, match="JLORA_LAYER_LOOP"):
+        split_layers_enabled()

@@ -3,11 +3,12 @@
 Run by `test_engine_sharded.py` in a subprocess (the device count must be fixed before jax starts). Runs alone
 too: `python tests/sharding/_engine_check.py`.
 
-For each mesh (tp=1 reference; tp=2; tp=2 x dp=2; tp=4, where the tiny model's 2 kv heads are copied) one
-engine serves the same staggered greedy requests in float32: base-only rows and adapters of rank 4, 8 and 16,
-two of them registered only after the engine has run steps, with fewer rank-8 slots than rank-8 adapters (so
-slots are evicted and rewritten). Reports per mesh the generated tokens, whether every bank array kept its
-placement, and for tp=2 the compile count before and after the requests (after `Engine.warmup`).
+For each mesh (tp=1 reference; tp=2; tp=2 x dp=2, also with per-layer weights as on GPUs; tp=4, where the tiny
+model's 2 kv heads are copied) one engine serves the same staggered greedy requests in float32: base-only rows
+and adapters of rank 4, 8 and 16, two of them registered only after the engine has run steps, with fewer rank-8
+slots than rank-8 adapters (so slots are evicted and rewritten). Reports per mesh the generated tokens, whether
+every bank array and weight kept its placement, and for tp=2 the compile count before and after the requests
+(after `Engine.warmup`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from jlora.config import LoraBankConfig  # noqa: E402
 from jlora.engine.engine import Engine, EngineConfig  # noqa: E402
 from jlora.engine.model_runner import compile_count  # noqa: E402
 from jlora.model import Llama  # noqa: E402
-from jlora.model.sharded import bank_specs  # noqa: E402
+from jlora.model.sharded import bank_specs, param_specs  # noqa: E402
 from jlora.sampling import SamplingParams  # noqa: E402
 
 BANK = LoraBankConfig(buckets=(8, 16), slots=(2, 1))
@@ -87,8 +88,13 @@ def serve(model, paths, tp, dp, warmup=False) -> dict:
         for path, x, spec in zip(range(10 ** 6), jax.tree.leaves(bank), jax.tree.leaves(bank_specs(bank))):
             if not x.sharding.is_equivalent_to(NamedSharding(mesh.mesh, spec), x.ndim):
                 misplaced.append(f"leaf {path}: {x.sharding}")
+        params = engine.runner.params
+        for path, x, spec in zip(range(10 ** 6), jax.tree.leaves(params), jax.tree.leaves(param_specs(params))):
+            if not x.sharding.is_equivalent_to(NamedSharding(mesh.mesh, spec), x.ndim):
+                misplaced.append(f"param {path}: {x.sharding}")
     return {"tokens": [done[str(i)] for i in range(len(REQUESTS))], "compiles": compiles,
             "slot_writes": engine.store.slots.num_writes, "misplaced": misplaced, "preemptions": engine.preemptions,
+            "split_layers": isinstance(engine.runner.params["layers"], tuple),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -101,6 +107,8 @@ def main() -> None:
                                      **({"targets": t} if t else {}))
                  for i, (name, (r, t)) in enumerate(ADAPTERS.items())}
         results = {f"tp{tp}dp{dp}": serve(model, paths, tp, dp, warmup=(tp, dp) == (2, 1)) for tp, dp in MESHES}
+        os.environ["JLORA_LAYER_LOOP"] = "split"  # the GPU layout: per-layer weights placed on the mesh
+        results["tp2dp2_split"] = serve(model, paths, 2, 2)
     print(json.dumps(results))
 
 

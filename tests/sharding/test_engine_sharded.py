@@ -9,7 +9,7 @@ import pytest
 from _common import run_check
 
 CHECK = os.path.join(os.path.dirname(__file__), "_engine_check.py")
-MESHES = ["tp2dp1", "tp2dp2", "tp4dp1"]
+MESHES = ["tp2dp1", "tp2dp2", "tp4dp1", "tp2dp2_split"]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +33,10 @@ def test_greedy_tokens_equal_one_device(report, mesh):
 def test_slot_writes_keep_the_bank_placement(report, mesh):
     assert report[mesh]["misplaced"] == []
     assert report[mesh]["slot_writes"] == report["tp1dp1"]["slot_writes"]
+
+
+def test_split_layers_case_ran_split(report):
+    assert report["tp2dp2_split"]["split_layers"] and not report["tp2dp2"]["split_layers"]
 
 
 def test_no_compilation_after_warmup_at_tp2(report):
