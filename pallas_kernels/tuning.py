@@ -52,7 +52,8 @@ def gpu_shrink_blocks(num_tokens: int, d_in: int, rank: int, itemsize: int = 2) 
   if num_tokens <= 256 and d_in >= 2048:
     # Decode: few tiles when few adapters are in the batch, so split d_in over programs per tile
     # (H100, T=256, one adapter: 4 splits 5.6 us vs 10.5 us unsplit; 256 adapters: 18.4 vs 16.4 us). In the
-    # model's groups 2 splits measured best overall (benchmarks/results/decode_group_sweep_h100.json).
+    # model's decode groups over the stacked bank 2 splits measured best overall (decode_group_sweep_h100.json:
+    # q|k|v and gate|up faster, down slower), though a lone r=16 shrink with one adapter is slower than with 4.
     return GpuShrinkBlocks(block_k=256, k_splits=2, num_warps=4, num_stages=4)
   return GpuShrinkBlocks(block_k=128, k_splits=1, num_warps=4, num_stages=3)
 
