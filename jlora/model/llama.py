@@ -127,6 +127,12 @@ def split_layers_enabled() -> bool:
     return choice == "split"
 
 
+@functools.lru_cache(maxsize=None)
+def _unstacker(num_layers: int, shardings):
+    """One jitted [L, ...] -> L arrays split per (L, target shardings), so later engines compile nothing new."""
+    return jax.jit(lambda x: tuple(x[i] for i in range(num_layers)), out_shardings=shardings)
+
+
 def split_layers(params: Params, donate=False, shardings=None) -> Params:
     """`params` with "layers" as a tuple of per-layer dicts of [d...] arrays instead of stacked [L, d...] arrays.
 
@@ -144,7 +150,7 @@ def split_layers(params: Params, donate=False, shardings=None) -> Params:
     out = [{} for _ in range(num_layers)]
     for name, stacked in layers.items():
         target = None if shardings is None else (shardings[name],) * num_layers
-        parts = jax.jit(lambda x: tuple(x[i] for i in range(num_layers)), out_shardings=target)(stacked)
+        parts = _unstacker(num_layers, target)(stacked)
         for layer, part in zip(out, parts):
             layer[name] = part
         if isinstance(stacked, jax.Array) and (donate(stacked) if callable(donate) else donate):
