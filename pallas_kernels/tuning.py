@@ -38,8 +38,9 @@ def block_t(num_tokens: int, backend: str) -> int:
     if num_tokens <= 512:
       return num_tokens  # a block as tall as the whole array is always legal
     return preferred  # the Mosaic wrapper pads the rows (engines pad T to buckets anyway)
-  # Triton: 16-token tiles measured best on the H100 for decode and for T=8192 (shrink 34.6 us at
-  # d=4096, r=16, 128 adapters); A and B re-reads per tile are served from L2.
+  # Triton: 16-token tiles measured best on the H100 for decode and for T=8192 (shrink 34.6 us at d=4096,
+  # r=16, 128 adapters); A and B re-reads per tile are served from L2. 32-token tiles (with a 4-way split shrink)
+  # made expands over many short segments 10-50% slower at T >= 1024.
   return 16
 
 
@@ -55,6 +56,11 @@ def gpu_shrink_blocks(num_tokens: int, d_in: int, rank: int, itemsize: int = 2) 
     # model's decode groups over the stacked bank 2 splits measured best overall (decode_group_sweep_h100.json:
     # q|k|v and gate|up faster, down slower), though a lone r=16 shrink with one adapter is slower than with 4.
     return GpuShrinkBlocks(block_k=256, k_splits=2, num_warps=4, num_stages=4)
+  if num_tokens <= 4096 and d_in >= 2048:
+    # Mid-sized prefill: one long segment makes too few programs for the GPU, so split d_in 4 ways per tile
+    # (H100, one adapter at T=2048: 15.9 -> 10.4 us at d=4096, 50.6 -> 28.0 us at d=14336). At T=8192 there are
+    # programs enough, and the split cost 5-8% (kernels_h100_r16_prefill_split.json).
+    return GpuShrinkBlocks(block_k=128, k_splits=4, num_warps=4, num_stages=3)
   return GpuShrinkBlocks(block_k=128, k_splits=1, num_warps=4, num_stages=3)
 
 

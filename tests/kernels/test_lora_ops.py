@@ -190,6 +190,21 @@ def test_fused_group_with_split_d_in(backend, dtype):
   np.testing.assert_array_equal(np.asarray(out[-2:], np.float32), np.asarray(y[-2:], np.float32))
 
 
+def test_prefill_sized_step(backend):
+  """T > 256 takes the prefill tiling (the shrink splits d_in 4 ways on Triton): one long segment, short ones and
+  no-adapter tokens, through the public ops and the model's fused call."""
+  tokens = 300
+  x, a, bs, y = make_group(jax.random.key(11), tokens, 2048, 16, (256, 128), jnp.bfloat16)
+  ids = jnp.asarray(np.concatenate([np.full(220, 1), np.full(7, -1), np.full(40, 3), np.arange(33) % SLOTS]),
+                    jnp.int32)
+  v, out = run_group(backend, x, a, bs, y, ids)
+  assert_close(v, pk.ref_lora_shrink(x, a, ids), jnp.bfloat16, "prefill shrink")
+  assert_close(out, pk.ref_lora_expand(y, v, bs, ids), jnp.bfloat16, "prefill expand")
+  fused = jax.jit(lambda x, y, ids: pk.lora_shrink_expand(x, y, a, bs, ids, backend=backend))(x, y, ids)
+  assert_close(fused, pk.ref_lora_expand(y, pk.ref_lora_shrink(x, a, ids), bs, ids), jnp.bfloat16, "prefill group")
+  np.testing.assert_array_equal(np.asarray(fused[220:227], np.float32), np.asarray(y[220:227], np.float32))
+
+
 def rel_err_np(a, b):
   a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
   return np.linalg.norm(a - b) / np.linalg.norm(b)
