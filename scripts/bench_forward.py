@@ -28,6 +28,7 @@ from jlora.config import LoraBankConfig, ModelConfig, RopeScaling  # noqa: E402
 from jlora.lora import bank as bank_lib  # noqa: E402
 from jlora.model import KVCache, forward, init_params  # noqa: E402
 from jlora.model.llama import split_layers, split_layers_enabled  # noqa: E402
+from bench_kernels import count_ops  # noqa: E402  (scripts/ is sys.path[0] when this runs as a script)
 
 LLAMA_8B = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                        num_kv_heads=8, head_dim=128, rope_theta=500000.0, max_position_embeddings=8192,
@@ -86,25 +87,6 @@ def time_variant(config, params, bank, backend, batch, ctx, steps, repeats):
     return statistics.median(times), np.asarray(tokens)[:, 0]
 
 
-def _count_pallas(jaxpr) -> int:
-    """pallas_call equations executed by one run of `jaxpr`: nested calls counted where they are used, scan
-    bodies times their length (a printed jaxpr shows a shared sub-jaxpr once, so text counts undercount)."""
-    total = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "pallas_call":
-            total += 1
-            continue
-        times = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
-        subs = [v for v in eqn.params.values() if hasattr(v, "eqns") or hasattr(v, "jaxpr")]
-        subs += [b for v in eqn.params.values() if isinstance(v, tuple) for b in v if hasattr(b, "jaxpr")]
-        counts = [_count_pallas(getattr(sub, "jaxpr", sub)) for sub in subs]
-        if eqn.primitive.name == "cond":
-            total += max(counts, default=0)  # one branch runs
-        else:
-            total += times * sum(counts)
-    return total
-
-
 def kernel_launches(config, params, bank, batch):
     """LoRA pallas_call launches in one decode step: with the bank less without (GPU decode attention is one too)."""
     cache = jax.eval_shape(lambda: KVCache.pages(config, batch, PAGE_SIZE, params["embed"].dtype))
@@ -114,7 +96,7 @@ def kernel_launches(config, params, bank, batch):
     def count(b):
         jaxpr = jax.make_jaxpr(lambda p, b, c, t: forward(p, b, t, t, t, c, config=config, page_table=table))(
             params, b, cache, tokens)
-        return _count_pallas(jaxpr.jaxpr)
+        return count_ops(jaxpr)["pallas_call"]
 
     return count(bank) - count(None)
 

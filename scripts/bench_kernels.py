@@ -184,25 +184,32 @@ def copy_bandwidth(n: int = 512 * 1024 * 1024) -> float:
   return 2 * n * 2 * trips / statistics.median(times)
 
 
-def count_ops(jaxpr) -> dict:
-  """Counts pallas_call ops and other non-trivial ops in a closed jaxpr, recursively."""
-  counts = {"pallas_call": 0, "other": 0}
-  trivial = {"pjit", "jit", "closed_call", "convert_element_type", "reshape", "squeeze",
-             "broadcast_in_dim", "slice", "concatenate"}
+_TRIVIAL = {"pjit", "jit", "closed_call", "convert_element_type", "reshape", "squeeze", "broadcast_in_dim", "slice",
+            "concatenate"}
 
-  def walk(jx):
+
+def count_ops(jaxpr) -> dict:
+  """Counts the pallas_call ops and other non-trivial ops one run of a closed jaxpr executes: nested calls where
+  they are used, scan bodies times their length, the larger branch of a cond."""
+
+  def walk(jx) -> dict:
+    counts = {"pallas_call": 0, "other": 0}
     for eqn in jx.eqns:
       name = eqn.primitive.name
       subs = [v for v in eqn.params.values() if hasattr(v, "jaxpr") or hasattr(v, "eqns")]
+      subs += [b for v in eqn.params.values() if isinstance(v, tuple) for b in v if hasattr(b, "jaxpr")]
       if name == "pallas_call":
         counts["pallas_call"] += 1
       elif subs:
-        for s in subs:
-          walk(s.jaxpr if hasattr(s, "jaxpr") else s)
-      elif name not in trivial:
+        inner = [walk(s.jaxpr if hasattr(s, "jaxpr") else s) for s in subs]
+        times = eqn.params.get("length", 1) if name == "scan" else 1
+        for key in counts:
+          parts = [c[key] for c in inner]
+          counts[key] += max(parts) if name == "cond" else times * sum(parts)
+      elif name not in _TRIVIAL:
         counts["other"] += 1
-  walk(jaxpr.jaxpr)
-  return counts
+    return counts
+  return walk(jaxpr.jaxpr)
 
 
 def launches_per_decode_step(backend: str, layers: int = 32, tokens: int = 256) -> dict:
