@@ -47,7 +47,7 @@ class SamplingParams:
 
 
 def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
-           keys: jax.Array) -> jax.Array:
+           keys: jax.Array, greedy_only: bool | None = None) -> jax.Array:
     """Draws one token per row.
 
     Args:
@@ -56,10 +56,15 @@ def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: j
       top_k: [B] int32; <= 0 keeps every token.
       top_p: [B] float32 in (0, 1].
       keys: [B] PRNG keys, one per row (reproducible per request).
+      greedy_only: static: True if the caller knows every row is greedy, False to draw without checking, None to
+        check on the device. The check is a conditional, whose predicate XLA's GPU runtime reads back to the host:
+        inside a loop of decode steps that stalls the device once per step.
     Returns:
       [B] int32 token ids.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if greedy_only is not None:
+        return greedy if greedy_only else _draw(logits, temperature, top_k, top_p, keys, greedy)
     # The vocabulary sort is skipped when every row is greedy.
     return jax.lax.cond(jnp.all(temperature <= 0), lambda: greedy,
                         lambda: _draw(logits, temperature, top_k, top_p, keys, greedy))

@@ -37,9 +37,10 @@ TINY = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_l
                    num_kv_heads=2, head_dim=32)
 
 
-def random_bank(config, rank, slots, key, dtype):
-    """A bank with every slot filled with random (never zero) weights."""
-    bank = bank_lib.init_bank(config, LoraBankConfig(buckets=(rank,), slots=(slots,)), dtype)
+def random_bank(config, rank, slots, key, dtype, modules=None):
+    """A bank with every slot filled with random (never zero) weights, on `modules` (default all 7)."""
+    extra = {} if modules is None else {"modules": tuple(modules)}
+    bank = bank_lib.init_bank(config, LoraBankConfig(buckets=(rank,), slots=(slots,), **extra), dtype)
     leaves, treedef = jax.tree_util.tree_flatten(bank)
     keys = jax.random.split(key, len(leaves))
     leaves = [(jax.random.normal(k, x.shape, jnp.float32) * 0.02).astype(dtype) for k, x in zip(keys, leaves)]

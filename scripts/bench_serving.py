@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from jlora.config import LoraBankConfig  # noqa: E402
 from jlora.engine.engine import Engine, EngineConfig  # noqa: E402
+from jlora.engine.model_runner import compile_count  # noqa: E402
 from jlora.model import Llama, init_params  # noqa: E402
 from jlora.sampling import SamplingParams  # noqa: E402
 from bench_forward import LLAMA_8B, TINY  # noqa: E402
@@ -104,16 +105,19 @@ def main():
     ap.add_argument("--distinct-files", type=int, default=16, help="adapter directories behind the names")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--memory-gib", type=float, default=None, help="KV + adapter budget (default 40, 0.25 with --tiny)")
-    ap.add_argument("--warmup-requests", type=int, default=None,
-                    help="length of the warm-up replay of the trace (default: --requests)")
+    ap.add_argument("--passes", type=int, default=2,
+                    help="times each run replays its trace, each through a fresh engine; the last pass counts, so the "
+                         "step shapes it needs were compiled by the passes before (default: %(default)s)")
     ap.add_argument("--decode-batch", type=int, default=64, help="sequences in the decode-throughput comparison")
     ap.add_argument("--decode-tokens", type=int, default=256, help="tokens each of them generates")
     ap.add_argument("--decode-only", action="store_true", help="only the decode comparison (no traces)")
+    ap.add_argument("--scheduler-steps", type=int, default=EngineConfig.num_scheduler_steps,
+                    help="EngineConfig.num_scheduler_steps: decode tokens per sequence per device call "
+                         "(default: %(default)s)")
     ap.add_argument("--peft-json", default=None, help="bench_peft_baseline.py's result, for the PEFT ratio")
     ap.add_argument("--out", default="benchmarks/results/serving_h100.json")
     args = ap.parse_args()
     config = TINY if args.tiny else LLAMA_8B
-    args.warmup_requests = args.warmup_requests or args.requests
     args.memory_gib = args.memory_gib or (0.25 if args.tiny else 40.0)
     if args.layers:
         config = dataclasses.replace(config, num_layers=args.layers)
@@ -130,7 +134,7 @@ def main():
                         max_model_len=2 * lengths[1] + 16, memory_bytes=int(args.memory_gib * 2**30),
                         adapter_memory_fraction=0.1,
                         bank=LoraBankConfig(buckets=(args.rank,), slots=(1,), modules=TARGETS),
-                        max_cpu_loras=256)
+                        max_cpu_loras=256, num_scheduler_steps=args.scheduler_steps)
     files = write_adapters(config, tempfile.mkdtemp(prefix="jlora-bench-"), args.distinct_files, args.rank)
 
     def engine_with(count, prefix="tenant"):
@@ -147,20 +151,9 @@ def main():
                "model": "tiny" if args.tiny else "llama-8b-shaped", "layers": config.num_layers, "workload": {
                    "requests": args.requests, "rate": args.rate, "alpha": args.alpha, "lengths": lengths,
                    "arrivals": "gamma, CV=1", "rank": args.rank, "targets": TARGETS, "seed": 1},
-               "command": "python3 " + " ".join(sys.argv), "runs": {}}
-    t = time.perf_counter()
+               "num_scheduler_steps": args.scheduler_steps, "passes": args.passes, "command": "python3 " + " ".join(sys.argv), "runs": {}}
     if args.decode_only:
         args.adapter_counts = ""
-    # Warm-up: the runs' own trace, replayed with and without the bank through throwaway engines, compiles the
-    # step shapes the runs will hit (the jit cache is shared); a shape first seen later compiles inside a run.
-    trace = workload(args.warmup_requests, args.distinct_files, args.rate, args.alpha, lengths, config.vocab_size,
-                     seed=1)
-    if not args.decode_only:
-        run_trace(engine_with(args.distinct_files, "w")[0], trace, [f"w-{i}" for i in range(args.distinct_files)])
-        gc.collect()
-        run_trace(lora_off(new_engine()), [(t_, p, o, None) for t_, p, o, _ in trace], [])
-        print(f"warm-up: {time.perf_counter() - t:.1f}s", flush=True)
-
     # Decode throughput: a distinct adapter per sequence against LoRA off (each measured twice; the second counts).
     n, plen = args.decode_batch, 64 if not args.tiny else 8
     dec, tokens = {}, {}
@@ -185,20 +178,24 @@ def main():
         return
     counts = [0] + [int(c) for c in args.adapter_counts.split(",")]
     for count in counts:
-        engine = names = None
-        engine, names = engine_with(count)
-        if count == 0:
-            lora_off(engine)
         trace = workload(args.requests, count, args.rate, args.alpha, lengths, config.vocab_size, seed=1)
-        records, wall = run_trace(engine, trace, names)
+        for _ in range(args.passes):  # the jit cache is shared: earlier passes compile the step shapes of the last
+            engine = names = None
+            engine, names = engine_with(count)
+            if count == 0:
+                lora_off(engine)
+            compiles = compile_count()
+            records, wall = run_trace(engine, trace, names)
         row = summarize(records, wall)
-        row.update(memory=engine.plan.describe(), metrics=engine.metrics())
+        row.update(memory=engine.plan.describe(), metrics=engine.metrics(),
+                   compilations_in_run=compile_count() - compiles)
         results["runs"]["lora_off" if count == 0 else f"{count}_adapters"] = row
         save(results, args.out)  # partial results survive a run cut short
         print(f"{count:>6} adapters: {row['req_per_s']:.2f} req/s {row['tok_per_s']:.0f} tok/s "
               f"TTFT p50 {row['ttft_p50_s']:.3f}s p99 {row['ttft_p99_s']:.3f}s "
               f"TPOT p50 {row['tpot_p50_s'] * 1e3:.1f}ms "
-              f"p99 {row['tpot_p99_s'] * 1e3:.1f}ms | {row['memory']}", flush=True)
+              f"p99 {row['tpot_p99_s'] * 1e3:.1f}ms | compiled in run: {row['compilations_in_run']} | "
+              f"{row['memory']}", flush=True)
     runs = results["runs"]
     few, most = f"{counts[1]}_adapters", f"{counts[-1]}_adapters"
     ratios = {"decode_distinct_vs_lora_off": results["decode"]["distinct_vs_lora_off"],

@@ -46,11 +46,11 @@ class PageAllocator:
             return seq.pages[0] // self.pages_per_replica
         return max(range(self.replicas), key=lambda r: len(self._free[r]))
 
-    def can_grow(self, seqs: list[Sequence]) -> bool:
-        """Whether every sequence of `seqs` can grow to hold all its tokens at once."""
+    def can_grow(self, seqs: list[Sequence], lookahead: list[int] | None = None) -> bool:
+        """Whether every sequence of `seqs` can grow at once to hold all its tokens (and lookahead[i] more)."""
         need = collections.Counter()
-        for s in seqs:
-            need[self.replica(s)] += self.pages_needed(s, s.num_tokens)
+        for i, s in enumerate(seqs):
+            need[self.replica(s)] += self.pages_needed(s, s.num_tokens + (lookahead[i] if lookahead else 0))
         return all(n <= len(self._free[r]) for r, n in need.items())
 
     def reserve(self, seq: Sequence, num_tokens: int) -> bool:

@@ -1,7 +1,8 @@
 """The engine: requests in, a scheduled step, streamed outputs out.
 
 One step: schedule (pure Python) -> make the batch's adapters resident -> one jitted paged forward with
-on-device sampling -> one device-to-host copy -> stop checks, incremental detokenization, page frees.
+on-device sampling (for decode, up to `num_scheduler_steps` forwards, each fed the last one's tokens on the device)
+-> one device-to-host copy -> stop checks, incremental detokenization, page frees.
 """
 
 from __future__ import annotations
@@ -47,12 +48,18 @@ class EngineConfig:
     adapter_roots: tuple[str, ...] | None = None
     lora_backend: str | None = None
     num_logprobs: int = 5
+    # Decode tokens per sequence per engine step, sampled in one device call: the host's per-step work (scheduling,
+    # batch building, dispatch, output handling) is paid once for all of them. Outputs then stream in bursts of up to
+    # this many tokens, and a new request waits up to that many decode steps before its prefill.
+    num_scheduler_steps: int = 8
     tp: int = 1  # tensor-parallel degree: the "model" axis of the mesh
     dp: int = 1  # data-parallel degree: the "data" axis of the mesh; each replica gets num_pages / dp pages
 
     def __post_init__(self):
         if self.tp < 1 or self.dp < 1:
             raise ValueError(f"EngineConfig.tp and .dp must be >= 1, got tp={self.tp}, dp={self.dp}")
+        if self.num_scheduler_steps < 1:
+            raise ValueError(f"EngineConfig.num_scheduler_steps must be >= 1, got {self.num_scheduler_steps}")
 
 
 @dataclasses.dataclass
@@ -94,10 +101,12 @@ class Engine:
                                   layout=mesh.MeshBankLayout(sharded) if sharded else None)
         self.allocator = PageAllocator(self.plan.num_pages, config.page_size, replicas=config.dp)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   config.max_prefill_chunk), self.allocator, self.store.fits)
+                                                   config.max_prefill_chunk, config.num_scheduler_steps),
+                                   self.allocator, self.store.fits)
         runner_kw = dict(num_pages=self.plan.num_pages, page_size=config.page_size, max_model_len=self.max_model_len,
                          max_num_seqs=config.max_num_seqs, dtype=dtype, lora_backend=config.lora_backend,
-                         num_logprobs=config.num_logprobs, donate_params=donate_weights)
+                         num_logprobs=config.num_logprobs, donate_params=donate_weights,
+                         decode_steps=config.num_scheduler_steps)
         if sharded is None:
             self.runner = ModelRunner(model.config, model.params(), **runner_kw)
         else:
@@ -193,26 +202,33 @@ class Engine:
             seq.num_computed += chunk
             if seq.num_computed < seq.num_tokens:
                 continue  # a prompt chunk that did not reach the end samples nothing
-            token = int(out.tokens[i])
-            seq.output_ids.append(token)
-            self.tokens_generated += 1
-            seq.first_token_time = seq.first_token_time or now
-            if seq.want_logprobs:
-                self._logprobs[seq.request_id].append({
-                    "token": token, "logprob": float(out.logprobs[i]),
-                    "top": dict(zip(map(int, out.top_ids[i]), map(float, out.top_logprobs[i])))})
-            changed.append(self._after_token(seq))
+            before, finished = self._text[seq.request_id], None
+            for k in range(int(out.num_steps[i])):  # a multi-step decode's tokens, up to the first stop
+                if k:
+                    seq.num_computed += 1  # the step that sampled token k cached token k - 1
+                token = int(out.tokens[i, k])
+                seq.output_ids.append(token)
+                self.tokens_generated += 1
+                seq.first_token_time = seq.first_token_time or now
+                if seq.want_logprobs:
+                    self._logprobs[seq.request_id].append({
+                        "token": token, "logprob": float(out.logprobs[i, k]),
+                        "top": dict(zip(map(int, out.top_ids[i, k]), map(float, out.top_logprobs[i, k])))})
+                finished = self._after_token(seq, before)
+                if finished is not None:
+                    break
+            changed.append(finished or self._output(seq, before))
         return changed
 
-    def _after_token(self, seq: Sequence) -> RequestOutput:
+    def _after_token(self, seq: Sequence, before: str) -> RequestOutput | None:
+        """Stop checks after a new token; the finished request's output (its delta since `before`), or None."""
         sp, rid, token = seq.sampling, seq.request_id, seq.output_ids[-1]
         stop_ids = set(sp.stop_token_ids)
         if not sp.ignore_eos and self.tokenizer is not None:
             stop_ids |= set(self.tokenizer.stop_ids)
         if token in stop_ids:
             seq.output_ids.pop()  # like the text, token_ids end before the stop token
-            return self._finish(seq, "stop")
-        before = self._text[rid]
+            return self._finish(seq, "stop", before)
         if rid in self._detok:
             self._text[rid] += self._detok[rid].step([token])
             hits = [self._text[rid].find(s) for s in sp.stop if s in self._text[rid]]
@@ -221,7 +237,7 @@ class Engine:
                 return self._finish(seq, "stop", before)
         if len(seq.output_ids) >= sp.max_tokens:
             return self._finish(seq, "length", before)
-        return self._output(seq, before)
+        return None
 
     def _finish(self, seq: Sequence, reason: str, before: str | None = None, error: str | None = None):
         seq.status, seq.finish_reason, seq.finish_time = Status.FINISHED, reason, time.perf_counter()

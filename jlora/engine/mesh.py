@@ -13,11 +13,12 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jlora import distributed
 from jlora.config import ModelConfig
-from jlora.engine.model_runner import ModelRunner, sample_outputs
+from jlora.engine.model_runner import ModelRunner, decode_loop, sample_outputs
 from jlora.lora import bank as bank_lib
 from jlora.lora.bank import BucketBank, LoraBank
 from jlora.model.llama import split_layers_enabled
@@ -82,6 +83,19 @@ def _mesh_step(params, bank, cache, tokens, positions, lora_ids, page_table, log
     return sample_outputs(logits, temperature, top_k, top_p, seeds, steps, num_logprobs), cache
 
 
+@functools.partial(jax.jit, static_argnames=("model", "backend", "num_logprobs", "max_steps", "greedy"),
+                   donate_argnames=("cache",))
+def _mesh_decode(params, bank, cache, tokens, positions, lora_ids, page_table, temperature, top_k, top_p, seeds, steps,
+                 row_steps, *, model: ShardedModel, backend, num_logprobs, max_steps, greedy):
+    """`model_runner._paged_decode` through `ShardedModel.forward`."""
+    def fwd(tok, pos, cache):
+        return model.forward(params, bank, tok, pos, lora_ids, cache, logit_index=jnp.zeros_like(tok[:, 0]),
+                             lora_backend=backend, page_table=page_table)
+
+    return decode_loop(fwd, cache, tokens, positions, row_steps, temperature, top_k, top_p, seeds, steps,
+                       num_logprobs, max_steps, greedy)
+
+
 class MeshRunner(ModelRunner):
     """`ModelRunner` on a mesh: params by `place_params`, KV pages by `pages_zeros` (data replica r holds pages
     [r P / dp, (r + 1) P / dp)), the step through `ShardedModel.forward`.
@@ -106,8 +120,13 @@ class MeshRunner(ModelRunner):
 
     def _run(self, bank, a: dict) -> tuple[np.ndarray, ...]:
         a = distributed.broadcast_step(a)  # process 0's batch, on every process
-        out, self.cache = _mesh_step(self.params, bank, self.cache, **a, model=self.model, backend=self.backend,
-                                     num_logprobs=self.num_logprobs)
+        if "row_steps" in a:
+            out, self.cache = _mesh_decode(self.params, bank, self.cache, **a, model=self.model, backend=self.backend,
+                                           num_logprobs=self.num_logprobs, max_steps=self.decode_steps,
+                                           greedy=self._greedy(a))
+        else:
+            out, self.cache = _mesh_step(self.params, bank, self.cache, **a, model=self.model, backend=self.backend,
+                                         num_logprobs=self.num_logprobs)
         return tuple(distributed.to_host(x) for x in out)
 
 

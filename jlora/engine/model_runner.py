@@ -55,12 +55,14 @@ def _ladder(lo: int, hi: int) -> list[int]:
 
 @dataclasses.dataclass
 class StepOutput:
-    """Host results of one step, in the order of the batch's sequences."""
+    """Host results of one step, in the order of the batch's sequences: k samples each (several for a multi-step
+    decode, see `decode_loop`), of which the first `num_steps[i]` are real for sequence i."""
 
-    tokens: np.ndarray  # [n] sampled ids (meaningless where the chunk did not reach the end)
-    logprobs: np.ndarray  # [n] log-probability of the sampled token
-    top_ids: np.ndarray  # [n, num_logprobs]
-    top_logprobs: np.ndarray  # [n, num_logprobs]
+    tokens: np.ndarray  # [n, k] sampled ids (meaningless where the chunk did not reach the end)
+    logprobs: np.ndarray  # [n, k] log-probability of the sampled token
+    top_ids: np.ndarray  # [n, k, num_logprobs]
+    top_logprobs: np.ndarray  # [n, k, num_logprobs]
+    num_steps: np.ndarray  # [n] samples drawn for each sequence
 
 
 @functools.partial(jax.jit, static_argnames=("config", "backend", "num_logprobs"), donate_argnames=("cache",))
@@ -71,14 +73,58 @@ def _paged_step(params, bank, cache, tokens, positions, lora_ids, page_table, lo
     return sample_outputs(logits, temperature, top_k, top_p, seeds, steps, num_logprobs), cache
 
 
-def sample_outputs(logits, temperature, top_k, top_p, seeds, steps, num_logprobs: int):
+@functools.partial(jax.jit, static_argnames=("config", "backend", "num_logprobs", "max_steps", "greedy"),
+                   donate_argnames=("cache",))
+def _paged_decode(params, bank, cache, tokens, positions, lora_ids, page_table, temperature, top_k, top_p, seeds,
+                  steps, row_steps, *, config, backend, num_logprobs, max_steps, greedy):
+    def fwd(tok, pos, cache):
+        return forward(params, bank, tok, pos, lora_ids, cache, config=config, logit_index=jnp.zeros_like(tok[:, 0]),
+                       lora_backend=backend, page_table=page_table)
+
+    return decode_loop(fwd, cache, tokens, positions, row_steps, temperature, top_k, top_p, seeds, steps,
+                       num_logprobs, max_steps, greedy)
+
+
+def decode_loop(fwd, cache, tokens, positions, row_steps, temperature, top_k, top_p, seeds, steps, num_logprobs: int,
+                max_steps: int, greedy: bool):
+    """Up to `max_steps` decode steps in one program, each feeding its sampled tokens to the next on the device.
+
+    Row b decodes row_steps[b] <= max_steps tokens from position positions[b, 0]; after that its positions are -1
+    (it writes and attends nothing). The loop always runs max_steps times: with a trip count known at compile time
+    XLA's GPU runtime never reads a loop condition back to the host, which a count read from row_steps made it do
+    every iteration (the H100 then idled while the next iteration's kernels were launched). Sampling step k of
+    row b uses the key of `sample_outputs` at steps[b] + k, so a request's draws are those of k single steps.
+    `greedy` (static) says whether every row is greedy, so that no step has a conditional to sync on either.
+
+    Args:
+      fwd: (tokens [B, 1], positions [B, 1], cache) -> (logits [B, V], cache).
+    Returns:
+      ((tokens, logprobs, top ids, top logprobs), each with a leading [max_steps] axis), the cache.
+    """
+    B = tokens.shape[0]
+    outs = (jnp.zeros((max_steps, B), jnp.int32), jnp.zeros((max_steps, B), jnp.float32),
+            jnp.zeros((max_steps, B, num_logprobs), jnp.int32), jnp.zeros((max_steps, B, num_logprobs), jnp.float32))
+
+    def body(k, carry):
+        cache, tok, outs = carry
+        pos = jnp.where(k < row_steps, positions[:, 0] + k, -1)[:, None]
+        logits, cache = fwd(tok, pos, cache)
+        new = sample_outputs(logits, temperature, top_k, top_p, seeds, steps + k, num_logprobs, greedy)
+        outs = tuple(o.at[k].set(n.astype(o.dtype)) for o, n in zip(outs, new))
+        return cache, new[0].astype(tokens.dtype)[:, None], outs
+
+    cache, _, outs = jax.lax.fori_loop(0, max_steps, body, (cache, tokens, outs))
+    return outs, cache
+
+
+def sample_outputs(logits, temperature, top_k, top_p, seeds, steps, num_logprobs: int, greedy_only=None):
     """(sampled token [B], its log-probability [B], top ids [B, n], top log-probabilities [B, n]) from logits [B, V].
 
     Row b samples with key fold_in(key(seeds[b]), steps[b]): a request's draws depend on its seed and how many
     tokens it has, never on the batch around it. Derived inside the jitted step (no per-step host dispatch).
     """
     keys = jax.vmap(lambda sd, st: jax.random.fold_in(jax.random.key(sd), st))(seeds, steps)
-    token = sample(logits, temperature, top_k, top_p, keys)
+    token = sample(logits, temperature, top_k, top_p, keys, greedy_only)
     logp = jax.nn.log_softmax(logits, axis=-1)
     top_lp, top_ids = jax.lax.top_k(logp, num_logprobs)
     return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], top_ids, top_lp
@@ -94,18 +140,20 @@ class ModelRunner:
       max_num_seqs: the largest sequence bucket (per data replica).
       donate_params: on GPU the stacked layer weights are split per layer (`llama.split_layers`); if True the
         caller's stacked arrays are deleted as they are split, so the weights are never held twice.
+      decode_steps: most decode steps one call runs. A decode batch whose `steps` are all 1 runs the one-step
+        program; any other runs `decode_loop` for decode_steps steps (rows stop at their own count).
     """
 
     dp = 1  # data replicas: each owns a block of rows of every step and a block of pages
 
     def __init__(self, config: ModelConfig, params, *, num_pages: int, page_size: int, max_model_len: int,
                  max_num_seqs: int, dtype=jnp.float32, lora_backend: str | None = None, num_logprobs: int = 5,
-                 donate_params: bool = False):
+                 donate_params: bool = False, decode_steps: int = 1):
         self.config = config
         self.page_size, self.max_num_seqs = page_size, max_num_seqs
         self.pages_per_replica = num_pages // self.dp
         self.max_pages = -(-max_model_len // page_size)
-        self.donate_params = donate_params
+        self.donate_params, self.decode_steps = donate_params, decode_steps
         self.params, self.cache = self._place(params, num_pages, page_size, dtype)
         self.backend, self.num_logprobs = lora_backend, num_logprobs
         self.shapes_run: set[tuple] = set()
@@ -116,10 +164,21 @@ class ModelRunner:
         return params, KVCache.pages(self.config, num_pages, page_size, dtype)
 
     def _run(self, bank, a: dict) -> tuple[np.ndarray, ...]:
-        """One jitted step on host arrays `a`; returns (tokens, logprobs, top ids, top logprobs) on the host."""
-        out, self.cache = _paged_step(self.params, bank, self.cache, **a, config=self.config, backend=self.backend,
-                                      num_logprobs=self.num_logprobs)
+        """One jitted step on host arrays `a` (a decode loop when `a` has "row_steps"); returns (tokens, logprobs,
+        top ids, top logprobs) on the host, with a leading [decode_steps] axis for a decode loop."""
+        if "row_steps" in a:
+            out, self.cache = _paged_decode(self.params, bank, self.cache, **a, config=self.config,
+                                            backend=self.backend, num_logprobs=self.num_logprobs,
+                                            max_steps=self.decode_steps, greedy=self._greedy(a))
+        else:
+            out, self.cache = _paged_step(self.params, bank, self.cache, **a, config=self.config,
+                                          backend=self.backend, num_logprobs=self.num_logprobs)
         return jax.device_get(out)  # the step's one device-to-host transfer
+
+    @staticmethod
+    def _greedy(a: dict) -> bool:
+        """Whether every row of a decode loop's arrays samples greedily (padding rows have temperature 0)."""
+        return not np.any(a["temperature"] > 0)
 
     # Small batches and short page tables share one bucket: fewer programs, at no cost worth counting.
     def _seq_range(self):
@@ -133,23 +192,29 @@ class ModelRunner:
         seq_b = [self.dp * b for b in _ladder(*self._seq_range())]
         tok_b = _ladder(16, bucket(max_prefill_chunk, 16))
         page_b = _ladder(*self._page_range())
-        modes = [("decode", 1)] + [("prefill", t) for t in tok_b]
+        loops = [("decode_loop_greedy", 1), ("decode_loop", 1)] if self.decode_steps > 1 else []
+        modes = [("decode", 1)] + loops + [("prefill", t) for t in tok_b]
         return [(m, B, T, P) for B in seq_b for P in page_b for m, T in modes]
 
     @staticmethod
-    def _arrays(B: int, T: int, P: int) -> dict[str, np.ndarray]:
-        """An all-padding step: positions -1 write nothing and no row has an adapter."""
-        return {"tokens": np.zeros((B, T), np.int32), "positions": np.full((B, T), -1, np.int32),
-                "lora_ids": np.full((B, T), -1, np.int32), "page_table": np.zeros((B, P), np.int32),
-                "logit_index": np.zeros((B,), np.int32), "temperature": np.zeros((B,), np.float32),
-                "top_k": np.zeros((B,), np.int32), "top_p": np.ones((B,), np.float32),
-                "seeds": np.zeros((B,), np.uint32), "steps": np.zeros((B,), np.int32)}
+    def _arrays(mode: str, B: int, T: int, P: int) -> dict[str, np.ndarray]:
+        """An all-padding step: positions -1 write nothing, no row has an adapter, and a decode row runs no step."""
+        a = {"tokens": np.zeros((B, T), np.int32), "positions": np.full((B, T), -1, np.int32),
+             "lora_ids": np.full((B, T), -1, np.int32), "page_table": np.zeros((B, P), np.int32),
+             "temperature": np.zeros((B,), np.float32), "top_k": np.zeros((B,), np.int32),
+             "top_p": np.ones((B,), np.float32), "seeds": np.zeros((B,), np.uint32), "steps": np.zeros((B,), np.int32)}
+        if mode.startswith("decode_loop"):
+            a["row_steps"] = np.zeros((B,), np.int32)
+            a["temperature"][:] = 0.0 if mode == "decode_loop_greedy" else 1.0  # which of the two programs
+        else:
+            a["logit_index"] = np.zeros((B,), np.int32)
+        return a
 
     def warmup(self, bank, max_prefill_chunk: int) -> int:
         """Compiles every bucket shape with all-padding batches (nothing is written); returns how many."""
         shapes = self.bucket_shapes(max_prefill_chunk)
         for mode, B, T, P in shapes:
-            self._run(bank, self._arrays(B, T, P))
+            self._run(bank, self._arrays(mode, B, T, P))
             self.shapes_run.add((mode, B, T, P))
         return len(shapes)
 
@@ -170,12 +235,19 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch, slots: dict[str, int], bank) -> StepOutput:
         """Runs one step and returns its results in the order of `batch.seqs`."""
         seqs, chunks = batch.seqs, batch.chunks
+        steps = batch.steps or [1] * len(seqs)  # samples per sequence: several for a multi-step decode
+        if max(steps) > (self.decode_steps if batch.mode == "decode" else 1):
+            raise ValueError(f"a {batch.mode} batch asks for {max(steps)} steps; this runner runs at most "
+                             f"{self.decode_steps if batch.mode == 'decode' else 1}")
+        multi = max(steps) > 1
+        greedy = all(s.sampling.temperature <= 0 for s in seqs)
+        mode = ("decode_loop_greedy" if greedy else "decode_loop") if multi else batch.mode
         slot_of = [-1 if s.adapter is None else slots[s.adapter] for s in seqs]
         rows, B = self._rows(seqs, slot_of)
         T = 1 if batch.mode == "decode" else bucket(max(chunks), 16)
-        widest = max(-(-(s.num_computed + c) // self.page_size) for s, c in zip(seqs, chunks))
+        widest = max(-(-(s.num_computed + c + k - 1) // self.page_size) for s, c, k in zip(seqs, chunks, steps))
         P = bucket(widest, *self._page_range())
-        a = self._arrays(B, T, P)
+        a = self._arrays(mode, B, T, P)
         for i, (s, c) in enumerate(zip(seqs, chunks)):
             row, start, sp = rows[i], s.num_computed, s.sampling
             a["tokens"][row, :c] = s.token_ids[start:start + c]
@@ -183,9 +255,14 @@ class ModelRunner:
             a["lora_ids"][row, :c] = slot_of[i]
             first = s.pages[0] // self.pages_per_replica * self.pages_per_replica  # the replica's page 0
             a["page_table"][row, :len(s.pages)] = np.asarray(s.pages[:P]) - first
-            a["logit_index"][row] = c - 1
+            if multi:
+                a["row_steps"][row] = steps[i]
+            else:
+                a["logit_index"][row] = c - 1
             a["temperature"][row], a["top_k"][row], a["top_p"][row] = sp.temperature, sp.top_k, sp.top_p
             a["seeds"][row], a["steps"][row] = s.sampling_seed, len(s.output_ids)
-        self.shapes_run.add((batch.mode, B, T, P))
-        token, logp, top_ids, top_lp = self._run(bank, a)
-        return StepOutput(token[rows], logp[rows], top_ids[rows], top_lp[rows])
+        self.shapes_run.add((mode, B, T, P))
+        out = self._run(bank, a)
+        # [B, k, ...] rows: a decode loop's leading step axis moves second, a single step gets k = 1
+        token, logp, top_ids, top_lp = (np.moveaxis(x, 0, 1) if multi else x[:, None] for x in out)
+        return StepOutput(token[rows], logp[rows], top_ids[rows], top_lp[rows], np.asarray(steps))

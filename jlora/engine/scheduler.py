@@ -1,7 +1,8 @@
 """Continuous batching: which sequences run this step. Pure Python (no JAX).
 
 Each step is either a prefill step (chunks of prompts, up to `max_num_batched_tokens`) or a decode step (one
-token for every running sequence). Prefill goes first when there is waiting work. When pages run out during
+token for every running sequence, or up to `num_scheduler_steps` tokens in one call when pages allow: the host's
+work is then paid once for several tokens). Prefill goes first when there is waiting work. When pages run out during
 decode, the newest running sequence is preempted: its pages are freed and it is recomputed later from its tokens.
 """
 
@@ -20,6 +21,7 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_prefill_chunk: int = 512  # longest chunk of one prompt per step, so long prompts are chunked
+    num_scheduler_steps: int = 1  # most decode tokens per sequence in one step
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -29,12 +31,14 @@ class SchedulerConfig:
 
 @dataclasses.dataclass
 class ScheduledBatch:
-    """One step's work: `chunks[i]` new tokens of `seqs[i]` starting at `seqs[i].num_computed`."""
+    """One step's work: `chunks[i]` new tokens of `seqs[i]` starting at `seqs[i].num_computed`. A decode step samples
+    `steps[i]` tokens for seqs[i], each fed to the next (None: one each)."""
 
     mode: str  # "prefill" or "decode"
     seqs: list[Sequence]
     chunks: list[int]
     preempted: list[Sequence] = dataclasses.field(default_factory=list)
+    steps: list[int] | None = None
 
 
 class Scheduler:
@@ -120,19 +124,23 @@ class Scheduler:
     def _schedule_decode(self) -> ScheduledBatch | None:
         preempted = []
         while True:
-            ready = [s for s in self.running if s.remaining == 1]
+            ready = [s for s in self.running if s.remaining == 1][:self.config.max_num_seqs]
+            # Several tokens per sequence where pages allow (never past max_tokens), else one before preempting.
+            steps = [max(1, min(self.config.num_scheduler_steps, s.tokens_left)) for s in ready]
+            if self.allocator.can_grow(ready, [k - 1 for k in steps]):
+                break
+            steps = [1] * len(ready)
             if self.allocator.can_grow(ready) or not self.running:
                 break
             victim = max(self.running, key=lambda s: s.order)
             self._preempt(victim)
             preempted.append(victim)
-        ready = [s for s in self.running if s.remaining == 1][:self.config.max_num_seqs]
-        for seq in ready:
-            ok = self.allocator.reserve(seq, seq.num_tokens)
+        for seq, k in zip(ready, steps):
+            ok = self.allocator.reserve(seq, seq.num_tokens + k - 1)
             assert ok, "pages were counted before reserving"
         if not ready:
             return ScheduledBatch("decode", [], [], preempted) if preempted else None
-        return ScheduledBatch("decode", ready, [1] * len(ready), preempted)
+        return ScheduledBatch("decode", ready, [1] * len(ready), preempted, steps)
 
     def _preempt(self, seq: Sequence) -> None:
         """Frees a sequence's pages; it goes back to the front of the queue and is recomputed from its tokens."""

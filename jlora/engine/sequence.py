@@ -53,5 +53,10 @@ class Sequence:
         return self.num_tokens - self.num_computed
 
     @property
+    def tokens_left(self) -> int:
+        """Tokens it may still sample before max_tokens."""
+        return self.sampling.max_tokens - len(self.output_ids)
+
+    @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED

@@ -70,6 +70,9 @@ def register(sub) -> None:
     p.add_argument("--max-cpu-loras", type=_count, default=64,
                    help="adapters kept ready in host memory, LRU (default: %(default)s)")
     p.add_argument("--max-num-seqs", type=_count, default=64, help="sequences per batch (default: %(default)s)")
+    p.add_argument("--num-scheduler-steps", type=_count, default=8,
+                   help="decode tokens per sequence sampled in one device call: the host's per-step work is paid once "
+                        "for all of them, and output streams in bursts of up to this many tokens (default: %(default)s)")
     p.add_argument("--max-model-len", type=_count, default=None,
                    help="longest prompt + output in tokens (default: the model's context length)")
     p.add_argument("--num-pages", type=_count, default=512,
@@ -98,6 +101,7 @@ def config_from_args(args):
                        max_loras_per_batch=args.max_loras_per_batch, max_lora_rank=args.max_lora_rank,
                        lora_target_modules=parse_lora_modules(args.lora_target_modules),
                        max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
+                       num_scheduler_steps=args.num_scheduler_steps,
                        max_model_len=args.max_model_len, num_pages=args.num_pages, page_size=args.page_size,
                        tp=args.tp, dp=args.dp, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                        warmup=args.warmup, drain_timeout_s=args.drain_timeout)

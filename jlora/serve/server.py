@@ -42,6 +42,7 @@ class ServeConfig:
     lora_target_modules: tuple[str, ...] = LORA_MODULES
     max_cpu_loras: int = 64
     max_num_seqs: int = 64
+    num_scheduler_steps: int = 8
     max_model_len: int | None = None
     num_pages: int = 512
     page_size: int = 16
@@ -66,7 +67,8 @@ class ServeConfig:
                               modules=self.lora_target_modules)
 
     def engine_config(self) -> EngineConfig:
-        return EngineConfig(max_num_seqs=self.max_num_seqs, num_pages=self.num_pages, page_size=self.page_size,
+        return EngineConfig(max_num_seqs=self.max_num_seqs, num_scheduler_steps=self.num_scheduler_steps,
+                            num_pages=self.num_pages, page_size=self.page_size,
                             max_model_len=self.max_model_len, bank=self.bank(), max_cpu_loras=self.max_cpu_loras,
                             adapter_roots=tuple(self.lora_roots) or None, tp=self.tp, dp=self.dp)
 

@@ -20,13 +20,13 @@ def make_engine(tiny, **kw):
     return engine
 
 
-def run_staggered(engine, requests, arrivals, abort_at=None):
+def run_staggered(engine, requests, arrivals, abort_at=None, logprobs=False):
     """Adds request i at step arrivals[i]; returns {request_id: final output}."""
     done, step, pending = {}, 0, list(range(len(requests)))
     while pending or engine.has_unfinished():
         for i in [i for i in pending if arrivals[i] <= step]:
             prompt, adapter, sp = requests[i]
-            engine.add_request(prompt, sp, adapter, request_id=f"r{i}")
+            engine.add_request(prompt, sp, adapter, request_id=f"r{i}", logprobs=logprobs)
             pending.remove(i)
         for out in engine.step():
             if out.finished:
@@ -181,3 +181,37 @@ def test_logprobs_are_returned(tiny):
     lp = outs[-1].logprobs
     assert len(lp) == 3 and all(e["logprob"] <= 0 for e in lp)
     assert all(e["token"] == max(e["top"], key=e["top"].get) for e in lp)  # greedy picks the top-1
+
+
+def test_multi_step_decode_matches_single_steps(tiny):
+    """num_scheduler_steps samples several tokens per sequence in one call: the same tokens, stops, finish reasons and
+    logprobs as one token per step (seeded sampling, stop ids hit inside a burst, max_tokens not a multiple of it),
+    in fewer engine steps."""
+    rng = np.random.default_rng(5)
+    names = [None] + list(tiny["adapters"])
+    requests = [(rng.integers(0, 97, rng.integers(1, 20)).tolist(), names[rng.integers(len(names))],
+                 SamplingParams(temperature=1.0, seed=i, max_tokens=int(rng.integers(1, 15)),
+                                stop_token_ids=rng.integers(0, 97, 4).tolist())) for i in range(16)]
+    arrivals = rng.integers(0, 8, 16).tolist()
+    runs = {}
+    for k in (1, 5):
+        engine = make_engine(tiny, num_scheduler_steps=k)
+        done = run_staggered(engine, requests, arrivals, logprobs=True)
+        runs[k] = ({rid: (o.token_ids, o.finish_reason, [round(e["logprob"], 4) for e in o.logprobs])
+                    for rid, o in done.items()}, engine.steps)
+        assert engine.allocator.num_free == 64 and not engine.requests
+    assert runs[5][0] == runs[1][0]
+    assert {reason for _, reason, _ in runs[1][0].values()} == {"stop", "length"}
+    assert runs[5][1] < runs[1][1]
+
+
+def test_multi_step_decode_streams_every_token_once(tiny):
+    """A burst's tokens arrive as one output whose delta ids extend the last; none is lost or repeated."""
+    engine = make_engine(tiny, num_scheduler_steps=4)
+    engine.add_request([3, 4, 5], SamplingParams(temperature=0.0, max_tokens=10), "r8", request_id="x")
+    seen = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.token_ids[:len(seen)] == seen
+            seen = out.token_ids
+    assert len(seen) == 10 and engine.steps == 1 + 3  # prefill (1 token), then bursts of 4, 4 and 1

@@ -184,13 +184,13 @@ def test_disconnect_while_waiting_frees_pages(served):
     for _ in range(3):
         before = served.service.engine.stats()["finished"].get("abort", 0)
         try:
-            httpx.post(served.http_url + "/v1/completions", json=body, timeout=0.2)
+            httpx.post(served.http_url + "/v1/completions", json=body, timeout=0.05)
         except httpx.ReadTimeout:
             if served.wait_idle()["finished"].get("abort", 0) == before + 1:
                 break
         served.wait_idle()
     else:
-        pytest.fail("no request was aborted by its client's 0.2 s timeout in 3 tries")
+        pytest.fail("no request was aborted by its client's 0.05 s timeout in 3 tries")
     assert served.wait_idle()["finished"]["abort"] == before + 1
 
 
