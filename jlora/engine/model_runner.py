@@ -140,8 +140,8 @@ class ModelRunner:
       max_num_seqs: the largest sequence bucket (per data replica).
       donate_params: on GPU the stacked layer weights are split per layer (`llama.split_layers`); if True the
         caller's stacked arrays are deleted as they are split, so the weights are never held twice.
-      decode_steps: most decode steps one call runs. A decode batch whose `steps` are all 1 runs the one-step
-        program; any other runs `decode_loop` for decode_steps steps (rows stop at their own count).
+      decode_steps: most decode steps one call runs. A decode batch with `steps` runs `decode_loop` for
+        decode_steps steps (rows stop at their own count); one without (pages were short) the one-step program.
     """
 
     dp = 1  # data replicas: each owns a block of rows of every step and a block of pages
@@ -239,7 +239,9 @@ class ModelRunner:
         if max(steps) > (self.decode_steps if batch.mode == "decode" else 1):
             raise ValueError(f"a {batch.mode} batch asks for {max(steps)} steps; this runner runs at most "
                              f"{self.decode_steps if batch.mode == 'decode' else 1}")
-        multi = max(steps) > 1
+        # Multi-step whenever the scheduler asks for it, even for one token each (the tail of a burst): the loop then
+        # runs steps nobody needs, but the one-step programs stay for page shortage alone, so fewer shapes compile.
+        multi = batch.steps is not None and self.decode_steps > 1
         greedy = all(s.sampling.temperature <= 0 for s in seqs)
         mode = ("decode_loop_greedy" if greedy else "decode_loop") if multi else batch.mode
         slot_of = [-1 if s.adapter is None else slots[s.adapter] for s in seqs]

@@ -32,7 +32,8 @@ class SchedulerConfig:
 @dataclasses.dataclass
 class ScheduledBatch:
     """One step's work: `chunks[i]` new tokens of `seqs[i]` starting at `seqs[i].num_computed`. A decode step samples
-    `steps[i]` tokens for seqs[i], each fed to the next (None: one each)."""
+    `steps[i]` tokens for seqs[i], each fed to the next, in one multi-step call; with steps None (prefill, or pages
+    too short for more) it samples one token each in a one-step call."""
 
     mode: str  # "prefill" or "decode"
     seqs: list[Sequence]
@@ -129,13 +130,13 @@ class Scheduler:
             steps = [max(1, min(self.config.num_scheduler_steps, s.tokens_left)) for s in ready]
             if self.allocator.can_grow(ready, [k - 1 for k in steps]):
                 break
-            steps = [1] * len(ready)
+            steps = None  # one token each, through the one-step program
             if self.allocator.can_grow(ready) or not self.running:
                 break
             victim = max(self.running, key=lambda s: s.order)
             self._preempt(victim)
             preempted.append(victim)
-        for seq, k in zip(ready, steps):
+        for seq, k in zip(ready, steps or [1] * len(ready)):
             ok = self.allocator.reserve(seq, seq.num_tokens + k - 1)
             assert ok, "pages were counted before reserving"
         if not ready:

@@ -1,0 +1,42 @@
+"""Multi-step decode scheduling (pure Python): tokens per sequence and the pages reserved for them."""
+
+from jlora.engine.block_manager import PageAllocator
+from jlora.engine.scheduler import Scheduler, SchedulerConfig
+from jlora.engine.sequence import Sequence, Status
+from jlora.sampling import SamplingParams
+
+
+def _running(scheduler, prompt_len, max_tokens, rid):
+    seq = Sequence(rid, list(range(prompt_len)), SamplingParams(max_tokens=max_tokens))
+    seq.output_ids = [1]  # prefilled and sampled once: the next step is a decode step
+    seq.num_computed = seq.num_tokens - 1
+    assert scheduler.allocator.reserve(seq, seq.num_tokens)
+    seq.status = Status.RUNNING
+    scheduler.running.append(seq)
+    return seq
+
+
+def test_decode_steps_stop_at_max_tokens_and_reserve_their_pages():
+    scheduler = Scheduler(SchedulerConfig(num_scheduler_steps=8), PageAllocator(64, 4))
+    short = _running(scheduler, 7, max_tokens=4, rid="short")  # 3 tokens left
+    long = _running(scheduler, 7, max_tokens=50, rid="long")
+    batch = scheduler.schedule()
+    assert batch.mode == "decode" and batch.seqs == [short, long] and batch.steps == [3, 8]
+    # the last step of k caches token num_tokens + k - 2, so the pages hold num_tokens + k - 1 tokens
+    assert len(short.pages) == -(-(8 + 3 - 1) // 4) and len(long.pages) == -(-(8 + 8 - 1) // 4)
+
+
+def test_decode_falls_back_to_one_token_when_pages_are_short():
+    scheduler = Scheduler(SchedulerConfig(num_scheduler_steps=8), PageAllocator(6, 4))
+    a = _running(scheduler, 7, max_tokens=50, rid="a")  # 8 tokens in 2 full pages each: 2 pages free
+    b = _running(scheduler, 7, max_tokens=50, rid="b")
+    batch = scheduler.schedule()  # 8 tokens each would need 2 more pages each; one each needs none
+    assert batch.seqs == [a, b] and batch.steps is None and not batch.preempted
+    assert len(a.pages) == len(b.pages) == 2 and scheduler.allocator.num_free == 2
+    scheduler.allocator.check_invariants([a, b])
+
+
+def test_one_step_scheduler_is_unchanged():
+    scheduler = Scheduler(SchedulerConfig(), PageAllocator(64, 4))
+    _running(scheduler, 7, max_tokens=50, rid="a")
+    assert scheduler.schedule().steps == [1]
