@@ -90,11 +90,12 @@ def decode_loop(fwd, cache, tokens, positions, row_steps, temperature, top_k, to
     """Up to `max_steps` decode steps in one program, each feeding its sampled tokens to the next on the device.
 
     Row b decodes row_steps[b] <= max_steps tokens from position positions[b, 0]; after that its positions are -1
-    (it writes and attends nothing). The loop always runs max_steps times: with a trip count known at compile time
-    XLA's GPU runtime never reads a loop condition back to the host, which a count read from row_steps made it do
-    every iteration (the H100 then idled while the next iteration's kernels were launched). Sampling step k of
-    row b uses the key of `sample_outputs` at steps[b] + k, so a request's draws are those of k single steps.
-    `greedy` (static) says whether every row is greedy, so that no step has a conditional to sync on either.
+    (it writes and attends nothing). The loop always runs max_steps times: a trip count fixed at compile time
+    measured faster on the H100 than one read from row_steps (LoRA off, 4 steps: 6490 against 5963 tok/s).
+    `greedy` (static) says whether every row is greedy, so that no step holds a `lax.cond`: XLA's GPU runtime reads a
+    conditional's predicate back to the host, which stalled the device once per step. (The loop itself still makes
+    one device-to-host copy per iteration in the H100 profile.) Sampling step k of row b uses the key of
+    `sample_outputs` at steps[b] + k, so a request's draws are those of k single steps.
 
     Args:
       fwd: (tokens [B, 1], positions [B, 1], cache) -> (logits [B, V], cache).
