@@ -35,10 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_forward import LLAMA_8B, PAGE_SIZE, TINY, decode_loop, random_bank  # noqa: E402
 from jlora.config import LoraBankConfig, parse_lora_modules  # noqa: E402
 from jlora.engine.engine import Engine, EngineConfig  # noqa: E402
-from jlora.model import Llama  # noqa: E402
-from jlora.sampling import SamplingParams  # noqa: E402
-from jlora.model import KVCache, init_params  # noqa: E402
+from jlora.model import KVCache, Llama, init_params  # noqa: E402
 from jlora.model.llama import split_layers, split_layers_enabled  # noqa: E402
+from jlora.sampling import SamplingParams  # noqa: E402
 
 # Lines of a device plane that summarise the kernels of its stream lines again.
 _SUMMARY_LINES = ("XLA Modules", "XLA Ops", "Launch Stats", "Steps", "TensorFlow Ops", "Source code")
