@@ -158,4 +158,6 @@ def test_engine_streams_text_and_honours_stop_strings(smollm):
             deltas.append(out.delta)
             final = out
     assert final.text == "The capital of France is " and final.finish_reason == "stop"
-    assert "".join(deltas) == final.text and len([d for d in deltas if d]) > 3
+    # One delta per engine step: the prefill's token, then bursts of decode tokens (multi-step decode), each the text
+    # that step added, none repeated.
+    assert "".join(deltas) == final.text and len([d for d in deltas if d]) >= 2

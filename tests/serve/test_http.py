@@ -1,5 +1,7 @@
 """The HTTP API through the `openai` client and raw httpx; every bad input gets its status and says what was wrong."""
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -177,20 +179,25 @@ def test_disconnect_mid_stream_frees_pages(http, served):
     still_serves(http, served)
 
 
-def test_disconnect_while_waiting_frees_pages(served):
+def test_disconnect_while_waiting_frees_pages(served, monkeypatch):
     body = {"prompt": "long", "max_tokens": 240, "ignore_eos": True, "temperature": 0}
+    # The tiny model decodes 240 tokens (8 per engine step) faster than a client can time out: slow each step down
+    # to a small real model's pace, so the request is still running when its client gives up.
+    engine = served.service.engine.engine
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.02), step())[1])
     # A request that completes before the client gives up, or before the server sees the disconnect, is a lost
     # race: retried, never passed.
     for _ in range(3):
         before = served.service.engine.stats()["finished"].get("abort", 0)
         try:
-            httpx.post(served.http_url + "/v1/completions", json=body, timeout=0.05)
+            httpx.post(served.http_url + "/v1/completions", json=body, timeout=0.2)
         except httpx.ReadTimeout:
             if served.wait_idle()["finished"].get("abort", 0) == before + 1:
                 break
         served.wait_idle()
     else:
-        pytest.fail("no request was aborted by its client's 0.05 s timeout in 3 tries")
+        pytest.fail("no request was aborted by its client's 0.2 s timeout in 3 tries")
     assert served.wait_idle()["finished"]["abort"] == before + 1
 
 
