@@ -85,6 +85,10 @@ def _layer_of(w, layer):
   return w if layer is None else jax.lax.dynamic_index_in_dim(w, layer, 0, keepdims=False)
 
 
+def _per_layer_slices(b_slices, layer):
+  return tuple(_per_layer(b, layer, f"b_slices[{j}]") for j, b in enumerate(b_slices))
+
+
 def _check_meta(meta, slot_ids, backend: str):
   """Returns `meta`, or builds it; checks that it was made for these tokens and this backend."""
   if meta is None:
@@ -152,7 +156,7 @@ def lora_expand(y: jax.Array, v: jax.Array, b_slices: Sequence[jax.Array], slot_
     y_out: [T, sum_j d_j] in y.dtype.
   """
   b_slices = tuple(b_slices)
-  _validate_expand(y, v, tuple(_per_layer(b, layer, f"b_slices[{j}]") for j, b in enumerate(b_slices)), slot_ids)
+  _validate_expand(y, v, _per_layer_slices(b_slices, layer), slot_ids)
   backend = resolve_backend(backend)
   if backend == "reference":
     return reference.ref_lora_expand(y, v, tuple(_layer_of(b, layer) for b in b_slices), slot_ids)
@@ -184,6 +188,5 @@ def lora_shrink_expand(x: jax.Array, y: jax.Array, a: jax.Array, b_slices: Seque
   meta = _check_meta(meta, slot_ids, backend)
   partials = triton_lora.shrink(x, a, slot_ids, meta, layer, interpret=backend == "interpret", sum_splits=False)
   v_shape = jax.ShapeDtypeStruct(partials.shape[1:], partials.dtype)
-  _validate_expand(y, v_shape, tuple(_per_layer(b, layer, f"b_slices[{j}]") for j, b in enumerate(b_slices)),
-                   slot_ids)
+  _validate_expand(y, v_shape, _per_layer_slices(b_slices, layer), slot_ids)
   return triton_lora.expand(y, partials, b_slices, meta, layer, interpret=backend == "interpret")

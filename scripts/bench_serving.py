@@ -67,6 +67,15 @@ def summarize(records, wall):
             "tpot_p50_s": float(np.percentile(tpot, 50)), "tpot_p99_s": float(np.percentile(tpot, 99))}
 
 
+def engine_config(memory_gib: float, rank: int, scheduler_steps: int, max_model_len: int,
+                  max_num_seqs: int = 64) -> EngineConfig:
+    """The benchmark's engine: `memory_gib` split into KV pages and rank-`rank` slots for q, k, v and o."""
+    return EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, max_prefill_chunk=512, page_size=16,
+                        max_model_len=max_model_len, memory_bytes=int(memory_gib * 2**30), adapter_memory_fraction=0.1,
+                        bank=LoraBankConfig(buckets=(rank,), slots=(1,), modules=TARGETS), max_cpu_loras=256,
+                        num_scheduler_steps=scheduler_steps)
+
+
 def lora_off(engine):
     """The same engine with LoRA off: every step runs the base model alone (no bank, no LoRA kernels)."""
     run = engine.runner.execute
@@ -130,11 +139,7 @@ def main():
         the stacked copy (donate_weights), so one model is never held twice."""
         return Engine(Llama(config, init(jax.random.key(0))), None, ecfg, donate_weights=True)
 
-    ecfg = EngineConfig(max_num_seqs=64, max_num_batched_tokens=2048, max_prefill_chunk=512, page_size=16,
-                        max_model_len=2 * lengths[1] + 16, memory_bytes=int(args.memory_gib * 2**30),
-                        adapter_memory_fraction=0.1,
-                        bank=LoraBankConfig(buckets=(args.rank,), slots=(1,), modules=TARGETS),
-                        max_cpu_loras=256, num_scheduler_steps=args.scheduler_steps)
+    ecfg = engine_config(args.memory_gib, args.rank, args.scheduler_steps, max_model_len=2 * lengths[1] + 16)
     files = write_adapters(config, tempfile.mkdtemp(prefix="jlora-bench-"), args.distinct_files, args.rank)
 
     def engine_with(count, prefix="tenant"):
@@ -151,7 +156,8 @@ def main():
                "model": "tiny" if args.tiny else "llama-8b-shaped", "layers": config.num_layers, "workload": {
                    "requests": args.requests, "rate": args.rate, "alpha": args.alpha, "lengths": lengths,
                    "arrivals": "gamma, CV=1", "rank": args.rank, "targets": TARGETS, "seed": 1},
-               "num_scheduler_steps": args.scheduler_steps, "passes": args.passes, "command": "python3 " + " ".join(sys.argv), "runs": {}}
+               "num_scheduler_steps": args.scheduler_steps, "passes": args.passes,
+               "command": "python3 " + " ".join(sys.argv), "runs": {}}
     if args.decode_only:
         args.adapter_counts = ""
     # Decode throughput: a distinct adapter per sequence against LoRA off (each measured twice; the second counts).

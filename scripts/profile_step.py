@@ -33,7 +33,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_forward import LLAMA_8B, PAGE_SIZE, TINY, decode_loop, random_bank  # noqa: E402
-from jlora.config import LoraBankConfig, parse_lora_modules  # noqa: E402
+from bench_serving import engine_config, lora_off  # noqa: E402
+from serving_workload import write_adapters  # noqa: E402
+from jlora.config import parse_lora_modules  # noqa: E402
 from jlora.engine.engine import Engine, EngineConfig  # noqa: E402
 from jlora.model import KVCache, Llama, init_params  # noqa: E402
 from jlora.model.llama import split_layers, split_layers_enabled  # noqa: E402
@@ -110,12 +112,8 @@ def profile_variant(config, params, bank, batch, ctx, steps, trace_root, name) -
 def profile_engine(config, params_fn, adapters: bool, batch: int, steps: int, trace_root: str, name: str,
                    tiny: bool, scheduler_steps: int) -> dict:
     """Traces `steps` decode steps of an engine with `batch` running requests (each on its own adapter, or none)."""
-    from serving_workload import TARGETS, write_adapters
     gc.collect()  # the last engine's KV pool (held in a reference cycle) must be gone before this one's
-    ecfg = EngineConfig(max_num_seqs=batch, max_num_batched_tokens=2048, max_prefill_chunk=512, page_size=16,
-                        max_model_len=1040, memory_bytes=int((0.25 if tiny else 40) * 2**30),
-                        adapter_memory_fraction=0.1, bank=LoraBankConfig(buckets=(16,), slots=(1,), modules=TARGETS),
-                        max_cpu_loras=256, num_scheduler_steps=scheduler_steps)
+    ecfg = engine_config(0.25 if tiny else 40, 16, scheduler_steps, max_model_len=1040, max_num_seqs=batch)
     engine = Engine(Llama(config, params_fn()), None, ecfg, donate_weights=True)
     names = [None] * batch
     if adapters:
@@ -123,9 +121,8 @@ def profile_engine(config, params_fn, adapters: bool, batch: int, steps: int, tr
         names = [f"d{i}" for i in range(batch)]
         for i, n in enumerate(names):
             engine.store.register(n, files[i % len(files)], eager=False)
-    else:  # as bench_serving's lora_off: every step runs the base model alone
-        execute = engine.runner.execute
-        engine.runner.execute = lambda b, slots, bank: execute(b, slots, None)
+    else:
+        lora_off(engine)
     rng = np.random.default_rng(0)
     # 160-token prompts: after the warm-up below, the traced steps stay inside one page-table bucket (16 pages of
     # 16 tokens) for up to 8 tokens per step, so nothing compiles inside the trace.

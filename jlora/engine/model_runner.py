@@ -243,14 +243,12 @@ class ModelRunner:
         # Multi-step whenever the scheduler asks for it, even for one token each (the tail of a burst): the loop then
         # runs steps nobody needs, but the one-step programs stay for page shortage alone, so fewer shapes compile.
         multi = batch.steps is not None and self.decode_steps > 1
-        greedy = all(s.sampling.temperature <= 0 for s in seqs)
-        mode = ("decode_loop_greedy" if greedy else "decode_loop") if multi else batch.mode
         slot_of = [-1 if s.adapter is None else slots[s.adapter] for s in seqs]
         rows, B = self._rows(seqs, slot_of)
         T = 1 if batch.mode == "decode" else bucket(max(chunks), 16)
         widest = max(-(-(s.num_computed + c + k - 1) // self.page_size) for s, c, k in zip(seqs, chunks, steps))
         P = bucket(widest, *self._page_range())
-        a = self._arrays(mode, B, T, P)
+        a = self._arrays("decode_loop_greedy" if multi else batch.mode, B, T, P)  # padding rows are greedy
         for i, (s, c) in enumerate(zip(seqs, chunks)):
             row, start, sp = rows[i], s.num_computed, s.sampling
             a["tokens"][row, :c] = s.token_ids[start:start + c]
@@ -264,6 +262,7 @@ class ModelRunner:
                 a["logit_index"][row] = c - 1
             a["temperature"][row], a["top_k"][row], a["top_p"][row] = sp.temperature, sp.top_k, sp.top_p
             a["seeds"][row], a["steps"][row] = s.sampling_seed, len(s.output_ids)
+        mode = ("decode_loop_greedy" if self._greedy(a) else "decode_loop") if multi else batch.mode
         self.shapes_run.add((mode, B, T, P))
         out = self._run(bank, a)
         # [B, k, ...] rows: a decode loop's leading step axis moves second, a single step gets k = 1
