@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from jlora.config import LoraBankConfig  # noqa: E402
 from jlora.engine.engine import Engine, EngineConfig  # noqa: E402
-from jlora.engine.model_runner import compile_count  # noqa: E402
+from jlora.engine.model_runner import compile_count, compile_seconds  # noqa: E402
 from jlora.model import Llama, init_params  # noqa: E402
 from jlora.sampling import SamplingParams  # noqa: E402
 from bench_forward import LLAMA_8B, TINY  # noqa: E402
@@ -76,6 +76,14 @@ def engine_config(memory_gib: float, rank: int, scheduler_steps: int, max_model_
                         num_scheduler_steps=scheduler_steps)
 
 
+def trace_shapes(engine) -> list[tuple]:
+    """The step shapes a greedy trace of fresh prompts (none longer than a chunk, none preempted) can take: the
+    greedy decode loops and the prefills whose page tables are as wide as their chunks."""
+    runner, chunk = engine.runner, engine.config.max_prefill_chunk
+    return [s for s in runner.bucket_shapes(chunk) if s[0] == "decode_loop_greedy"
+            or (s[0] == "prefill" and s[3] == runner.page_buckets("prefill", s[2])[0])]
+
+
 def lora_off(engine):
     """The same engine with LoRA off: every step runs the base model alone (no bank, no LoRA kernels)."""
     run = engine.runner.execute
@@ -114,12 +122,18 @@ def main():
     ap.add_argument("--distinct-files", type=int, default=16, help="adapter directories behind the names")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--memory-gib", type=float, default=None, help="KV + adapter budget (default 40, 0.25 with --tiny)")
-    ap.add_argument("--passes", type=int, default=2,
-                    help="times each run replays its trace, each through a fresh engine; the last pass counts, so the "
-                         "step shapes it needs were compiled by the passes before (default: %(default)s)")
+    ap.add_argument("--passes", type=int, default=3,
+                    help="most times each run replays its trace, each time through a fresh engine: it stops at the "
+                         "first pass that compiled nothing, which counts (or else the last). Which step shapes a "
+                         "replay meets depends on its timing, so one pass can need shapes the passes before did not "
+                         "(default: %(default)s)")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="skip compiling the step shapes a trace can take (`trace_shapes`) before the first pass with "
+                         "LoRA off and with adapters; the passes alone then compile them")
     ap.add_argument("--decode-batch", type=int, default=64, help="sequences in the decode-throughput comparison")
     ap.add_argument("--decode-tokens", type=int, default=256, help="tokens each of them generates")
     ap.add_argument("--decode-only", action="store_true", help="only the decode comparison (no traces)")
+    ap.add_argument("--no-decode", action="store_true", help="only the traces (no decode comparison)")
     ap.add_argument("--scheduler-steps", type=int, default=EngineConfig.num_scheduler_steps,
                     help="EngineConfig.num_scheduler_steps: decode tokens per sequence per device call "
                          "(default: %(default)s)")
@@ -163,49 +177,66 @@ def main():
     # Decode throughput: a distinct adapter per sequence against LoRA off (each measured twice; the second counts).
     n, plen = args.decode_batch, 64 if not args.tiny else 8
     dec, tokens = {}, {}
-    for name, make in [("lora_off", lambda: (lora_off(new_engine()), [])),
-                       ("distinct_adapters", lambda: engine_with(n, "d"))]:
+    decode_runs = [] if args.no_decode else [("lora_off", lambda: (lora_off(new_engine()), [])),
+                                             ("distinct_adapters", lambda: engine_with(n, "d"))]
+    for name, make in decode_runs:
         for _ in range(2):
             engine = names = None
             gc.collect()
             engine, names = make()
             dec[name], tokens[name] = decode_throughput(engine, names, n, plen, args.decode_tokens, config.vocab_size)
         print(f"decode, batch {n}, {name}: {dec[name]:.0f} tok/s", flush=True)
-    # The adapters must really be applied: their greedy outputs differ from the base model's.
-    differ = sum(a != b for a, b in zip(tokens["lora_off"], tokens["distinct_adapters"])) / n
-    print(f"decode: {differ:.0%} of the adapter requests' outputs differ from LoRA off", flush=True)
-    results["decode"] = {"batch": n, "prompt_len": plen, "tokens_each": args.decode_tokens, "tok_per_s": dec,
-                         "distinct_vs_lora_off": dec["distinct_adapters"] / dec["lora_off"],
-                         "outputs_differing_from_lora_off": differ}
+    if decode_runs:
+        # The adapters must really be applied: their greedy outputs differ from the base model's.
+        differ = sum(a != b for a, b in zip(tokens["lora_off"], tokens["distinct_adapters"])) / n
+        print(f"decode: {differ:.0%} of the adapter requests' outputs differ from LoRA off", flush=True)
+        results["decode"] = {"batch": n, "prompt_len": plen, "tokens_each": args.decode_tokens, "tok_per_s": dec,
+                             "distinct_vs_lora_off": dec["distinct_adapters"] / dec["lora_off"],
+                             "outputs_differing_from_lora_off": differ}
 
     if args.decode_only:
         save(results, args.out)
         print(json.dumps(results["decode"], indent=2))
         return
     counts = [0] + [int(c) for c in args.adapter_counts.split(",")]
+    warm = set()  # bank settings ("off", "on") whose trace shapes are compiled
     for count in counts:
         trace = workload(args.requests, count, args.rate, args.alpha, lengths, config.vocab_size, seed=1)
-        for _ in range(args.passes):  # the jit cache is shared: earlier passes compile the step shapes of the last
+        for done in range(1, args.passes + 1):  # the jit cache is shared: earlier passes compile shapes for later
             engine = names = None
             engine, names = engine_with(count)
             if count == 0:
                 lora_off(engine)
-            compiles = compile_count()
+            setting = "off" if count == 0 else "on"
+            if setting not in warm and not args.no_warmup:
+                t0, seconds, shapes = time.perf_counter(), compile_seconds(), trace_shapes(engine)
+                if count:
+                    engine.store.slots.warmup()  # the adapter slot writes
+                engine.runner.warmup(None if count == 0 else engine.store.bank, ecfg.max_prefill_chunk, shapes)
+                print(f"  warm-up, LoRA {setting}: {len(shapes)} step shapes in {time.perf_counter() - t0:.0f} s "
+                      f"({compile_seconds() - seconds:.0f} s compiling)", flush=True)
+                results.setdefault("warmup", {})[setting] = {"shapes": len(shapes), "s": time.perf_counter() - t0}
+                warm.add(setting)
+            compiles, seconds = compile_count(), compile_seconds()
             records, wall = run_trace(engine, trace, names)
+            compiled = compile_count() - compiles
+            print(f"  pass {done}: {wall:.1f} s, compiled {compiled} programs in {compile_seconds() - seconds:.1f} s",
+                  flush=True)
+            if compiled == 0:
+                break
         row = summarize(records, wall)
-        row.update(memory=engine.plan.describe(), metrics=engine.metrics(),
-                   compilations_in_run=compile_count() - compiles)
+        row.update(memory=engine.plan.describe(), metrics=engine.metrics(), compilations_in_run=compiled,
+                   passes_run=done)
         results["runs"]["lora_off" if count == 0 else f"{count}_adapters"] = row
         save(results, args.out)  # partial results survive a run cut short
         print(f"{count:>6} adapters: {row['req_per_s']:.2f} req/s {row['tok_per_s']:.0f} tok/s "
               f"TTFT p50 {row['ttft_p50_s']:.3f}s p99 {row['ttft_p99_s']:.3f}s "
               f"TPOT p50 {row['tpot_p50_s'] * 1e3:.1f}ms "
-              f"p99 {row['tpot_p99_s'] * 1e3:.1f}ms | compiled in run: {row['compilations_in_run']} | "
+              f"p99 {row['tpot_p99_s'] * 1e3:.1f}ms | passes {done}, compiled in the last: {compiled} | "
               f"{row['memory']}", flush=True)
     runs = results["runs"]
     few, most = f"{counts[1]}_adapters", f"{counts[-1]}_adapters"
-    ratios = {"decode_distinct_vs_lora_off": results["decode"]["distinct_vs_lora_off"],
-              f"{most}_vs_{few}": runs[most]["tok_per_s"] / runs[few]["tok_per_s"],
+    ratios = {f"{most}_vs_{few}": runs[most]["tok_per_s"] / runs[few]["tok_per_s"],
               f"{few}_vs_lora_off": runs[few]["tok_per_s"] / runs["lora_off"]["tok_per_s"]}
     if args.peft_json and os.path.exists(args.peft_json):
         with open(args.peft_json) as f:
@@ -214,6 +245,8 @@ def main():
         key = f"{peft['adapters']}_adapters"
         if key in runs:
             ratios[f"{key}_vs_hf_peft"] = runs[key]["tok_per_s"] / peft["tok_per_s"]
+    if "decode" in results:
+        ratios["decode_distinct_vs_lora_off"] = results["decode"]["distinct_vs_lora_off"]
     results["ratios"] = ratios
     print(json.dumps(ratios, indent=2))
     save(results, args.out)

@@ -100,17 +100,18 @@ class Engine:
                                   max_cpu_loras=config.max_cpu_loras, dtype=dtype,
                                   layout=mesh.MeshBankLayout(sharded) if sharded else None)
         self.allocator = PageAllocator(self.plan.num_pages, config.page_size, replicas=config.dp)
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   config.max_prefill_chunk, config.num_scheduler_steps),
-                                   self.allocator, self.store.fits)
         runner_kw = dict(num_pages=self.plan.num_pages, page_size=config.page_size, max_model_len=self.max_model_len,
                          max_num_seqs=config.max_num_seqs, dtype=dtype, lora_backend=config.lora_backend,
                          num_logprobs=config.num_logprobs, donate_params=donate_weights,
-                         decode_steps=config.num_scheduler_steps)
+                         decode_steps=config.num_scheduler_steps, max_num_batched_tokens=config.max_num_batched_tokens,
+                         max_prefill_chunk=config.max_prefill_chunk)
         if sharded is None:
             self.runner = ModelRunner(model.config, model.params(), **runner_kw)
         else:
             self.runner = mesh.MeshRunner(model.config, model.params(), model=sharded, **runner_kw)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                                                   config.max_prefill_chunk, config.num_scheduler_steps),
+                                   self.allocator, self.store.fits, self.runner.prefill_fits)
         self.requests: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._text: dict[str, str] = {}

@@ -17,19 +17,22 @@ import numpy as np
 from jlora.config import ModelConfig
 from jlora.engine.scheduler import ScheduledBatch
 from jlora.model.kv_cache import KVCache
+from jlora.model import attention
 from jlora.model.llama import forward, split_layers, split_layers_enabled
 from jlora.sampling import sample
 
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _compiles = 0
+_compile_seconds = 0.0
 _lock = threading.Lock()
 
 
 def _count_compile(event, duration, **kwargs):
-    global _compiles
+    global _compiles, _compile_seconds
     if event == _COMPILE_EVENT:
         with _lock:
             _compiles += 1
+            _compile_seconds += duration
 
 
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
@@ -38,6 +41,11 @@ jax.monitoring.register_event_duration_secs_listener(_count_compile)
 def compile_count() -> int:
     """XLA compilations in this process so far (every jitted program, not only the model step)."""
     return _compiles
+
+
+def compile_seconds() -> float:
+    """Seconds spent in those compilations."""
+    return _compile_seconds
 
 
 def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
@@ -143,17 +151,27 @@ class ModelRunner:
         caller's stacked arrays are deleted as they are split, so the weights are never held twice.
       decode_steps: most decode steps one call runs. A decode batch with `steps` runs `decode_loop` for
         decode_steps steps (rows stop at their own count); one without (pages were short) the one-step program.
+      max_num_batched_tokens: the scheduler's token budget; with it, prefill steps keep their padded
+        [sequences, chunk] rows within `prefill_row_budget` (see `prefill_fits`).
     """
 
     dp = 1  # data replicas: each owns a block of rows of every step and a block of pages
 
     def __init__(self, config: ModelConfig, params, *, num_pages: int, page_size: int, max_model_len: int,
                  max_num_seqs: int, dtype=jnp.float32, lora_backend: str | None = None, num_logprobs: int = 5,
-                 donate_params: bool = False, decode_steps: int = 1):
+                 donate_params: bool = False, decode_steps: int = 1, max_num_batched_tokens: int | None = None,
+                 max_prefill_chunk: int = 512):
         self.config = config
         self.page_size, self.max_num_seqs = page_size, max_num_seqs
         self.pages_per_replica = num_pages // self.dp
         self.max_pages = -(-max_model_len // page_size)
+        # Padded prefill tokens per replica: the token budget, but at least the smallest sequence bucket of the
+        # longest chunks. None: no bound (every sequence bucket with every chunk bucket).
+        self.prefill_row_budget = None if max_num_batched_tokens is None else max(
+            bucket(max_num_batched_tokens), self._seq_range()[0] * bucket(max_prefill_chunk, 16))
+        # JAX's Pallas paged-attention kernel walks only a row's own pages, so on it every decode step takes the
+        # widest page table: one decode program per sequence bucket instead of one per table width too.
+        self.decode_any_width = attention.decode_backend(config, 1) != "xla"
         self.donate_params, self.decode_steps = donate_params, decode_steps
         self.params, self.cache = self._place(params, num_pages, page_size, dtype)
         self.backend, self.num_logprobs = lora_backend, num_logprobs
@@ -188,14 +206,32 @@ class ModelRunner:
     def _page_range(self):
         return min(8, bucket(self.max_pages)), bucket(self.max_pages)
 
+    def page_buckets(self, mode: str, T: int) -> list[int]:
+        """Page-table widths a step can have. A prefill step's table is as wide as its chunk bucket (what fresh
+        prompts need) or, for a longer context (a later chunk, a recomputed sequence), the widest; a decode step's is
+        the widest on the Pallas kernel, else any power of two in range."""
+        lo, hi = self._page_range()
+        if mode == "prefill":
+            return sorted({min(hi, max(lo, bucket(-(-T // self.page_size)))), hi})
+        return [hi] if self.decode_any_width else _ladder(lo, hi)
+
+    def prefill_fits(self, num_seqs: int, longest_chunk: int) -> bool:
+        """Whether a prefill step of this many sequences, the longest chunk this long, keeps its padded rows
+        (sequence bucket x chunk bucket) within the row budget. The scheduler asks before adding a sequence."""
+        B = bucket(num_seqs, *self._seq_range())
+        return self.prefill_row_budget is None or B * bucket(longest_chunk, 16) <= self.prefill_row_budget
+
     def bucket_shapes(self, max_prefill_chunk: int) -> list[tuple[str, int, int, int]]:
         """Every (mode, sequences, tokens per row, page-table width) a step can have."""
-        seq_b = [self.dp * b for b in _ladder(*self._seq_range())]
-        tok_b = _ladder(16, bucket(max_prefill_chunk, 16))
-        page_b = _ladder(*self._page_range())
-        loops = [("decode_loop_greedy", 1), ("decode_loop", 1)] if self.decode_steps > 1 else []
-        modes = [("decode", 1)] + loops + [("prefill", t) for t in tok_b]
-        return [(m, B, T, P) for B in seq_b for P in page_b for m, T in modes]
+        loops = ["decode_loop_greedy", "decode_loop"] if self.decode_steps > 1 else []
+        shapes = []
+        for b in _ladder(*self._seq_range()):
+            for m in ["decode"] + loops:
+                shapes += [(m, self.dp * b, 1, P) for P in self.page_buckets(m, 1)]
+            for T in _ladder(16, bucket(max_prefill_chunk, 16)):
+                if self.prefill_row_budget is None or b * T <= self.prefill_row_budget:
+                    shapes += [("prefill", self.dp * b, T, P) for P in self.page_buckets("prefill", T)]
+        return shapes
 
     @staticmethod
     def _arrays(mode: str, B: int, T: int, P: int) -> dict[str, np.ndarray]:
@@ -211,9 +247,10 @@ class ModelRunner:
             a["logit_index"] = np.zeros((B,), np.int32)
         return a
 
-    def warmup(self, bank, max_prefill_chunk: int) -> int:
-        """Compiles every bucket shape with all-padding batches (nothing is written); returns how many."""
-        shapes = self.bucket_shapes(max_prefill_chunk)
+    def warmup(self, bank, max_prefill_chunk: int, shapes=None) -> int:
+        """Compiles every bucket shape (or the given ones) with all-padding batches (nothing is written); returns
+        how many."""
+        shapes = self.bucket_shapes(max_prefill_chunk) if shapes is None else list(shapes)
         for mode, B, T, P in shapes:
             self._run(bank, self._arrays(mode, B, T, P))
             self.shapes_run.add((mode, B, T, P))
@@ -247,7 +284,7 @@ class ModelRunner:
         rows, B = self._rows(seqs, slot_of)
         T = 1 if batch.mode == "decode" else bucket(max(chunks), 16)
         widest = max(-(-(s.num_computed + c + k - 1) // self.page_size) for s, c, k in zip(seqs, chunks, steps))
-        P = bucket(widest, *self._page_range())
+        P = next(p for p in self.page_buckets(batch.mode, T) if p >= widest)
         a = self._arrays("decode_loop_greedy" if multi else batch.mode, B, T, P)  # padding rows are greedy
         for i, (s, c) in enumerate(zip(seqs, chunks)):
             row, start, sp = rows[i], s.num_computed, s.sampling

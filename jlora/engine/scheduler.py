@@ -49,11 +49,15 @@ class Scheduler:
       config: the budgets.
       allocator: the KV page pool.
       adapters_fit: callback(set of adapter names) -> whether they can all be resident at once.
+      prefill_fits: callback(sequences, longest chunk) -> whether a prefill step of that shape may run (the
+        runner bounds its padded rows, `ModelRunner.prefill_fits`).
     """
 
     def __init__(self, config: SchedulerConfig, allocator: PageAllocator,
-                 adapters_fit: Callable[[set[str]], bool] = lambda names: True):
+                 adapters_fit: Callable[[set[str]], bool] = lambda names: True,
+                 prefill_fits: Callable[[int, int], bool] = lambda num_seqs, longest: True):
         self.config, self.allocator, self.adapters_fit = config, allocator, adapters_fit
+        self.prefill_fits = prefill_fits
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self._order = 0
@@ -106,6 +110,8 @@ class Scheduler:
                 break
             # A chunk that reaches the end samples a token, so decode needs nothing more until then.
             chunk = min(seq.remaining, budget, self.config.max_prefill_chunk)
+            if seqs and not self.prefill_fits(len(seqs) + 1, max(chunks + [chunk])):
+                break  # the rest wait for the next step, in order
             if not self.allocator.reserve(seq, seq.num_computed + chunk):
                 break
             seqs.append(seq)

@@ -86,6 +86,25 @@ def decode_backend(config: ModelConfig, num_tokens: int) -> str:
     return choice
 
 
+# Programs the paged-attention kernel should have at least: every (row, kv head) is one, and each row's pages are
+# split into partitions only until there are this many.
+DECODE_ATTENTION_PROGRAMS = 512
+
+
+def decode_partitions(batch: int, kv_heads: int, max_pages: int) -> tuple[int, int]:
+    """(k_splits, pages per compute block) for JAX's paged-attention kernel.
+
+    Each (row, kv head) program walks its row's pages; splitting the pages into partitions adds programs (and a
+    combining pass) for small batches. Large batches need no split, and then a program reads up to 8 pages per
+    block instead of one page at a time, as a fixed 16-way split did for short page tables.
+    """
+    k_splits = 1
+    while (k_splits < 16 and batch * kv_heads * k_splits < DECODE_ATTENTION_PROGRAMS
+           and max_pages % (2 * k_splits) == 0):
+        k_splits *= 2
+    return k_splits, math.gcd(max_pages // k_splits, 8)
+
+
 def paged_decode(q, cache_k, cache_v, positions, page_table, layer, interpret: bool = False):
     """One query per row over paged K/V with JAX's Pallas GPU kernel, reading the pool in place.
 
@@ -102,8 +121,7 @@ def paged_decode(q, cache_k, cache_v, positions, page_table, layer, interpret: b
     K, L, P, ps, H = cache_k.shape
     B, _, N, _ = q.shape
     M = page_table.shape[1]
-    k_splits = math.gcd(M, 16)
-    per_block = math.gcd(M // k_splits, 8)
+    k_splits, per_block = decode_partitions(B, K, M)
     lengths = jnp.maximum(positions[:, 0] + 1, 1).astype(jnp.int32)  # padding rows read one harmless token
     out = kernel.paged_attention(
         (q[:, 0] * H ** -0.5).astype(cache_k.dtype), cache_k.reshape(K, L * P, ps, H),

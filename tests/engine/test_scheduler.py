@@ -40,3 +40,33 @@ def test_one_step_scheduler_is_unchanged():
     scheduler = Scheduler(SchedulerConfig(), PageAllocator(64, 4))
     _running(scheduler, 7, max_tokens=50, rid="a")
     assert scheduler.schedule().steps == [1]
+
+
+def _waiting(scheduler, lengths):
+    seqs = [Sequence(f"w{i}", list(range(n)), SamplingParams(max_tokens=4)) for i, n in enumerate(lengths)]
+    for seq in seqs:
+        scheduler.add(seq)
+    return seqs
+
+
+def test_prefill_stops_at_the_runners_row_budget_in_order():
+    asked = []
+
+    def fits(num_seqs, longest):
+        asked.append((num_seqs, longest))
+        return num_seqs * longest <= 64
+
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=1000), PageAllocator(256, 4), prefill_fits=fits)
+    seqs = _waiting(scheduler, [10, 20, 30, 5])
+    batch = scheduler.schedule()
+    # 2 x 20 fits; 3 x 30 does not, so the third waits, and the fourth (which would fit) stays behind it
+    assert batch.mode == "prefill" and batch.seqs == seqs[:2] and batch.chunks == [10, 20]
+    assert asked == [(2, 20), (3, 30)] and list(scheduler.waiting) == seqs[2:]
+    assert not seqs[2].pages  # nothing was reserved for the sequence that did not fit
+
+
+def test_prefill_always_runs_one_sequence():
+    scheduler = Scheduler(SchedulerConfig(), PageAllocator(256, 4), prefill_fits=lambda n, longest: False)
+    seqs = _waiting(scheduler, [40, 3])
+    batch = scheduler.schedule()
+    assert batch.seqs == seqs[:1] and list(scheduler.waiting) == seqs[1:]

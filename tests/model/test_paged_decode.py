@@ -28,7 +28,9 @@ def _decode_logits(monkeypatch, mode, params, table, tokens, positions, lens, st
     return np.stack(out)
 
 
-def test_pallas_paged_decode_matches_xla(monkeypatch):
+@pytest.mark.parametrize("programs", [1, 512])  # no split (8 pages per block) and an 8-way split
+def test_pallas_paged_decode_matches_xla(monkeypatch, programs):
+    monkeypatch.setattr(attention, "DECODE_ATTENTION_PROGRAMS", programs)
     rng = np.random.default_rng(0)
     params = init_params(TINY, jax.random.key(0), jnp.float32)
     lens = np.array([5, 13, 2])
@@ -52,3 +54,13 @@ def test_decode_backend_choice(monkeypatch):
     monkeypatch.setenv(attention.ATTENTION_ENV, "flash")
     with pytest.raises(ValueError, match="JLORA_ATTENTION"):
         attention.decode_backend(TINY, 1)
+
+
+def test_decode_partitions():
+    # Large batches are not split and read 8 pages per block; small ones split until there are programs enough.
+    assert attention.decode_partitions(64, 8, 32) == (1, 8)
+    assert attention.decode_partitions(32, 8, 32) == (2, 8)
+    assert attention.decode_partitions(8, 8, 128) == (8, 8)
+    assert attention.decode_partitions(2, 8, 128) == (16, 8)  # at most 16 partitions
+    assert attention.decode_partitions(2, 8, 16) == (16, 1)  # the split stops at the page-table width
+    assert attention.decode_partitions(1, 8, 4) == (4, 1)
