@@ -185,7 +185,8 @@ def main():
             gc.collect()
             engine, names = make()
             dec[name], tokens[name] = decode_throughput(engine, names, n, plen, args.decode_tokens, config.vocab_size)
-        print(f"decode, batch {n}, {name}: {dec[name]:.0f} tok/s", flush=True)
+        print(f"decode, batch {n}, {name}: {dec[name]:.0f} tok/s ({compile_seconds():.0f} s compiling so far)",
+              flush=True)
     if decode_runs:
         # The adapters must really be applied: their greedy outputs differ from the base model's.
         differ = sum(a != b for a, b in zip(tokens["lora_off"], tokens["distinct_adapters"])) / n
