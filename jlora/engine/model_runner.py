@@ -16,8 +16,8 @@ import numpy as np
 
 from jlora.config import ModelConfig
 from jlora.engine.scheduler import ScheduledBatch
-from jlora.model.kv_cache import KVCache
 from jlora.model import attention
+from jlora.model.kv_cache import KVCache
 from jlora.model.llama import forward, split_layers, split_layers_enabled
 from jlora.sampling import sample
 
@@ -151,8 +151,8 @@ class ModelRunner:
         caller's stacked arrays are deleted as they are split, so the weights are never held twice.
       decode_steps: most decode steps one call runs. A decode batch with `steps` runs `decode_loop` for
         decode_steps steps (rows stop at their own count); one without (pages were short) the one-step program.
-      max_num_batched_tokens: the scheduler's token budget; with it, prefill steps keep their padded
-        [sequences, chunk] rows within `prefill_row_budget` (see `prefill_fits`).
+      max_num_batched_tokens, max_prefill_chunk: the scheduler's token budget and longest chunk. With a budget,
+        prefill steps keep their padded [sequences, chunk] rows within `prefill_row_budget` (see `prefill_fits`).
     """
 
     dp = 1  # data replicas: each owns a block of rows of every step and a block of pages
