@@ -91,6 +91,27 @@ def lora_off(engine):
     return engine
 
 
+def bench_engine(config, params_fn, ecfg: EngineConfig, files, names=None) -> Engine:
+    """A fresh engine over params_fn()'s weights (split per layer on GPU, the stacked copy freed: one model is never
+    held twice) with `names` registered over the adapter directories `files` in turn, or LoRA off for None."""
+    gc.collect()  # the last engine's KV pool (held in a reference cycle) must be gone before this one's
+    engine = Engine(Llama(config, params_fn()), None, ecfg, donate_weights=True)
+    if names is None:
+        return lora_off(engine)
+    for i, name in enumerate(names):
+        engine.store.register(name, files[i % len(files)], eager=False)
+    return engine
+
+
+def measured_decode(make_engine, names, n, prompt_len, out_len, vocab):
+    """`decode_throughput` on two fresh engines from make_engine(); the first compiles, the second counts."""
+    for _ in range(2):
+        engine = None
+        engine = make_engine()
+        result = decode_throughput(engine, names, n, prompt_len, out_len, vocab)
+    return result
+
+
 def decode_throughput(engine, names, n, prompt_len, out_len, vocab, seed=2):
     """n requests at once, request i on adapter names[i] (or the base when names is empty); returns decode tok/s
     measured from the step after every request has its first token to the end."""
@@ -148,21 +169,12 @@ def main():
     dtype = jnp.float32 if args.tiny else jnp.bfloat16
     init = jax.jit(lambda k: init_params(config, k, dtype))
 
-    def new_engine():
-        """An engine over the same random weights, drawn afresh: the engine splits them per layer on GPU and frees
-        the stacked copy (donate_weights), so one model is never held twice."""
-        return Engine(Llama(config, init(jax.random.key(0))), None, ecfg, donate_weights=True)
-
     ecfg = engine_config(args.memory_gib, args.rank, args.scheduler_steps, max_model_len=2 * lengths[1] + 16)
     files = write_adapters(config, tempfile.mkdtemp(prefix="jlora-bench-"), args.distinct_files, args.rank)
 
-    def engine_with(count, prefix="tenant"):
-        gc.collect()  # the last engine's KV pool must be gone before this one allocates its own
-        engine = new_engine()
-        names = [f"{prefix}-{i}" for i in range(count)]
-        for i, name in enumerate(names):
-            engine.store.register(name, files[i % len(files)], eager=False)
-        return engine, names
+    def engine_with(names):
+        """An engine over the same random weights, drawn afresh, with `names` registered (None: LoRA off)."""
+        return bench_engine(config, lambda: init(jax.random.key(0)), ecfg, files, names)
 
     from jlora.model.attention import decode_backend
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
@@ -177,14 +189,10 @@ def main():
     # Decode throughput: a distinct adapter per sequence against LoRA off (each measured twice; the second counts).
     n, plen = args.decode_batch, 64 if not args.tiny else 8
     dec, tokens = {}, {}
-    decode_runs = [] if args.no_decode else [("lora_off", lambda: (lora_off(new_engine()), [])),
-                                             ("distinct_adapters", lambda: engine_with(n, "d"))]
-    for name, make in decode_runs:
-        for _ in range(2):
-            engine = names = None
-            gc.collect()
-            engine, names = make()
-            dec[name], tokens[name] = decode_throughput(engine, names, n, plen, args.decode_tokens, config.vocab_size)
+    decode_runs = [] if args.no_decode else [("lora_off", None), ("distinct_adapters", [f"d-{i}" for i in range(n)])]
+    for name, names in decode_runs:
+        dec[name], tokens[name] = measured_decode(lambda: engine_with(names), names, n, plen, args.decode_tokens,
+                                                  config.vocab_size)
         print(f"decode, batch {n}, {name}: {dec[name]:.0f} tok/s ({compile_seconds():.0f} s compiling so far)",
               flush=True)
     if decode_runs:
@@ -204,19 +212,19 @@ def main():
     for count in counts:
         trace = workload(args.requests, count, args.rate, args.alpha, lengths, config.vocab_size, seed=1)
         for done in range(1, args.passes + 1):  # the jit cache is shared: earlier passes compile shapes for later
-            engine = names = None
-            engine, names = engine_with(count)
-            if count == 0:
-                lora_off(engine)
+            engine = None
+            names = [f"tenant-{i}" for i in range(count)]
+            engine = engine_with(names if count else None)
             setting = "off" if count == 0 else "on"
             if setting not in warm and not args.no_warmup:
                 t0, seconds, shapes = time.perf_counter(), compile_seconds(), trace_shapes(engine)
                 if count:
                     engine.store.slots.warmup()  # the adapter slot writes
                 engine.runner.warmup(None if count == 0 else engine.store.bank, ecfg.max_prefill_chunk, shapes)
-                print(f"  warm-up, LoRA {setting}: {len(shapes)} step shapes in {time.perf_counter() - t0:.0f} s "
+                took = time.perf_counter() - t0
+                print(f"  warm-up, LoRA {setting}: {len(shapes)} step shapes in {took:.0f} s "
                       f"({compile_seconds() - seconds:.0f} s compiling)", flush=True)
-                results.setdefault("warmup", {})[setting] = {"shapes": len(shapes), "s": time.perf_counter() - t0}
+                results.setdefault("warmup", {})[setting] = {"shapes": len(shapes), "s": took}
                 warm.add(setting)
             compiles, seconds = compile_count(), compile_seconds()
             records, wall = run_trace(engine, trace, names)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import gc
 import glob
 import json
 import os
@@ -33,11 +32,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_forward import LLAMA_8B, PAGE_SIZE, TINY, decode_loop, random_bank  # noqa: E402
-from bench_serving import engine_config, lora_off  # noqa: E402
+from bench_serving import bench_engine, engine_config  # noqa: E402
 from serving_workload import write_adapters  # noqa: E402
 from jlora.config import parse_lora_modules  # noqa: E402
-from jlora.engine.engine import Engine, EngineConfig  # noqa: E402
-from jlora.model import KVCache, Llama, init_params  # noqa: E402
+from jlora.engine.engine import EngineConfig  # noqa: E402
+from jlora.model import KVCache, init_params  # noqa: E402
 from jlora.model.llama import split_layers, split_layers_enabled  # noqa: E402
 from jlora.sampling import SamplingParams  # noqa: E402
 
@@ -112,17 +111,11 @@ def profile_variant(config, params, bank, batch, ctx, steps, trace_root, name) -
 def profile_engine(config, params_fn, adapters: bool, batch: int, steps: int, trace_root: str, name: str,
                    tiny: bool, scheduler_steps: int) -> dict:
     """Traces `steps` decode steps of an engine with `batch` running requests (each on its own adapter, or none)."""
-    gc.collect()  # the last engine's KV pool (held in a reference cycle) must be gone before this one's
     ecfg = engine_config(0.25 if tiny else 40, 16, scheduler_steps, max_model_len=1040, max_num_seqs=batch)
-    engine = Engine(Llama(config, params_fn()), None, ecfg, donate_weights=True)
-    names = [None] * batch
-    if adapters:
-        files = write_adapters(config, tempfile.mkdtemp(prefix="jlora-profile-"), 16, 16)
-        names = [f"d{i}" for i in range(batch)]
-        for i, n in enumerate(names):
-            engine.store.register(n, files[i % len(files)], eager=False)
-    else:
-        lora_off(engine)
+    files = write_adapters(config, tempfile.mkdtemp(prefix="jlora-profile-"), 16, 16) if adapters else []
+    names = [f"d{i}" for i in range(batch)] if adapters else None
+    engine = bench_engine(config, params_fn, ecfg, files, names)
+    names = names or [None] * batch
     rng = np.random.default_rng(0)
     # 160-token prompts: after the warm-up below, the traced steps stay inside one page-table bucket (16 pages of
     # 16 tokens) for up to 8 tokens per step, so nothing compiles inside the trace.

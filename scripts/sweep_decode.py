@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import os
 import sys
@@ -30,10 +29,9 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_forward import LLAMA_8B, TINY  # noqa: E402
-from bench_serving import decode_throughput, engine_config, lora_off, save  # noqa: E402
+from bench_serving import bench_engine, engine_config, measured_decode, save  # noqa: E402
 from serving_workload import write_adapters  # noqa: E402
-from jlora.engine.engine import Engine  # noqa: E402
-from jlora.model import Llama, attention, init_params, llama  # noqa: E402
+from jlora.model import attention, init_params, llama  # noqa: E402
 from pallas_kernels import tuning  # noqa: E402
 
 _SHRINK, _EXPAND = tuning.gpu_shrink_blocks, tuning.gpu_expand_blocks
@@ -91,18 +89,9 @@ def main():
     names = [f"d{i}" for i in range(args.batch)]
 
     def measure(side):
-        for _ in range(2):  # the first replay compiles; the second counts
-            gc.collect()
-            engine = Engine(Llama(config, init(jax.random.key(0))), None, ecfg, donate_weights=True)
-            if side == "on":
-                for i, n in enumerate(names):
-                    engine.store.register(n, files[i % len(files)], eager=False)
-            else:
-                lora_off(engine)
-            tps, _ = decode_throughput(engine, names if side == "on" else [], args.batch, plen, args.tokens,
-                                       config.vocab_size)
-            del engine
-        return tps
+        on = names if side == "on" else None
+        return measured_decode(lambda: bench_engine(config, lambda: init(jax.random.key(0)), ecfg, files, on), on,
+                               args.batch, plen, args.tokens, config.vocab_size)[0]
 
     chosen = variants()
     if args.only:
