@@ -7,7 +7,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import metadata, mosaic_lora, reference, triton_lora, xla
+from pallas_kernels import metadata, mosaic_lora, reference, triton_lora, tuning, xla
 
 BACKENDS = ("xla", "reference", "interpret", "triton", "mosaic", "interpret_mosaic")
 ENV_VAR = "JLORA_LORA_BACKEND"
@@ -164,7 +164,7 @@ def lora_expand(y: jax.Array, v: jax.Array, b_slices: Sequence[jax.Array], slot_
     return xla.xla_lora_expand(y, v, tuple(_layer_of(b, layer) for b in b_slices), slot_ids)
   meta = _check_meta(meta, slot_ids, backend)
   if backend in ("triton", "interpret"):
-    return triton_lora.expand(y, v, b_slices, meta, layer, interpret=backend == "interpret")
+    return _triton_expand(y, v, b_slices, slot_ids, meta, layer, backend)
   if any(b.shape[-1] % 128 for b in b_slices):
     # Mosaic blocks are 128 lanes wide; widths such as SmolLM2's 576/192 take the XLA path.
     return reference.ref_lora_expand(y, v, tuple(_layer_of(b, layer) for b in b_slices), slot_ids)
@@ -189,4 +189,14 @@ def lora_shrink_expand(x: jax.Array, y: jax.Array, a: jax.Array, b_slices: Seque
   partials = triton_lora.shrink(x, a, slot_ids, meta, layer, interpret=backend == "interpret", sum_splits=False)
   v_shape = jax.ShapeDtypeStruct(partials.shape[1:], partials.dtype)
   _validate_expand(y, v_shape, _per_layer_slices(b_slices, layer), slot_ids)
-  return triton_lora.expand(y, partials, b_slices, meta, layer, interpret=backend == "interpret")
+  return _triton_expand(y, partials, b_slices, slot_ids, meta, layer, backend)
+
+
+def _triton_expand(y, v, b_slices, slot_ids, meta, layer, backend: str):
+  """The GPU expand: the tiled Triton kernel, or for decode-sized steps the variant `tuning.DECODE_EXPAND` names."""
+  variant = tuning.gpu_decode_expand(y.shape[0])
+  if variant == "gather":
+    return xla.gather_lora_expand(y, v, b_slices, slot_ids, layer)
+  if variant == "rows":
+    return triton_lora.expand_rows(y, v, b_slices, slot_ids, layer, interpret=backend == "interpret")
+  return triton_lora.expand(y, v, b_slices, meta, layer, interpret=backend == "interpret")

@@ -242,3 +242,71 @@ def expand(y: jax.Array, v: jax.Array, b_slices: tuple[jax.Array, ...], meta: Se
       interpret=interpret,
       name="lora_expand",
   )(meta.tile_lo, meta.tile_hi, meta.tile_slot, meta.num_tiles, layer_arr, v, *b_slices, y)
+
+
+def _expand_rows_kernel(ids_ref, layer_ref, v_ref, *refs, bn, rank, rank_p, dims, block_starts, num_slices,
+                        num_slots, v_splits):
+  b_refs = refs[:num_slices]
+  y_ref, o_ref = refs[num_slices], refs[-1]  # o aliases y: rows of slot -1 keep y's values
+  row = pl.program_id(0)
+  col_block = pl.program_id(1)
+  iota_n = jnp.arange(bn, dtype=jnp.int32)
+  r_ok = jnp.arange(rank_p, dtype=jnp.int32) < rank
+  slot = ids_ref[row]
+
+  for j in range(num_slices):
+    d_j = dims[j]
+    off_j = sum(dims[:j])
+    first, last = block_starts[j], block_starts[j + 1]
+
+    @pl.when((col_block >= first) & (col_block < last) & (slot >= 0))
+    def _(j=j, d_j=d_j, off_j=off_j, first=first):
+      n0 = (col_block - first) * bn
+      col_ok = (n0 + iota_n) < d_j
+      b_ref = b_refs[j]
+      vb = None
+      for k in range(v_splits):
+        part = plgpu.load(v_ref.at[k + 0 * row, row, pl.ds(j * rank + 0 * row, rank_p)], mask=r_ok, other=0.0)
+        vb = part if vb is None else vb + part
+      vb = vb.astype(b_ref.dtype).astype(jnp.float32)  # rounded to B's dtype, as in the tiled expand
+      bb = plgpu.load(b_ref.at[layer_ref[0] * num_slots + slot, pl.ds(0, rank_p), pl.ds(n0, bn)],
+                      mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+      delta = jnp.sum(vb[:, None] * bb.astype(jnp.float32), axis=0)
+      yb = plgpu.load(y_ref.at[row, pl.ds(off_j + n0, bn)], mask=col_ok, other=0.0)
+      plgpu.store(o_ref.at[row, pl.ds(off_j + n0, bn)], (yb.astype(jnp.float32) + delta).astype(o_ref.dtype),
+                  mask=col_ok)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def expand_rows(y: jax.Array, v: jax.Array, b_slices: tuple[jax.Array, ...], slot_ids: jax.Array, layer=None, *,
+                interpret: bool = False) -> jax.Array:
+  """The fused expand with a program per token and column block, for decode-sized steps (`tuning.DECODE_EXPAND`).
+
+  Same semantics as `expand`, without a tile table: each program reads its token's slot and multiplies on the CUDA
+  cores (a decode token is a tile of one row, which the tiled kernel pads to 16 for the tensor cores).
+  """
+  num_tokens, _ = y.shape
+  n = len(b_slices)
+  if v.ndim == 2:
+    v = v[None]
+  rank = v.shape[2] // n
+  if pl.next_power_of_2(rank) != rank:
+    raise ValueError(f"per-slice rank must be a power of two for the Triton kernel, got {rank}")
+  b_slices, layer_arr, num_slots = stacked.in_place(tuple(b_slices), layer)
+  dims = tuple(int(b.shape[2]) for b in b_slices)
+  bn = min(tuning.DECODE_ROWS_BLOCK_N, max(16, pl.next_power_of_2(max(dims))))
+  block_starts = [0]
+  for d in dims:
+    block_starts.append(block_starts[-1] + _cdiv(d, bn))
+  kernel = functools.partial(_expand_rows_kernel, bn=bn, rank=rank, rank_p=pl.next_power_of_2(rank), dims=dims,
+                             block_starts=tuple(block_starts), num_slices=n, num_slots=num_slots,
+                             v_splits=v.shape[0])
+  return pl.pallas_call(
+      kernel,
+      out_shape=jax.ShapeDtypeStruct(y.shape, y.dtype),
+      grid=(num_tokens, block_starts[-1]),
+      input_output_aliases={3 + n: 0},
+      compiler_params=plgpu.CompilerParams(num_warps=tuning.DECODE_ROWS_WARPS, num_stages=1),
+      interpret=interpret,
+      name="lora_expand_rows",
+  )(slot_ids.astype(jnp.int32), layer_arr, v, *b_slices, y)

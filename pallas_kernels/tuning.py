@@ -70,5 +70,17 @@ def gpu_expand_blocks(num_tokens: int, d_out: int, rank: int, itemsize: int = 2)
   return GpuExpandBlocks(block_n=256 if num_tokens <= 256 else 128, num_warps=4, num_stages=2)
 
 
+# How decode-sized GPU steps (at most 256 tokens) run the fused expand: "triton" (the tiled kernel), "rows" (a
+# Triton program per token and column block, no tile table or tensor cores) or "gather" (XLA's gather-einsum).
+DECODE_EXPAND = "triton"
+DECODE_ROWS_BLOCK_N = 512  # output columns per program of the "rows" expand
+DECODE_ROWS_WARPS = 4
+
+
+def gpu_decode_expand(num_tokens: int) -> str:
+  """The expand variant for a step of num_tokens tokens on GPU: DECODE_EXPAND for decode-sized steps."""
+  return DECODE_EXPAND if num_tokens <= 256 else "triton"
+
+
 def tpu_blocks(d_in: int, d_out: int) -> TpuBlocks:
   return TpuBlocks(block_k=min(512, d_in), block_n=min(512, d_out))

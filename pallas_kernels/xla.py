@@ -1,8 +1,8 @@
-"""The XLA path for platforms without the Pallas kernels (the CPU default).
+"""XLA paths: the one for platforms without the Pallas kernels (the CPU default), and the gather expand of GPU decode.
 
-Each token's adapter is picked out of dense products with every slot of the bank, so no per-token copy of the
-weights is ever materialized (the reference gathers [T, d_in, R]); cost T * d * S * R, small for a bank's slots.
-A bucket with no tokens skips all of it.
+On the CPU each token's adapter is picked out of dense products with every slot of the bank, so no per-token copy
+of the weights is ever materialized (the reference gathers [T, d_in, R]); cost T * d * S * R, small for a bank's
+slots. A bucket with no tokens skips all of it.
 """
 from __future__ import annotations
 
@@ -53,3 +53,27 @@ def xla_lora_expand(y: jax.Array, v: jax.Array, b_slices: Sequence[jax.Array], s
     return (y.astype(jnp.float32) + jnp.concatenate(deltas, axis=1)).astype(y.dtype)
 
   return jax.lax.cond(jnp.any(slot_ids >= 0), compute, lambda y: y, y)
+
+
+def gather_lora_expand(y: jax.Array, v: jax.Array, b_slices: Sequence[jax.Array], slot_ids: jax.Array,
+                       layer=None) -> jax.Array:
+  """The expand as one XLA gather-einsum, a decode-sized step's variant on GPU (`tuning.DECODE_EXPAND`).
+
+  Same semantics as `dispatch.lora_expand`; v may also be the [K, T, n r] partial sums of the Triton shrink, and
+  with `layer` each b_slices[j] is a stacked [L, S, r, d_j] bank. XLA fuses the gather of each token's B rows, the
+  product and the add into y into one kernel (no [T, r, d] copy is written). v is rounded to B's dtype as in the
+  Triton expand. Rows of slot -1 keep y, whatever v holds there (the Triton shrink leaves them unwritten).
+  """
+  if v.ndim == 3:
+    v = jnp.sum(v, axis=0)
+  r = v.shape[1] // len(b_slices)
+  valid = slot_ids >= 0
+  idx = jnp.where(valid, slot_ids, 0)
+  deltas = []
+  for j, b in enumerate(b_slices):
+    b_tok = b[idx] if layer is None else b[layer, idx]  # [T, r, d_j], fused into the einsum by XLA
+    v_j = v[:, j * r:(j + 1) * r].astype(b.dtype)
+    deltas.append(jnp.einsum("tr,trd->td", v_j, b_tok, preferred_element_type=jnp.float32))
+  delta = jnp.concatenate(deltas, axis=1)
+  out = y.astype(jnp.float32) + jnp.where(valid[:, None], delta, 0.0)
+  return out.astype(y.dtype)

@@ -10,6 +10,11 @@ where the inputs are large enough to rotate) and carrying outputs so nothing is 
   python3 scripts/bench_kernels.py                # full sweep
   python3 scripts/bench_kernels.py --quick        # a few shapes
   python3 scripts/bench_kernels.py --tune         # also try alternative block sizes on key shapes
+  python3 scripts/bench_kernels.py --tune-mid     # also sweep shrink tilings at 1024-4096 tokens
+  python3 scripts/bench_kernels.py --tune-decode  # ... and at decode-sized steps (T <= 256)
+
+At T <= 256 the expand is also timed as `triton_lora.expand_rows` (a program per token), and every run records the
+launch floor: the per-call time of a one-program Pallas kernel and of one XLA op on a [16, 128] block.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import pallas_kernels as pk  # noqa: E402
-from pallas_kernels import tuning  # noqa: E402
+from pallas_kernels import triton_lora, tuning  # noqa: E402
 
 ROTATE_BYTES = 160e6  # > 3x the H100's 50 MB L2
 MAX_ROTATE = 32
@@ -124,11 +129,15 @@ def impls(c: Case, ids, backend: str):
     d = jax.lax.ragged_dot(v.astype(b.dtype), b, group_sizes, preferred_element_type=jnp.float32)
     return (y.astype(jnp.float32) + d).astype(y.dtype)
 
-  return {
+  out = {
       "pallas": (lambda y, v, b: pk.lora_expand(y, v, (b,), ids, meta=meta, backend=backend), 0),
       "gather_einsum": (einsum_expand, 0),
       "ragged_dot": (ragged_expand, 0),
   }
+  if c.tokens <= 256 and backend in ("triton", "interpret"):  # the per-token decode variant (tuning.DECODE_EXPAND)
+    out["pallas_rows"] = (lambda y, v, b: triton_lora.expand_rows(y, v, (b,), ids,
+                                                                  interpret=backend == "interpret"), 0)
+  return out
 
 
 def _init(op, sets, carry_index):
@@ -148,7 +157,7 @@ def time_case(c: Case, backend: str, copy_bw: float, skip_ragged_above: int) -> 
     if name == "ragged_dot" and c.tokens > skip_ragged_above:
       row[f"{name}_us"] = None
       continue
-    guess = {"pallas": 3.0, "gather_einsum": 10.0, "ragged_dot": 100.0}[name]
+    guess = {"pallas": 3.0, "pallas_rows": 3.0, "gather_einsum": 10.0, "ragged_dot": 100.0}[name]
     per_call = max(nbytes / copy_bw * guess, 10e-6)
     trips = int(max(2, min(200, LOOP_SECONDS / (per_call * num_sets))))
     fn = _looped(op, num_sets, trips, carry_index)
@@ -164,132 +173,63 @@ def time_case(c: Case, backend: str, copy_bw: float, skip_ragged_above: int) -> 
   row["pallas_pct_roofline"] = 100.0 * row["roofline_us"] / p
   for base in ("gather_einsum", "ragged_dot"):
     row[f"speedup_vs_{base}"] = (row[f"{base}_us"] / p) if row.get(f"{base}_us") else None
+  if row.get("pallas_rows_us"):
+    row["rows_speedup_vs_gather_einsum"] = row["gather_einsum_us"] / row["pallas_rows_us"]
   return row
 
 
-def copy_bandwidth(n: int = 512 * 1024 * 1024) -> float:
-  """Bytes/s of a large device-to-device elementwise pass over n bf16 values (read + write)."""
-  x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
-  trips = 20
-  fn = jax.jit(lambda x: jax.lax.fori_loop(0, trips, lambda i, x: x + jnp.bfloat16(1), x),
-               donate_argnums=0)
-  x = fn(x)
-  jax.block_until_ready(x)
-  times = []
-  for _ in range(5):
-    t0 = time.perf_counter()
-    x = fn(x)
-    jax.block_until_ready(x)
-    times.append(time.perf_counter() - t0)
-  return 2 * n * 2 * trips / statistics.median(times)
+def launch_floor(backend: str) -> dict:
+  """Per-call µs of the smallest calls, timed like the cases: a one-program Pallas kernel that adds 1 to a
+  [16, 128] bf16 block in place, and the same add as an XLA op. What a kernel of a few µs cannot go below."""
+  from jax.experimental import pallas as pl
 
+  def bump(x_ref, o_ref):
+    o_ref[...] = x_ref[...] + jnp.ones_like(x_ref[...])
 
-_TRIVIAL = {"pjit", "jit", "closed_call", "convert_element_type", "reshape", "squeeze", "broadcast_in_dim", "slice",
-            "concatenate"}
+  def pallas_add(x):
+    return pl.pallas_call(bump, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), input_output_aliases={0: 0},
+                          interpret=backend == "interpret", name="floor")(x)
 
-
-def count_ops(jaxpr) -> dict:
-  """Counts the pallas_call ops and other non-trivial ops one run of a closed jaxpr executes: nested calls where
-  they are used, scan bodies times their length, the larger branch of a cond."""
-
-  def walk(jx) -> dict:
-    counts = {"pallas_call": 0, "other": 0}
-    for eqn in jx.eqns:
-      name = eqn.primitive.name
-      subs = [v for v in eqn.params.values() if hasattr(v, "jaxpr") or hasattr(v, "eqns")]
-      subs += [b for v in eqn.params.values() if isinstance(v, tuple) for b in v if hasattr(b, "jaxpr")]
-      if name == "pallas_call":
-        counts["pallas_call"] += 1
-      elif subs:
-        inner = [walk(s.jaxpr if hasattr(s, "jaxpr") else s) for s in subs]
-        times = eqn.params.get("length", 1) if name == "scan" else 1
-        for key in counts:
-          parts = [c[key] for c in inner]
-          counts[key] += max(parts) if name == "cond" else times * sum(parts)
-      elif name not in _TRIVIAL:
-        counts["other"] += 1
-    return counts
-  return walk(jaxpr.jaxpr)
-
-
-def launches_per_decode_step(backend: str, layers: int = 32, tokens: int = 256) -> dict:
-  """LoRA kernel launches per decode step of a Llama-3-8B-shaped model (4 fused groups x L)."""
-  groups = {  # name: (d_in, d_out slices), GQA 8 kv heads of 128
-      "qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)),
-      "gate_up": (4096, (14336, 14336)), "down": (14336, (4096,)),
-  }
-  r = 16
-  ids = jnp.zeros((tokens,), jnp.int32)
-  out = {"layers": layers, "tokens": tokens, "rank": r, "groups": {}}
-  meta_jaxpr = jax.make_jaxpr(lambda i: pk.segment_metadata(i, backend=backend))(ids)
-  total_p, total_o = 0, 0
-  for name, (d_in, dims) in groups.items():
-    n = len(dims)
-    x = jax.ShapeDtypeStruct((tokens, d_in), jnp.bfloat16)
-    a = jax.ShapeDtypeStruct((4, d_in, n * r), jnp.bfloat16)
-    bs = tuple(jax.ShapeDtypeStruct((4, r, d), jnp.bfloat16) for d in dims)
-    y = jax.ShapeDtypeStruct((tokens, sum(dims)), jnp.bfloat16)
-    meta = jax.eval_shape(lambda i: pk.segment_metadata(i, backend=backend), ids)
-
-    def group(x, a, bs, y, ids, meta):  # the model's call (its split-K partial sums need no reduction op)
-      return pk.lora_shrink_expand(x, y, a, bs, ids, meta=meta, backend=backend)
-    c = count_ops(jax.make_jaxpr(group)(x, a, bs, y, ids, meta))
-    out["groups"][name] = c
-    total_p += c["pallas_call"]
-    total_o += c["other"]
-  out["pallas_calls_per_layer"] = total_p
-  out["other_xla_ops_per_layer"] = total_o
-  out["pallas_calls_per_step"] = total_p * layers
-  out["other_xla_ops_per_step"] = total_o * layers
-  out["metadata_ops_per_step"] = count_ops(meta_jaxpr)["other"]
+  sets = tuple((jax.random.normal(jax.random.key(k), (16, 128), jnp.bfloat16),) for k in range(8))
+  out = {}
+  for name, op in (("pallas", pallas_add), ("xla", lambda x: x + jnp.ones_like(x))):
+    fn = _looped(op, len(sets), 200, 0)
+    out[f"{name}_us"] = _median_time(fn, sets, _init(op, sets, 0), 200 * len(sets)) * 1e6
   return out
 
 
-def sweep(quick: bool, smoke: bool = False) -> list[Case]:
-  if smoke:  # tiny shapes to check the script itself on CPU
-    return [Case(op, t, s, 256, 16) for op in ("shrink", "expand") for t, s in ((16, 16), (64, 2))]
-  cases = []
-  ts = (16, 256, 2048, 8192) if quick else (16, 64, 256, 1024, 2048, 8192)
-  for op in ("shrink", "expand"):
-    for d, r in ((4096, 16),) if quick else ((4096, 16), (4096, 8), (4096, 64), (14336, 16)):
-      main = d == 4096 and r == 16
-      for t in ts if main else (16, 256, 2048, 8192):
-        ss = {1, min(t, 128), t if t <= 256 else 1024} if main else {1, min(t, 128)}
-        for s in sorted(ss):
-          cases.append(Case(op, t, s, d, r))
-  return cases
+MID_SHAPES = ((2048, 1, 4096, 16), (2048, 128, 4096, 8), (2048, 128, 4096, 16), (1024, 1, 4096, 16),
+              (4096, 1, 4096, 16))
+MID_TILINGS = tuple((bk, ks, w, 3) for bk in (64, 128, 256) for ks in (2, 4, 8) for w in (4, 8))
+# Decode-sized steps: one adapter (few programs per tile), the model's fused q|k|v (R=48) and o groups at batch 64
+# with 64 adapters, and 128 adapters over 256 tokens. Larger K blocks with fewer splits, or more splits.
+DECODE_SHAPES = ((16, 1, 4096, 16), (64, 1, 4096, 16), (16, 1, 14336, 16), (64, 64, 4096, 48), (64, 64, 4096, 16),
+                 (256, 128, 4096, 16))
+DECODE_TILINGS = ((256, 2, 4, 4), (512, 1, 4, 2), (512, 2, 4, 2), (1024, 1, 4, 2), (1024, 1, 8, 2), (512, 4, 4, 2),
+                  (256, 8, 4, 2), (128, 16, 4, 2))
 
 
-def tune(backend: str, copy_bw: float) -> list[dict]:
-  """Times alternative block sizes on key shapes by swapping the tuning table's entries."""
-  rows = []
-  shrink_opts = [(bk, ks, w, st) for bk in (128, 256) for ks in (1, 4) for w in (4, 8)
-                 for st in (3, 4)]
-  orig_s, orig_e, orig_t = tuning.gpu_shrink_blocks, tuning.gpu_expand_blocks, tuning.block_t
-  for t, s in ((256, 256), (256, 1), (8192, 128)):
-    for bt in (16, 32, 64) if t > 256 else (16,):
-      for bk, ks, w, st in shrink_opts:
-        if t > 256 and ks > 1:
-          continue
-        tuning.block_t = lambda n, b, bt=bt: bt
-        tuning.gpu_shrink_blocks = lambda *a, o=(bk, ks, w, st): tuning.GpuShrinkBlocks(*o)
-        jax.clear_caches()
-        c = Case("shrink", t, s, 4096, 16)
-        r = time_case_pallas_only(c, backend, copy_bw)
-        rows.append(r | {"block_t": bt, "block_k": bk, "k_splits": ks, "warps": w, "stages": st})
-        print(f"tune shrink T={t} S={s} bt={bt} bk={bk} ks={ks} w={w} st={st}: "
-              f"{r['pallas_us']:.1f} us", flush=True)
-      for bn in (64, 128, 256):
-        for w in (4, 8):
-          tuning.block_t = lambda n, b, bt=bt: bt
-          tuning.gpu_expand_blocks = lambda *a, o=(bn, w, 2): tuning.GpuExpandBlocks(*o)
-          jax.clear_caches()
-          c = Case("expand", t, s, 4096, 16)
-          r = time_case_pallas_only(c, backend, copy_bw)
-          rows.append(r | {"block_t": bt, "block_n": bn, "warps": w})
-          print(f"tune expand T={t} S={s} bt={bt} bn={bn} w={w}: {r['pallas_us']:.1f} us",
-                flush=True)
-  tuning.gpu_shrink_blocks, tuning.gpu_expand_blocks, tuning.block_t = orig_s, orig_e, orig_t
+def tune_shrink(label: str, shapes, tilings, backend: str, copy_bw: float) -> list[dict]:
+  """Times every shrink tiling (block_k, k_splits, warps, stages) on each (T, S, d_in, R) shape by swapping the
+  tuning table's entry; a tiling that fails to compile (shared memory) is recorded as such."""
+  rows, orig = [], tuning.gpu_shrink_blocks
+  for t, s, d, r in shapes:
+    for tiling in tilings:
+      tuning.gpu_shrink_blocks = lambda *a, o=tiling: tuning.GpuShrinkBlocks(*o)
+      jax.clear_caches()
+      row = {"tokens": t, "adapters": s, "d": d, "rank": r, "block_k": tiling[0], "k_splits": tiling[1],
+             "warps": tiling[2], "stages": tiling[3]}
+      try:
+        res = time_case_pallas_only(Case("shrink", t, s, d, r), backend, copy_bw)
+      except Exception as e:  # noqa: BLE001 - e.g. a block too large for shared memory
+        rows.append(row | {"error": f"{type(e).__name__}: {str(e)[:200]}"})
+        print(f"{label} shrink T={t} S={s} d={d} R={r} {tiling}: failed", flush=True)
+        continue
+      res["pct_roofline"] = 100.0 * res["roofline_us"] / res["pallas_us"]
+      rows.append(row | res)
+      print(f"{label} shrink T={t} S={s} d={d} R={r} {tiling}: {res['pallas_us']:.1f} us "
+            f"({res['pct_roofline']:.0f}%)", flush=True)
+  tuning.gpu_shrink_blocks = orig
   jax.clear_caches()
   return rows
 
@@ -308,7 +248,9 @@ def time_case_pallas_only(c: Case, backend: str, copy_bw: float) -> dict:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true")
-  p.add_argument("--tune", action="store_true")
+  p.add_argument("--tune", action="store_true", help="also try alternative block sizes on key shapes")
+  p.add_argument("--tune-mid", action="store_true", help="also sweep shrink tilings at 1024-4096 tokens")
+  p.add_argument("--tune-decode", action="store_true", help="also sweep shrink tilings at decode-sized steps")
   p.add_argument("--backend", default=None, help="kernel backend (default: by platform)")
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "benchmarks",
                                                "results", "kernels_h100.json"))
@@ -327,13 +269,20 @@ def main() -> None:
         f"copy roofline {copy_bw / 1e12:.2f} TB/s (read+write)", flush=True)
   result = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
             "backend": backend, "dtype": "bfloat16", "copy_bandwidth_GBps": copy_bw / 1e9,
-            "command": "python3 scripts/bench_kernels.py" + (" --quick" if args.quick else "")}
+            "command": "python3 " + " ".join(sys.argv)}
   result["launches_per_decode_step"] = launches_per_decode_step(backend)
   result["cases"] = []
   print("launches per decode step (Llama-3-8B shapes, L=32):",
         json.dumps(result["launches_per_decode_step"]), flush=True)
+  result["launch_floor"] = launch_floor(backend)
+  print("launch floor (us per call):", json.dumps(result["launch_floor"]), flush=True)
   if args.tune:
     result["tune"] = tune(backend, copy_bw)
+  if args.tune_mid:
+    result["tune_mid"] = tune_shrink("tune-mid", MID_SHAPES, MID_TILINGS, backend, copy_bw)
+  if args.tune_decode:
+    result["tune_decode"] = tune_shrink("tune-decode", DECODE_SHAPES, DECODE_TILINGS, backend, copy_bw)
+  _write(args.out, result)
   rows = result["cases"]
   hdr = (f"{'op':6} {'T':>5} {'S':>5} {'d':>6} {'r':>3} | {'pallas us':>9} {'GB/s':>6} {'%roof':>5} "
          f"| {'einsum us':>9} {'x':>5} | {'ragged us':>9} {'x':>6}")
@@ -354,7 +303,9 @@ def main() -> None:
     print(f"{c.op:6} {c.tokens:5d} {c.adapters:5d} {c.d:6d} {c.rank:3d} | {f(row['pallas_us'], 9)} "
           f"{f(row['pallas_GBps'], 6, 0)} {f(row['pallas_pct_roofline'], 5, 0)} | "
           f"{f(row['gather_einsum_us'], 9)} {f(row['speedup_vs_gather_einsum'], 5, 2)} | "
-          f"{f(row['ragged_dot_us'], 9)} {f(row['speedup_vs_ragged_dot'], 6, 1)}", flush=True)
+          f"{f(row['ragged_dot_us'], 9)} {f(row['speedup_vs_ragged_dot'], 6, 1)}"
+          + (f" | rows {row['pallas_rows_us']:.1f} us, x{row['rows_speedup_vs_gather_einsum']:.2f}"
+             if row.get("pallas_rows_us") else ""), flush=True)
     _write(args.out, result)
   _write(args.out, result)
   print(f"wrote {args.out}")

@@ -6,7 +6,8 @@ replays counts). The choices:
   - `attention.DECODE_ATTENTION_PROGRAMS`: how far the paged-attention kernel splits each row's pages (a huge value
     gives the fixed 16-way split used before);
   - `llama.FOLD_RESIDUAL`: whether the o/down projections add the residual before the LoRA delta;
-  - the Triton LoRA tiling of decode-sized steps (`pallas_kernels.tuning`).
+  - the Triton LoRA tiling of decode-sized steps (`pallas_kernels.tuning`), and how they expand
+    (`tuning.DECODE_EXPAND`: the tiled kernel, a program per token, or XLA's gather-einsum).
 Variants that change only the LoRA path are measured with adapters alone. Prints a table and writes JSON; the
 ratio column is each variant's tok/s against the first variant's, measured in the same run.
 
@@ -69,6 +70,11 @@ def variants():
                       ("shrink block_k 512, 8 warps, 3 stages",
                        {"shrink": {"block_k": 512, "num_warps": 8, "num_stages": 3}})]:
         out.append((f"shipped + {label}", {**new, **decode_tiling(**kw)}, on))
+    out.append(("shipped, expand as XLA gather-einsum", {**new, (tuning, "DECODE_EXPAND"): "gather"}, on))
+    for bn, warps in ((512, 4), (256, 4), (1024, 4), (512, 2)):
+        out.append((f"shipped, expand a program per token ({bn} columns, {warps} warps)",
+                    {**new, (tuning, "DECODE_EXPAND"): "rows", (tuning, "DECODE_ROWS_BLOCK_N"): bn,
+                     (tuning, "DECODE_ROWS_WARPS"): warps}, on))
     return out
 
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import pallas_kernels as pk
+from pallas_kernels import tuning
 from conftest import POPULARITY, assert_close, popularity_ids, rand
 
 SLOTS = 6
@@ -59,6 +60,22 @@ def test_popularity_and_odd_token_counts(backend, tokens):
   rng = np.random.default_rng(tokens)
   for i, kind in enumerate(POPULARITY):
     check_group(backend, popularity_ids(rng, tokens, SLOTS, kind), seed=i)
+
+
+@pytest.mark.parametrize("variant", ["rows", "gather"])
+def test_decode_expand_variants(backend, variant, monkeypatch):
+  """The decode-sized expand variants (`tuning.DECODE_EXPAND`) through the public ops: every popularity, ranks 8
+  and 16, fused unequal slices, and no-adapter tokens left untouched."""
+  monkeypatch.setattr(tuning, "DECODE_EXPAND", variant)
+  _group_jit.clear_cache()  # the variant is chosen at trace time
+  rng = np.random.default_rng(5)
+  try:
+    for i, kind in enumerate(POPULARITY):
+      ids = popularity_ids(rng, 7 if i % 2 else 133, SLOTS, kind)
+      ids[1] = -1
+      check_group(backend, ids, dtype=jnp.bfloat16, rank=8 if i % 2 else 16, dims=(128, 64), seed=i)
+  finally:
+    _group_jit.clear_cache()
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -170,10 +187,13 @@ def test_stacked_bank_read_in_place_at_a_traced_layer(backend, layer):
     pk.lora_shrink(x, a[0], ids, backend=backend, layer=0)
 
 
+@pytest.mark.parametrize("decode_expand", ["triton", "rows", "gather"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_fused_group_with_split_d_in(backend, dtype):
+def test_fused_group_with_split_d_in(backend, dtype, decode_expand, monkeypatch):
   """lora_shrink_expand (the model's call) equals the reference; d_in=2048 at T=24 makes the Triton shrink split
-  d_in over programs per tile, whose partial sums the expand adds up."""
+  d_in over programs per tile, whose partial sums the expand adds up: each decode expand variant
+  (`tuning.DECODE_EXPAND`: the tiled kernel, a program per token, XLA's gather-einsum)."""
+  monkeypatch.setattr(tuning, "DECODE_EXPAND", decode_expand)
   tokens, num_layers = 24, 2
   keys = jax.random.split(jax.random.key(7), num_layers)
   groups = [make_group(k, tokens, 2048, 16, (256, 128), dtype) for k in keys]
