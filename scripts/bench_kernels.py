@@ -198,6 +198,133 @@ def launch_floor(backend: str) -> dict:
   return out
 
 
+def copy_bandwidth(n: int = 512 * 1024 * 1024) -> float:
+  """Bytes/s of a large device-to-device elementwise pass over n bf16 values (read + write)."""
+  x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+  trips = 20
+  fn = jax.jit(lambda x: jax.lax.fori_loop(0, trips, lambda i, x: x + jnp.bfloat16(1), x),
+               donate_argnums=0)
+  x = fn(x)
+  jax.block_until_ready(x)
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    x = fn(x)
+    jax.block_until_ready(x)
+    times.append(time.perf_counter() - t0)
+  return 2 * n * 2 * trips / statistics.median(times)
+
+
+_TRIVIAL = {"pjit", "jit", "closed_call", "convert_element_type", "reshape", "squeeze", "broadcast_in_dim", "slice",
+            "concatenate"}
+
+
+def count_ops(jaxpr) -> dict:
+  """Counts the pallas_call ops and other non-trivial ops one run of a closed jaxpr executes: nested calls where
+  they are used, scan bodies times their length, the larger branch of a cond."""
+
+  def walk(jx) -> dict:
+    counts = {"pallas_call": 0, "other": 0}
+    for eqn in jx.eqns:
+      name = eqn.primitive.name
+      subs = [v for v in eqn.params.values() if hasattr(v, "jaxpr") or hasattr(v, "eqns")]
+      subs += [b for v in eqn.params.values() if isinstance(v, tuple) for b in v if hasattr(b, "jaxpr")]
+      if name == "pallas_call":
+        counts["pallas_call"] += 1
+      elif subs:
+        inner = [walk(s.jaxpr if hasattr(s, "jaxpr") else s) for s in subs]
+        times = eqn.params.get("length", 1) if name == "scan" else 1
+        for key in counts:
+          parts = [c[key] for c in inner]
+          counts[key] += max(parts) if name == "cond" else times * sum(parts)
+      elif name not in _TRIVIAL:
+        counts["other"] += 1
+    return counts
+  return walk(jaxpr.jaxpr)
+
+
+def launches_per_decode_step(backend: str, layers: int = 32, tokens: int = 256) -> dict:
+  """LoRA kernel launches per decode step of a Llama-3-8B-shaped model (4 fused groups x L)."""
+  groups = {  # name: (d_in, d_out slices), GQA 8 kv heads of 128
+      "qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)),
+      "gate_up": (4096, (14336, 14336)), "down": (14336, (4096,)),
+  }
+  r = 16
+  ids = jnp.zeros((tokens,), jnp.int32)
+  out = {"layers": layers, "tokens": tokens, "rank": r, "groups": {}}
+  meta_jaxpr = jax.make_jaxpr(lambda i: pk.segment_metadata(i, backend=backend))(ids)
+  total_p, total_o = 0, 0
+  for name, (d_in, dims) in groups.items():
+    n = len(dims)
+    x = jax.ShapeDtypeStruct((tokens, d_in), jnp.bfloat16)
+    a = jax.ShapeDtypeStruct((4, d_in, n * r), jnp.bfloat16)
+    bs = tuple(jax.ShapeDtypeStruct((4, r, d), jnp.bfloat16) for d in dims)
+    y = jax.ShapeDtypeStruct((tokens, sum(dims)), jnp.bfloat16)
+    meta = jax.eval_shape(lambda i: pk.segment_metadata(i, backend=backend), ids)
+
+    def group(x, a, bs, y, ids, meta):  # the model's call (its split-K partial sums need no reduction op)
+      return pk.lora_shrink_expand(x, y, a, bs, ids, meta=meta, backend=backend)
+    c = count_ops(jax.make_jaxpr(group)(x, a, bs, y, ids, meta))
+    out["groups"][name] = c
+    total_p += c["pallas_call"]
+    total_o += c["other"]
+  out["pallas_calls_per_layer"] = total_p
+  out["other_xla_ops_per_layer"] = total_o
+  out["pallas_calls_per_step"] = total_p * layers
+  out["other_xla_ops_per_step"] = total_o * layers
+  out["metadata_ops_per_step"] = count_ops(meta_jaxpr)["other"]
+  return out
+
+
+def sweep(quick: bool, smoke: bool = False) -> list[Case]:
+  if smoke:  # tiny shapes to check the script itself on CPU
+    return [Case(op, t, s, 256, 16) for op in ("shrink", "expand") for t, s in ((16, 16), (64, 2))]
+  cases = []
+  ts = (16, 256, 2048, 8192) if quick else (16, 64, 256, 1024, 2048, 8192)
+  for op in ("shrink", "expand"):
+    for d, r in ((4096, 16),) if quick else ((4096, 16), (4096, 8), (4096, 64), (14336, 16)):
+      main = d == 4096 and r == 16
+      for t in ts if main else (16, 256, 2048, 8192):
+        ss = {1, min(t, 128), t if t <= 256 else 1024} if main else {1, min(t, 128)}
+        for s in sorted(ss):
+          cases.append(Case(op, t, s, d, r))
+  return cases
+
+
+def tune(backend: str, copy_bw: float) -> list[dict]:
+  """Times alternative block sizes on key shapes by swapping the tuning table's entries."""
+  rows = []
+  shrink_opts = [(bk, ks, w, st) for bk in (128, 256) for ks in (1, 4) for w in (4, 8)
+                 for st in (3, 4)]
+  orig_s, orig_e, orig_t = tuning.gpu_shrink_blocks, tuning.gpu_expand_blocks, tuning.block_t
+  for t, s in ((256, 256), (256, 1), (8192, 128)):
+    for bt in (16, 32, 64) if t > 256 else (16,):
+      for bk, ks, w, st in shrink_opts:
+        if t > 256 and ks > 1:
+          continue
+        tuning.block_t = lambda n, b, bt=bt: bt
+        tuning.gpu_shrink_blocks = lambda *a, o=(bk, ks, w, st): tuning.GpuShrinkBlocks(*o)
+        jax.clear_caches()
+        c = Case("shrink", t, s, 4096, 16)
+        r = time_case_pallas_only(c, backend, copy_bw)
+        rows.append(r | {"block_t": bt, "block_k": bk, "k_splits": ks, "warps": w, "stages": st})
+        print(f"tune shrink T={t} S={s} bt={bt} bk={bk} ks={ks} w={w} st={st}: "
+              f"{r['pallas_us']:.1f} us", flush=True)
+      for bn in (64, 128, 256):
+        for w in (4, 8):
+          tuning.block_t = lambda n, b, bt=bt: bt
+          tuning.gpu_expand_blocks = lambda *a, o=(bn, w, 2): tuning.GpuExpandBlocks(*o)
+          jax.clear_caches()
+          c = Case("expand", t, s, 4096, 16)
+          r = time_case_pallas_only(c, backend, copy_bw)
+          rows.append(r | {"block_t": bt, "block_n": bn, "warps": w})
+          print(f"tune expand T={t} S={s} bt={bt} bn={bn} w={w}: {r['pallas_us']:.1f} us",
+                flush=True)
+  tuning.gpu_shrink_blocks, tuning.gpu_expand_blocks, tuning.block_t = orig_s, orig_e, orig_t
+  jax.clear_caches()
+  return rows
+
+
 MID_SHAPES = ((2048, 1, 4096, 16), (2048, 128, 4096, 8), (2048, 128, 4096, 16), (1024, 1, 4096, 16),
               (4096, 1, 4096, 16))
 MID_TILINGS = tuple((bk, ks, w, 3) for bk in (64, 128, 256) for ks in (2, 4, 8) for w in (4, 8))
