@@ -197,6 +197,4 @@ def _triton_expand(y, v, b_slices, slot_ids, meta, layer, backend: str):
   variant = tuning.gpu_decode_expand(y.shape[0])
   if variant == "gather":
     return xla.gather_lora_expand(y, v, b_slices, slot_ids, layer)
-  if variant == "rows":
-    return triton_lora.expand_rows(y, v, b_slices, slot_ids, layer, interpret=backend == "interpret")
   return triton_lora.expand(y, v, b_slices, meta, layer, interpret=backend == "interpret")

@@ -51,11 +51,11 @@ def gpu_shrink_blocks(num_tokens: int, d_in: int, rank: int, itemsize: int = 2) 
     bf16 = gpu_shrink_blocks(num_tokens, d_in, rank)
     return dataclasses.replace(bf16, block_k=max(16, bf16.block_k // 2), num_stages=2)
   if num_tokens <= 256 and d_in >= 2048:
-    # Decode: few tiles when few adapters are in the batch, so split d_in over programs per tile
-    # (H100, T=256, one adapter: 4 splits 5.6 us vs 10.5 us unsplit; 256 adapters: 18.4 vs 16.4 us). In the
-    # model's decode groups over the stacked bank 2 splits measured best overall (decode_group_sweep_h100.json:
-    # q|k|v and gate|up faster, down slower), though a lone r=16 shrink with one adapter is slower than with 4.
-    return GpuShrinkBlocks(block_k=256, k_splits=2, num_warps=4, num_stages=4)
+    # Decode: few tiles when few adapters are in the batch, so split d_in 16 ways over programs per tile. H100
+    # (kernels_tune_decode_h100.json): one adapter at T=16, d=4096 5.6 -> 3.3 us against 2 splits of 256, at d=14336
+    # 13.6 -> 5.9 us; 64 adapters (the engine's q|k|v, R=48) 13.3 us either way. The 16 partial sums cost a Triton
+    # expand more than they save (engine decode 6232 against 6565 tok/s), so they go to XLA's gather expand.
+    return GpuShrinkBlocks(block_k=128, k_splits=16, num_warps=4, num_stages=2)
   if num_tokens <= 4096 and d_in >= 2048:
     # Mid-sized prefill: one long segment makes too few programs for the GPU, so split d_in 4 ways per tile
     # (H100, one adapter at T=2048: 15.9 -> 10.4 us at d=4096, 50.6 -> 28.0 us at d=14336). At T=8192 there are
@@ -70,11 +70,11 @@ def gpu_expand_blocks(num_tokens: int, d_out: int, rank: int, itemsize: int = 2)
   return GpuExpandBlocks(block_n=256 if num_tokens <= 256 else 128, num_warps=4, num_stages=2)
 
 
-# How decode-sized GPU steps (at most 256 tokens) run the fused expand: "triton" (the tiled kernel), "rows" (a
-# Triton program per token and column block, no tile table or tensor cores) or "gather" (XLA's gather-einsum).
-DECODE_EXPAND = "triton"
-DECODE_ROWS_BLOCK_N = 512  # output columns per program of the "rows" expand
-DECODE_ROWS_WARPS = 4
+# How decode-sized GPU steps (at most 256 tokens) run the fused expand: "gather" (XLA's gather-einsum,
+# `xla.gather_lora_expand`) or "triton" (the tiled kernel). H100: XLA's fusion was faster than the tiled kernel (and
+# than a Triton program per token, since removed) on every T <= 256 case alone (kernels_h100_r16.json), and level
+# in the engine's decode (decode_sweep_expand_h100.json, decode_sweep_split16_h100.json).
+DECODE_EXPAND = "gather"
 
 
 def gpu_decode_expand(num_tokens: int) -> str:

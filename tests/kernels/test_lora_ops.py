@@ -62,7 +62,7 @@ def test_popularity_and_odd_token_counts(backend, tokens):
     check_group(backend, popularity_ids(rng, tokens, SLOTS, kind), seed=i)
 
 
-@pytest.mark.parametrize("variant", ["rows", "gather"])
+@pytest.mark.parametrize("variant", ["triton", "gather"])
 def test_decode_expand_variants(backend, variant, monkeypatch):
   """The decode-sized expand variants (`tuning.DECODE_EXPAND`) through the public ops: every popularity, ranks 8
   and 16, fused unequal slices, and no-adapter tokens left untouched."""
@@ -187,12 +187,12 @@ def test_stacked_bank_read_in_place_at_a_traced_layer(backend, layer):
     pk.lora_shrink(x, a[0], ids, backend=backend, layer=0)
 
 
-@pytest.mark.parametrize("decode_expand", ["triton", "rows", "gather"])
+@pytest.mark.parametrize("decode_expand", ["triton", "gather"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_fused_group_with_split_d_in(backend, dtype, decode_expand, monkeypatch):
   """lora_shrink_expand (the model's call) equals the reference; d_in=2048 at T=24 makes the Triton shrink split
   d_in over programs per tile, whose partial sums the expand adds up: each decode expand variant
-  (`tuning.DECODE_EXPAND`: the tiled kernel, a program per token, XLA's gather-einsum)."""
+  (`tuning.DECODE_EXPAND`: the tiled kernel, XLA's gather-einsum)."""
   monkeypatch.setattr(tuning, "DECODE_EXPAND", decode_expand)
   tokens, num_layers = 24, 2
   keys = jax.random.split(jax.random.key(7), num_layers)
