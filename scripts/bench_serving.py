@@ -161,6 +161,7 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=256, help="tokens each of them generates")
     ap.add_argument("--decode-only", action="store_true", help="only the decode comparison (no traces)")
     ap.add_argument("--no-decode", action="store_true", help="only the traces (no decode comparison)")
+    ap.add_argument("--no-lora-off", action="store_true", help="skip the LoRA-off trace (the adapter counts alone)")
     ap.add_argument("--scheduler-steps", type=int, default=EngineConfig.num_scheduler_steps,
                     help="EngineConfig.num_scheduler_steps: decode tokens per sequence per device call "
                          "(default: %(default)s)")
@@ -213,7 +214,7 @@ def main():
         save(results, args.out)
         print(json.dumps(results["decode"], indent=2))
         return
-    counts = [0] + [int(c) for c in args.adapter_counts.split(",")]
+    counts = ([] if args.no_lora_off else [0]) + [int(c) for c in args.adapter_counts.split(",")]
     warm = set()  # bank settings ("off", "on") whose trace shapes are compiled
     for count in counts:
         trace = workload(args.requests, count, args.rate, args.alpha, lengths, config.vocab_size, seed=1)
@@ -250,9 +251,10 @@ def main():
               f"p99 {row['tpot_p99_s'] * 1e3:.1f}ms | passes {done}, compiled in the last: {compiled} | "
               f"{row['memory']}", flush=True)
     runs = results["runs"]
-    few, most = f"{counts[1]}_adapters", f"{counts[-1]}_adapters"
-    ratios = {f"{most}_vs_{few}": runs[most]["tok_per_s"] / runs[few]["tok_per_s"],
-              f"{few}_vs_lora_off": runs[few]["tok_per_s"] / runs["lora_off"]["tok_per_s"]}
+    few, most = [f"{c}_adapters" for c in counts if c][0], f"{counts[-1]}_adapters"
+    ratios = {f"{most}_vs_{few}": runs[most]["tok_per_s"] / runs[few]["tok_per_s"]}
+    if "lora_off" in runs:
+        ratios[f"{few}_vs_lora_off"] = runs[few]["tok_per_s"] / runs["lora_off"]["tok_per_s"]
     if args.peft_json and os.path.exists(args.peft_json):
         with open(args.peft_json) as f:
             peft = json.load(f)
@@ -287,7 +289,8 @@ def plot(results, path):
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     xs = [int(k.split("_")[0]) for k in keys]
     a.plot(xs, [runs[k]["tok_per_s"] for k in keys], "o-", label="jlora")
-    a.axhline(runs["lora_off"]["tok_per_s"], ls="--", color="gray", label="jlora, LoRA off")
+    if "lora_off" in runs:
+        a.axhline(runs["lora_off"]["tok_per_s"], ls="--", color="gray", label="jlora, LoRA off")
     if "peft_baseline" in results:
         a.plot([results["peft_baseline"]["adapters"]], [results["peft_baseline"]["tok_per_s"]], "rs", label="HF PEFT")
     a.set(xscale="log", yscale="log", xlabel="registered adapters", ylabel="tokens/s", title="throughput")
