@@ -242,4 +242,3 @@ def expand(y: jax.Array, v: jax.Array, b_slices: tuple[jax.Array, ...], meta: Se
       interpret=interpret,
       name="lora_expand",
   )(meta.tile_lo, meta.tile_hi, meta.tile_slot, meta.num_tiles, layer_arr, v, *b_slices, y)
-
