@@ -27,3 +27,7 @@ class CapacityError(JloraError):
 
 class ModelLoadError(JloraError):
     """A base checkpoint is missing, malformed or of an unsupported architecture."""
+
+
+class DeviceMemoryError(JloraError):
+    """At start-up: the device cannot hold the KV pages and weights the engine was configured with."""

@@ -16,6 +16,7 @@ import numpy as np
 
 from jlora.config import ModelConfig
 from jlora.engine.scheduler import ScheduledBatch
+from jlora.errors import DeviceMemoryError
 from jlora.model import attention
 from jlora.model.kv_cache import KVCache
 from jlora.model.llama import forward, split_layers, split_layers_enabled
@@ -173,9 +174,30 @@ class ModelRunner:
         # widest page table: one decode program per sequence bucket instead of one per table width too.
         self.decode_any_width = attention.decode_backend(config, 1) != "xla"
         self.donate_params, self.decode_steps = donate_params, decode_steps
-        self.params, self.cache = self._place(params, num_pages, page_size, dtype)
+        self.params, self.cache = self._allocate(params, num_pages, page_size, dtype)
         self.backend, self.num_logprobs = lora_backend, num_logprobs
         self.shapes_run: set[tuple] = set()
+
+    def _allocate(self, params, num_pages: int, page_size: int, dtype):
+        """`_place`, waited for, so that a device out of memory fails here, with what to change, and not at the
+        first step with XLA's message."""
+        try:
+            placed = self._place(params, num_pages, page_size, dtype)
+            jax.block_until_ready(placed[1])
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            stats = jax.devices()[0].memory_stats() or {}
+            largest = stats.get("largest_free_block_bytes")
+            pool = f"; the largest free block of JAX's memory pool is {largest / 2**30:.1f} GiB" if largest else ""
+            half = num_pages * page_size * self.config.num_layers * self.config.kv_dim * jnp.dtype(dtype).itemsize
+            raise DeviceMemoryError(
+                f"{num_pages} KV pages ({2 * half / 2**30:.1f} GiB, as two {half / 2**30:.1f} GiB arrays) and the "
+                f"weights do not fit on {jax.devices()[0].device_kind}{pool}. Lower EngineConfig.memory_bytes or "
+                f"num_pages (jlora serve --num-pages), or give JAX's GPU pool more of the device with "
+                f"XLA_CLIENT_MEM_FRACTION (default 0.75; splitting the weights per layer leaves holes in it). "
+                f"XLA said: {str(e)[:300]}") from e
+        return placed
 
     def _place(self, params, num_pages: int, page_size: int, dtype):
         if split_layers_enabled():
