@@ -153,10 +153,12 @@ DECODE_TILINGS = ((256, 2, 4, 4), (512, 1, 4, 2), (512, 2, 4, 2), (1024, 1, 4, 2
                   (256, 8, 4, 2), (128, 16, 4, 2))
 
 
-def tune_shrink(label: str, shapes, tilings, backend: str, copy_bw: float) -> list[dict]:
+def tune_shrink(label: str, shapes, tilings, backend: str, copy_bw: float, rows=None, save=None) -> list[dict]:
   """Times every shrink tiling (block_k, k_splits, warps, stages) on each (T, S, d_in, R) shape by swapping the
-  tuning table's entry; a tiling that fails to compile (shared memory) is recorded as such."""
-  rows, orig = [], tuning.gpu_shrink_blocks
+  tuning table's entry; a tiling that fails to compile (shared memory) is recorded as such. Rows are appended to
+  `rows` (a new list by default) and save(), if given, runs after each, so a run cut short keeps what it measured."""
+  rows = [] if rows is None else rows
+  orig = tuning.gpu_shrink_blocks
   for t, s, d, r in shapes:
     for tiling in tilings:
       tuning.gpu_shrink_blocks = lambda *a, o=tiling: tuning.GpuShrinkBlocks(*o)
@@ -166,13 +168,15 @@ def tune_shrink(label: str, shapes, tilings, backend: str, copy_bw: float) -> li
       try:
         res = time_case_pallas_only(Case("shrink", t, s, d, r), backend, copy_bw)
       except Exception as e:  # noqa: BLE001 - e.g. a block too large for shared memory
-        rows.append(row | {"error": f"{type(e).__name__}: {str(e)[:200]}"})
+        res = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
         print(f"{label} shrink T={t} S={s} d={d} R={r} {tiling}: failed", flush=True)
-        continue
-      res["pct_roofline"] = 100.0 * res["roofline_us"] / res["pallas_us"]
+      else:
+        res["pct_roofline"] = 100.0 * res["roofline_us"] / res["pallas_us"]
+        print(f"{label} shrink T={t} S={s} d={d} R={r} {tiling}: {res['pallas_us']:.1f} us "
+              f"({res['pct_roofline']:.0f}%)", flush=True)
       rows.append(row | res)
-      print(f"{label} shrink T={t} S={s} d={d} R={r} {tiling}: {res['pallas_us']:.1f} us "
-            f"({res['pct_roofline']:.0f}%)", flush=True)
+      if save is not None:
+        save()
   tuning.gpu_shrink_blocks = orig
   jax.clear_caches()
   return rows
@@ -211,11 +215,11 @@ def main() -> None:
   print("launch floor (us per call):", json.dumps(result["launch_floor"]), flush=True)
   if args.tune:
     result["tune"] = tune(backend, copy_bw)
-  if args.tune_mid:
-    result["tune_mid"] = tune_shrink("tune-mid", MID_SHAPES, MID_TILINGS, backend, copy_bw)
-  if args.tune_decode:
-    result["tune_decode"] = tune_shrink("tune-decode", DECODE_SHAPES, DECODE_TILINGS, backend, copy_bw)
-  _write(args.out, result)
+  for flag, key, shapes, tilings in ((args.tune_mid, "tune_mid", MID_SHAPES, MID_TILINGS),
+                                     (args.tune_decode, "tune_decode", DECODE_SHAPES, DECODE_TILINGS)):
+    if flag:  # the rows land in result[key] as they are timed, and the JSON is rewritten after each
+      tune_shrink(key.replace("_", "-"), shapes, tilings, backend, copy_bw, rows=result.setdefault(key, []),
+                  save=lambda: _write(args.out, result))
   rows = result["cases"]
   hdr = (f"{'op':6} {'T':>5} {'S':>5} {'d':>6} {'r':>3} | {'pallas us':>9} {'GB/s':>6} {'%roof':>5} "
          f"| {'einsum us':>9} {'x':>5} | {'ragged us':>9} {'x':>6}")
