@@ -74,11 +74,8 @@ def variants():
     out.append(("shrink 2 splits of block_k 256, 4 stages; tiled Triton expand (shipped before)",
                 {**new, **decode_tiling(shrink={"block_k": 256, "k_splits": 2, "num_warps": 4, "num_stages": 4}),
                  (tuning, "DECODE_EXPAND"): "triton"}, on))
-    out.append(("shipped, expand as XLA gather-einsum", {**new, (tuning, "DECODE_EXPAND"): "gather"}, on))
-    split16 = decode_tiling(shrink={"block_k": 128, "k_splits": 16, "num_warps": 4, "num_stages": 2})
-    out.append(("shrink 16 splits of block_k 128, 2 stages", {**new, **split16}, on))
-    out.append(("shrink 16 splits of block_k 128, 2 stages; expand as XLA gather-einsum",
-                {**new, **split16, (tuning, "DECODE_EXPAND"): "gather"}, on))
+    out.append(("shipped (shrink 16 splits of block_k 128), tiled Triton expand",
+                {**new, (tuning, "DECODE_EXPAND"): "triton"}, on))
     return out
 
 

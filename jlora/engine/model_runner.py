@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import ModelConfig
+from jlora.engine.memory import page_bytes
 from jlora.engine.scheduler import ScheduledBatch
 from jlora.errors import DeviceMemoryError
 from jlora.model import attention
@@ -190,7 +191,7 @@ class ModelRunner:
             stats = jax.devices()[0].memory_stats() or {}
             largest = stats.get("largest_free_block_bytes")
             pool = f"; the largest free block of JAX's memory pool is {largest / 2**30:.1f} GiB" if largest else ""
-            half = num_pages * page_size * self.config.num_layers * self.config.kv_dim * jnp.dtype(dtype).itemsize
+            half = num_pages * page_bytes(self.config, page_size, dtype) // 2  # K or V
             raise DeviceMemoryError(
                 f"{num_pages} KV pages ({2 * half / 2**30:.1f} GiB, as two {half / 2**30:.1f} GiB arrays) and the "
                 f"weights do not fit on {jax.devices()[0].device_kind}{pool}. Lower EngineConfig.memory_bytes or "
