@@ -1,0 +1,117 @@
+"""Paged decode and prefill attention kernels against their float32 references, on fresh random inputs.
+
+On the CPU the kernels run in Mosaic GPU interpret mode; with JAX_PLATFORMS=cuda on a Hopper GPU the same tests run
+the compiled kernels. Unused page-table entries hold out-of-range ids, so a kernel that reads them fails.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rand
+from pallas_kernels import attention as pa
+
+INTERPRET = jax.default_backend() != "gpu"
+BAD_PAGE = 1 << 20  # an id past every pool in these tests
+
+
+def assert_close(out, ref, dtype, what):
+  """Relative-norm and elementwise checks; tolerances by the output dtype (bf16: 8 mantissa bits, f16: 11)."""
+  out = np.asarray(jnp.asarray(out, jnp.float32))
+  ref = np.asarray(ref, np.float32)
+  assert np.all(np.isfinite(out)), f"{what}: non-finite output"
+  rel = {jnp.dtype(jnp.bfloat16): 2e-2, jnp.dtype(jnp.float16): 3e-3}[jnp.dtype(dtype)]
+  err = np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-6)
+  assert err < rel, f"{what}: relative error {err:.3g} >= {rel}"
+  np.testing.assert_allclose(out, ref, rtol=2 * rel, atol=2 * rel * np.abs(ref).max(), err_msg=what)
+
+
+def _pool(key, kv_heads, num_pages, page_size, head_dim, dtype):
+  kk, kv = jax.random.split(key)
+  return (rand(kk, (kv_heads, num_pages, page_size, head_dim), dtype),
+          rand(kv, (kv_heads, num_pages, page_size, head_dim), dtype))
+
+
+def _page_table(rng, used_pages, max_pages, num_pages):
+  """Distinct random pages per row for its first used_pages[b] entries; BAD_PAGE after them."""
+  table = np.full((len(used_pages), max_pages), BAD_PAGE, np.int32)
+  perm = rng.permutation(num_pages)
+  at = 0
+  for b, n in enumerate(used_pages):
+    table[b, :n] = perm[at:at + n]
+    at += n
+  return jnp.asarray(table)
+
+
+def _decode_case(seed, lengths, *, heads, kv_heads, head_dim, page_size=16, max_pages=8, dtype=jnp.bfloat16):
+  rng = np.random.default_rng(seed)
+  used = [-(-n // page_size) for n in lengths]
+  num_pages = sum(used) + 3
+  key = jax.random.key(seed)
+  k_pages, v_pages = _pool(key, kv_heads, num_pages, page_size, head_dim, dtype)
+  q = rand(jax.random.fold_in(key, 1), (len(lengths), heads, head_dim), dtype)
+  table = _page_table(rng, used, max_pages, num_pages)
+  return q, k_pages, v_pages, jnp.asarray(lengths, jnp.int32), table
+
+
+def _check_decode(case, dtype=jnp.bfloat16, **kw):
+  q, k_pages, v_pages, lengths, table = case
+  out = pa.paged_decode_attention(q, k_pages, v_pages, lengths, table, interpret=INTERPRET, **kw)
+  ref_kw = {k: v for k, v in kw.items() if k in ("sm_scale", "sliding_window")}
+  ref = pa.ref_paged_decode_attention(q, k_pages, v_pages, lengths, jnp.where(table == BAD_PAGE, 0, table),
+                                      **ref_kw)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert_close(out, ref, dtype, f"decode {kw}")
+  pad = np.asarray(lengths) == 0
+  np.testing.assert_array_equal(np.asarray(out, np.float32)[pad], 0.0)
+  return out
+
+
+# Lengths 1, one page exactly, a ragged tail, a padding row, and a full table (2 blocks of 64 keys).
+LENGTHS = [1, 16, 37, 0, 128]
+
+
+@pytest.mark.parametrize("k_splits", [1, 3])
+def test_decode_lengths_and_splits(k_splits):
+  case = _decode_case(0, LENGTHS, heads=8, kv_heads=2, head_dim=64)
+  _check_decode(case, k_splits=k_splits)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (8, 1)])
+def test_decode_gqa_ratios_head_dim_128(heads, kv_heads):
+  case = _decode_case(1, [70, 3], heads=heads, kv_heads=kv_heads, head_dim=128)
+  _check_decode(case, k_splits=2)
+
+
+def test_decode_sliding_window_and_scale():
+  case = _decode_case(2, [5, 50, 128], heads=4, kv_heads=1, head_dim=64)
+  _check_decode(case, sliding_window=20, sm_scale=0.3, k_splits=2)
+
+
+def test_decode_f16_page_size_8():
+  case = _decode_case(3, [9, 64, 0], heads=4, kv_heads=2, head_dim=64, page_size=8, max_pages=12,
+                      dtype=jnp.float16)
+  _check_decode(case, dtype=jnp.float16)
+
+
+def test_decode_splits_fill_the_chip():
+  assert pa.decode_splits(64, 8, 8) == 1
+  assert pa.decode_splits(1, 8, 128) == 33
+  assert pa.decode_splits(1, 8, 4) == 4
+
+
+def test_decode_validation_names_the_argument():
+  q, k_pages, v_pages, lengths, table = _decode_case(4, [3], heads=4, kv_heads=1, head_dim=64)
+  with pytest.raises(ValueError, match="lengths"):
+    pa.paged_decode_attention(q, k_pages, v_pages, lengths.astype(jnp.float32), table)
+  with pytest.raises(ValueError, match="kv heads"):
+    three = (jnp.concatenate([k_pages] * 3), jnp.concatenate([v_pages] * 3))
+    pa.paged_decode_attention(q, *three, lengths, table)
+  with pytest.raises(ValueError, match="head_dim"):
+    pa.paged_decode_attention(q[..., :32], k_pages[..., :32], v_pages[..., :32], lengths, table)
+  with pytest.raises(ValueError, match="block_kv"):
+    pa.paged_decode_attention(q, k_pages, v_pages, lengths, table, block_kv=48)
+  with pytest.raises(ValueError, match="bf16 or f16"):
+    pa.paged_decode_attention(q.astype(jnp.float32), k_pages, v_pages, lengths, table)
