@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 TILE_M = 64          # wgmma's fixed M: rows of one query tile
@@ -30,6 +32,26 @@ def decode_splits(batch: int, kv_heads: int, max_blocks: int) -> int:
   programs = batch * kv_heads
   want = -(-NUM_SMS * PROGRAMS_PER_SM // programs)
   return int(max(1, min(want, max_blocks)))
+
+
+def pad_rows(x: jax.Array) -> jax.Array:
+  """[R, H] -> [R', H], zero rows appended (none when R >= 64 and R % 8 == 0) so that every query tile of 64 rows
+  can start at a multiple of 8 inside it."""
+  rows = x.shape[0]
+  want = max(TILE_M, -(-rows // 8) * 8)
+  return x if want == rows else jnp.pad(x, ((0, want - rows), (0, 0)))
+
+
+def tile_row_offset(first_row, num_rows: int):
+  """Row of query row `first_row` (a program's first head) inside its 64-row tile of a [num_rows, H] q: the tile
+  starts at the multiple of 8 at or before it, clamped to the last full tile of the padded rows."""
+  padded = max(TILE_M, -(-num_rows // 8) * 8)
+  return first_row - np.minimum(first_row // 8 * 8, padded - TILE_M)
+
+
+def tile_offsets(group: int) -> range:
+  """Every value tile_row_offset can take for programs of `group` heads: multiples of gcd(group, 8)."""
+  return range(0, TILE_M - group + 1, math.gcd(group, 8))
 
 
 def smem_transforms(dtype) -> tuple:
@@ -62,8 +84,10 @@ def _validate_pages(q, k_pages, v_pages, page_table, sliding_window, q_heads_axi
     raise ValueError(f"head_dim must be one of {_HEAD_DIMS}, got {head_dim}")
   if heads % kv_heads:
     raise ValueError(f"q's {heads} heads must be a multiple of k_pages' {kv_heads} kv heads")
-  if heads // kv_heads > TILE_M:
-    raise ValueError(f"at most {TILE_M} query heads per kv head, got {heads // kv_heads}")
+  group = heads // kv_heads
+  if group > TILE_M or (group % 8 and group > TILE_M - 8):
+    raise ValueError(f"query heads per kv head must be a multiple of 8 up to {TILE_M}, or at most {TILE_M - 8}; "
+                     f"got {group}")
   if page_size % 8:
     raise ValueError(f"page_size must be a multiple of 8, got {page_size}")
   if not any(q.dtype == d for d in _DTYPES):

@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -56,8 +57,12 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem,
   for st in range(stages):
     pl.when(st < num_blocks)(functools.partial(issue, st, st))
 
+  # TMA into a tiled tile needs a row start that is a multiple of 8: load from the aligned row at or before this
+  # program's first head (clamped so the tile stays inside q); its heads sit at tile rows [r0, r0 + group).
   q_row = b * heads + kv * group
-  plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(q_row, common.TILE_M)], q_smem, q_bar)
+  tile_row = pl.multiple_of(jnp.minimum(lax.div(q_row, jnp.int32(8)) * 8, q_ref.shape[0] - common.TILE_M), 8)
+  r0 = q_row - tile_row
+  plgpu.copy_gmem_to_smem(q_ref.at[pl.ds(tile_row, common.TILE_M)], q_smem, q_bar)
   plgpu.barrier_wait(q_bar)
 
   row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -108,7 +113,12 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem,
   o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
   lse_smem[...] = jnp.where(has_keys, m_i + jnp.log(jnp.where(has_keys, l_i, 1.0)) * _LOG2E, -jnp.inf)
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, group)], o_ref.at[s, pl.ds(q_row, group)])
+  for r in common.tile_offsets(group):  # static smem slices: one branch per possible r0
+
+    @pl.when(r0 == r)
+    def _(r=r):
+      plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(r, group)], o_ref.at[s, pl.ds(q_row, group)])
+
   plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[s, b * (heads // group) + kv])
   plgpu.wait_smem_to_gmem(0)
 
@@ -116,7 +126,9 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem,
 def _combine(o_split, lse_split, batch, kv_heads, group, out_dtype):
   """Merge split outputs: out = sum_s 2^(lse_s - m) o_s / sum_s 2^(lse_s - m). o_split [S, B*N, H] f32,
   lse_split [S, B*K, 64] f32 (base 2; -inf for a split with no keys) -> [B*N, H]."""
-  lse = lse_split[:, :, :group].reshape(lse_split.shape[0], batch * kv_heads * group)  # [S, B*N]
+  rows = np.arange(batch * kv_heads * group)  # query row b * N + n sits at tile row r0(b, k) + n % group
+  lse = lse_split[:, rows // group, common.tile_row_offset(rows - rows % group, lse_split.shape[1] * group)
+                  + rows % group]  # [S, B*N]
   m = jnp.max(lse, axis=0)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
   w = jnp.where(jnp.isfinite(lse), jnp.exp2(lse - m), 0.0)
@@ -166,9 +178,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   scale = head_dim ** -0.5 if sm_scale is None else sm_scale
   out_dtype = q.dtype if splits == 1 else jnp.float32
 
-  # Rows past the last head: the last program's tile reads TILE_M rows from its first head.
-  q_flat = jnp.concatenate([q.reshape(batch * heads, head_dim),
-                            jnp.zeros((common.TILE_M, head_dim), q.dtype)])
+  q_flat = common.pad_rows(q.reshape(batch * heads, head_dim))
   kernel = functools.partial(
       _decode_kernel, heads=heads, group=group, page_size=page_size, block_kv=block_kv, stages=stages,
       splits=splits, scale_log2=scale * _LOG2E, window=sliding_window, dtype=q.dtype)
