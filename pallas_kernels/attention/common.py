@@ -23,7 +23,7 @@ class Blocks:
   stages: int
 
 
-DECODE_BLOCKS = Blocks(block_kv=64, stages=3)
+DECODE_BLOCKS = Blocks(block_kv=64, stages=2)  # H200: ~104 KiB of smem, two programs per SM
 PREFILL_BLOCKS = Blocks(block_kv=64, stages=2)
 
 

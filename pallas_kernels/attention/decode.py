@@ -1,11 +1,13 @@
 """Paged decode attention on Pallas Mosaic GPU: one query per row, GQA-aware, split-K over the row's pages.
 
-One program per (row b, kv head k, split s). It loads the G = N // K query heads of kv head k as the first G rows
-of a 64-row wgmma tile (the rows after them are other heads' queries, computed and dropped), then walks blocks of
+One program per (row b, kv head k, split s). It loads the G = N // K query heads of kv head k as G rows of a 64-row
+wgmma tile (TMA wants the tile to start at a multiple of 8 rows; the other rows are other heads' queries, computed
+and dropped), then walks blocks of
 `block_kv` keys of its split: each block is `block_kv // page_size` TMA copies of whole pages, read in place through
 the page table into a `stages`-deep shared-memory ring, so each KV page is read once for all G heads. Scores and
-P @ V are wgmma; the softmax is online, in base 2. Each split writes its normalised output and log-sum-exp; a small
-XLA pass combines the splits (skipped when there is one split).
+P @ V are wgmma (P goes through shared memory: interpret mode takes wgmma operands from refs only); the softmax is
+online, in base 2. A ring slot of k is refilled as soon as the scores are read, v's after P @ V. Each split writes its
+normalised output (in q's dtype) and its log-sum-exp; a small XLA pass combines the splits (none for one split).
 """
 from __future__ import annotations
 
@@ -46,16 +48,17 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem,
   # Pages past the row's last are never needed; re-reading the last one keeps every slot finite.
   last_page = jnp.clip(pl.cdiv(length, jnp.int32(page_size)) - 1, 0, max_pages - 1)
 
-  def issue(i, slot):
+  def issue(i, slot, which):
+    """TMA block i's pages of k and/or v into ring slot `slot`."""
     first = lax.div(start, jnp.int32(page_size)) + i * pages_per_block
     for j in range(pages_per_block):
       page = pt_ref[b, jnp.minimum(first + j, last_page)]
       rows = pl.ds(j * page_size, page_size)
-      plgpu.copy_gmem_to_smem(k_ref.at[kv, page], k_smem.at[slot, rows], k_bar.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[kv, page], v_smem.at[slot, rows], v_bar.at[slot])
+      for src, dst, bar in ((k_ref, k_smem, k_bar), (v_ref, v_smem, v_bar))[which]:
+        plgpu.copy_gmem_to_smem(src.at[kv, page], dst.at[slot, rows], bar.at[slot])
 
   for st in range(stages):
-    pl.when(st < num_blocks)(functools.partial(issue, st, st))
+    pl.when(st < num_blocks)(functools.partial(issue, st, st, slice(0, 2)))
 
   # TMA into a tiled tile needs a row start that is a multiple of 8: load from the aligned row at or before this
   # program's first head (clamped so the tile stays inside q); its heads sit at tile rows [r0, r0 + group).
@@ -80,6 +83,8 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem,
       return acc_ref[...]
 
     qk = pl.run_scoped(scores, plgpu.ACC((common.TILE_M, block_kv), jnp.float32)) * scale_log2
+    refill = i + stages < num_blocks
+    pl.when(refill)(functools.partial(issue, i + stages, slot, slice(0, 1)))  # k's slot is free already
     pos = start + i * block_kv + plgpu.broadcasted_iota(jnp.int32, qk.shape, 1, layout=plgpu.Layout.WGMMA)
     valid = pos < end
     if window is not None:
@@ -100,10 +105,7 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem,
     pv = pl.run_scoped(weighted, plgpu.ACC(acc.shape, jnp.float32))
     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + pv
 
-    @pl.when(i + stages < num_blocks)
-    def _():
-      issue(i + stages, slot)
-
+    pl.when(refill)(functools.partial(issue, i + stages, slot, slice(1, 2)))
     return acc, m_new, l_i
 
   acc, m_i, l_i = lax.fori_loop(0, num_blocks, body, (acc, m_i, l_i))
@@ -176,7 +178,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   common.validate_blocks(block_kv, page_size, stages)
   splits = k_splits or common.decode_splits(batch, kv_heads, pl.cdiv(max_pages * page_size, block_kv))
   scale = head_dim ** -0.5 if sm_scale is None else sm_scale
-  out_dtype = q.dtype if splits == 1 else jnp.float32
+  out_dtype = q.dtype  # also for split partials: an f32 o tile would leave one program per SM, not two
 
   q_flat = common.pad_rows(q.reshape(batch * heads, head_dim))
   kernel = functools.partial(
