@@ -7,6 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 TILE_M = 64          # wgmma's fixed M: rows of one query tile
@@ -52,6 +53,18 @@ def tile_row_offset(first_row, num_rows: int):
 def tile_offsets(group: int) -> range:
   """Every value tile_row_offset can take for programs of `group` heads: multiples of gcd(group, 8)."""
   return range(0, TILE_M - group + 1, math.gcd(group, 8))
+
+
+def copy_pages(pt_ref, row, first_page, last_page, kv, pages, smem, barriers, slot, page_size, num_pages) -> None:
+  """Issues TMA copies of `num_pages` consecutive table entries of row `row`, from entry `first_page` on, of kv head
+  `kv`: pages[kv, page_table[row, min(first_page + j, last_page)]] -> smem[slot, j * page_size:...], each arriving on
+  barriers[slot] (built with num_arrivals = num_pages per pool). `pages`/`smem`/`barriers` are tuples (k, v or one
+  of them). Entries past last_page are never read: their slots get the last page again (finite, masked later)."""
+  for j in range(num_pages):
+    page = pt_ref[row, jax.numpy.minimum(first_page + j, last_page)]
+    rows = pl.ds(j * page_size, page_size)
+    for src, dst, bar in zip(pages, smem, barriers):
+      plgpu.copy_gmem_to_smem(src.at[kv, page], dst.at[slot, rows], bar.at[slot])
 
 
 def smem_transforms(dtype) -> tuple:

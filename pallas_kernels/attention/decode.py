@@ -51,11 +51,8 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem,
   def issue(i, slot, which):
     """TMA block i's pages of k and/or v into ring slot `slot`."""
     first = lax.div(start, jnp.int32(page_size)) + i * pages_per_block
-    for j in range(pages_per_block):
-      page = pt_ref[b, jnp.minimum(first + j, last_page)]
-      rows = pl.ds(j * page_size, page_size)
-      for src, dst, bar in ((k_ref, k_smem, k_bar), (v_ref, v_smem, v_bar))[which]:
-        plgpu.copy_gmem_to_smem(src.at[kv, page], dst.at[slot, rows], bar.at[slot])
+    common.copy_pages(pt_ref, b, first, last_page, kv, (k_ref, v_ref)[which], (k_smem, v_smem)[which],
+                      (k_bar, v_bar)[which], slot, page_size, pages_per_block)
 
   for st in range(stages):
     pl.when(st < num_blocks)(functools.partial(issue, st, st, slice(0, 2)))

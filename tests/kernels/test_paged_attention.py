@@ -115,3 +115,59 @@ def test_decode_validation_names_the_argument():
     pa.paged_decode_attention(q, k_pages, v_pages, lengths, table, block_kv=48)
   with pytest.raises(ValueError, match="bf16 or f16"):
     pa.paged_decode_attention(q.astype(jnp.float32), k_pages, v_pages, lengths, table)
+
+
+def _prefill_case(seed, chunks, *, heads, kv_heads, head_dim, tokens, page_size=16, dtype=jnp.bfloat16):
+  """chunks[b] = (cached, new): row b's chunk holds positions [cached, cached + new), then padding (-1) up to
+  `tokens`; its keys/values (cached and new) are in the pages already."""
+  rng = np.random.default_rng(seed)
+  used = [-(-(c + n) // page_size) for c, n in chunks]
+  num_pages = sum(used) + 2
+  key = jax.random.key(seed)
+  k_pages, v_pages = _pool(key, kv_heads, num_pages, page_size, head_dim, dtype)
+  q = rand(jax.random.fold_in(key, 1), (len(chunks), tokens, heads, head_dim), dtype)
+  positions = np.full((len(chunks), tokens), -1, np.int32)
+  for b, (c, n) in enumerate(chunks):
+    positions[b, :n] = np.arange(c, c + n)
+  table = _page_table(rng, used, max(used) + 1, num_pages)
+  return q, k_pages, v_pages, jnp.asarray(positions), table
+
+
+def _check_prefill(case, dtype=jnp.bfloat16, **kw):
+  q, k_pages, v_pages, positions, table = case
+  out = pa.paged_prefill_attention(q, k_pages, v_pages, positions, table, interpret=INTERPRET, **kw)
+  ref_kw = {k: v for k, v in kw.items() if k in ("sm_scale", "sliding_window")}
+  ref = pa.ref_paged_prefill_attention(q, k_pages, v_pages, positions, jnp.where(table == BAD_PAGE, 0, table),
+                                       **ref_kw)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert_close(out, ref, dtype, f"prefill {kw}")
+  pad = np.asarray(positions) < 0
+  np.testing.assert_array_equal(np.asarray(out, np.float32)[pad], 0.0)
+
+
+def test_prefill_chunk_over_cached_pages_and_padding():
+  # Row 0: a chunk after 70 cached keys (keys span 2 blocks); row 1: a fresh prompt of 13, then padding;
+  # row 2: only padding. Two tiles of 16 tokens (G = 4).
+  case = _prefill_case(5, [(70, 20), (0, 13), (0, 0)], heads=8, kv_heads=2, head_dim=64, tokens=20)
+  _check_prefill(case)
+
+
+def test_prefill_mha_head_dim_128_sliding_window():
+  case = _prefill_case(6, [(40, 24), (0, 30)], heads=2, kv_heads=2, head_dim=128, tokens=30)
+  _check_prefill(case, sliding_window=17, sm_scale=0.2)
+
+
+def test_prefill_gqa_8_f16_page_size_8():
+  case = _prefill_case(7, [(5, 9)], heads=8, kv_heads=1, head_dim=64, tokens=9, page_size=8, dtype=jnp.float16)
+  _check_prefill(case, dtype=jnp.float16)
+
+
+def test_prefill_block_metadata():
+  positions = jnp.asarray([[70, 71, 72, 73], [-1, -1, -1, -1], [0, 1, -1, -1]], jnp.int32)
+  meta = pa.prefill_block_metadata(positions, 2, 64, 16, None)
+  np.testing.assert_array_equal(meta.first_block, [[0, 0], [0, 0], [0, 0]])
+  np.testing.assert_array_equal(meta.num_blocks, [[2, 2], [0, 0], [1, 0]])
+  np.testing.assert_array_equal(meta.last_page, [[4, 4], [0, 0], [0, 0]])
+  windowed = pa.prefill_block_metadata(positions, 2, 64, 16, 8)  # tile 0 sees keys 63..71: blocks 0 and 1
+  np.testing.assert_array_equal(windowed.first_block, [[0, 1], [0, 0], [0, 0]])
+  np.testing.assert_array_equal(windowed.num_blocks, [[2, 1], [0, 0], [1, 0]])
