@@ -128,6 +128,9 @@ def main(argv=None) -> int:
     except JloraError as e:
         print(f"jlora {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except (ValueError, OSError) as e:  # what users cause: tp not dividing the heads, too few devices, a busy port
+        print(f"jlora {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,7 +6,18 @@ class JloraError(Exception):
 
 
 class AdapterError(JloraError):
-    """A LoRA adapter cannot be used: bad files, incompatible shapes or modules, rank too large, bad path."""
+    """A LoRA adapter cannot be used: bad files, incompatible shapes or modules, rank too large, bad path.
+
+    `adapter`: the registered name of the adapter at fault, where one is known; `identity`: that registration's
+    identity (a replaced adapter's old and new registrations differ). The engine fails exactly the requests of
+    that identity by it, never by reading the message."""
+
+    def __init__(self, message: str = "", adapter: str | None = None, identity: str | None = None):
+        super().__init__(message)
+        self.adapter, self.identity = adapter, identity
+
+    def __reduce__(self):
+        return type(self), (str(self), self.adapter, self.identity)
 
 
 class AdapterPathError(AdapterError):
@@ -18,7 +29,14 @@ class RequestError(JloraError):
 
 
 class UnknownAdapterError(RequestError):
-    """A request names an adapter that is not registered."""
+    """A request names an adapter that is not registered (`adapter`: that name)."""
+
+    def __init__(self, message: str = "", adapter: str | None = None):
+        super().__init__(message)
+        self.adapter = adapter
+
+    def __reduce__(self):
+        return type(self), (str(self), self.adapter)
 
 
 class CapacityError(JloraError):

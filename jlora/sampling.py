@@ -11,9 +11,37 @@ import jax.numpy as jnp
 from jlora.errors import RequestError
 
 
+SEED_RANGE = (0, 1 << 32)  # the device draws with a uint32 seed
+INT32_MAX = (1 << 31) - 1  # top_k, max_tokens and stop ids are int32 on the device
+MAX_TEMPERATURE = 1e4  # far past where every token is equally likely; keeps 1 / temperature a normal float32
+MAX_STOP = 16  # stop strings per request: each is searched for after every token
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_text(field: str, text: str) -> None:
+    """Text a client sent must be encodable: no lone surrogates (JSON's \\ud800 escapes allow them)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{field} must be valid Unicode text: it holds a lone surrogate") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """Per-request decoding settings, as in vLLM. temperature=0 is greedy; top_k <= 0 and top_p=1 disable those."""
+    """Per-request decoding settings, as in vLLM. temperature=0 is greedy; top_k <= 0 and top_p=1 disable those.
+
+    Every field is range-checked here, once, for the library, HTTP and gRPC alike: a value the device cannot
+    hold (a seed of 2^32, a top_k of 2^31) is refused with a `RequestError` naming the field and its range,
+    never found later inside a step."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -27,23 +55,36 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        for name in ("stop", "stop_token_ids"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise RequestError(f"{name} must be a list, got {type(value).__name__}")
+            object.__setattr__(self, name, tuple(value))
         t = self.temperature
-        if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise RequestError(f"temperature must be a finite number >= 0, got {t!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not _is_number(t) or not math.isfinite(t) or not 0 <= t <= MAX_TEMPERATURE:
+            raise RequestError(f"temperature must be a finite number in [0, {MAX_TEMPERATURE:g}], got {t!r}")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise RequestError(f"top_k must be an integer >= -1 (0 or -1 disables it), got {self.top_k!r}")
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise RequestError(f"seed must be an integer, got {self.seed!r}")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise RequestError(f"stop must be non-empty strings, got {self.stop!r}")
-        if not all(isinstance(i, int) and i >= 0 for i in self.stop_token_ids):
-            raise RequestError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if not _is_int(self.top_k) or not -1 <= self.top_k <= INT32_MAX:
+            raise RequestError(f"top_k must be an integer in [-1, {INT32_MAX}] (0 or -1 disables it), "
+                               f"got {self.top_k!r}")
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT32_MAX:
+            raise RequestError(f"max_tokens must be an integer in [1, {INT32_MAX}], got {self.max_tokens!r}")
+        lo, hi = SEED_RANGE
+        if self.seed is not None and (not _is_int(self.seed) or not lo <= self.seed < hi):
+            raise RequestError(f"seed must be an integer in [0, 2^32), got {self.seed!r}")
+        if len(self.stop) > MAX_STOP or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS
+                                                for s in self.stop):
+            raise RequestError(f"stop must be at most {MAX_STOP} non-empty strings of at most {MAX_STOP_CHARS} "
+                               f"characters, got {len(self.stop)} of lengths "
+                               f"{[len(s) if isinstance(s, str) else type(s).__name__ for s in self.stop[:MAX_STOP]]}")
+        for s in self.stop:
+            check_text("stop", s)
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or not all(
+                _is_int(i) and 0 <= i <= INT32_MAX for i in self.stop_token_ids):
+            raise RequestError(f"stop_token_ids must be at most {MAX_STOP_TOKEN_IDS} integers in [0, {INT32_MAX}]")
+        if not isinstance(self.ignore_eos, bool):
+            raise RequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
 
 
 def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,

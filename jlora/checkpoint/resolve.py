@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -17,8 +18,11 @@ from jlora.checkpoint.orbax_store import restore_params, save_params
 from jlora.config import ModelConfig
 from jlora.errors import ModelLoadError
 
+log = logging.getLogger("jlora.checkpoint")
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DONE = ".jlora-complete"
+_CONVERTING = ".converting-"
 ORBAX_DIR = "orbax"  # inside a converted model: its params as an orbax checkpoint, for fast restarts
 
 
@@ -53,15 +57,42 @@ def resolve_model_dir(model: str, progress: bool = True) -> str:
     if os.path.exists(os.path.join(out, _DONE)):
         return out
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".converting-", dir=os.path.dirname(out))
+    _remove_orphans(os.path.dirname(out))
+    # Converted in a temporary directory, marked complete, then renamed into place: a crash (even SIGKILL) at
+    # any point leaves either no `out` or a complete one, plus an orphan that the next run removes.
+    tmp = tempfile.mkdtemp(prefix=f"{_CONVERTING}{os.getpid()}-", dir=os.path.dirname(out))
     try:
         convert_gguf(gguf_path, tmp, progress=progress)
-        open(os.path.join(tmp, _DONE), "w").close()
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)  # atomic: a crash never leaves a half-converted model behind
+        with open(os.path.join(tmp, _DONE), "w") as f:
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(os.path.join(out, _DONE)):
+            return out  # another process finished first
+        shutil.rmtree(out, ignore_errors=True)  # a directory without the marker is never trusted
+        os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _remove_orphans(parent: str) -> None:
+    """Deletes the temporary directories of conversions whose process is gone (killed mid-conversion)."""
+    for name in os.listdir(parent):
+        if not name.startswith(_CONVERTING):
+            continue
+        pid = name[len(_CONVERTING):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_model(model: str = DEFAULT_MODEL, dtype=jnp.float32, progress: bool = True):
@@ -83,7 +114,12 @@ def load_converted(path: str, dtype=jnp.float32):
     config = ModelConfig.from_json(os.path.join(path, "config.json"))
     ckpt = os.path.join(path, ORBAX_DIR)
     if os.path.isdir(ckpt):  # orbax renames a checkpoint into place only once it is complete
-        return config, restore_params(ckpt, config, dtype=dtype)
+        try:
+            return config, restore_params(ckpt, config, dtype=dtype)
+        except Exception as e:  # noqa: BLE001 - the cache is only an optimization: rebuild it from safetensors
+            log.warning("the orbax cache at %s does not restore (%s: %s); rebuilding it", ckpt,
+                        type(e).__name__, str(e)[:200])
+            shutil.rmtree(ckpt, ignore_errors=True)
     config, params = load_hf_dir(path, jnp.float32)
     try:
         save_params(params, ckpt)

@@ -23,7 +23,7 @@ from jlora.engine.memory import MemoryPlan, plan_memory
 from jlora.engine.model_runner import ModelRunner, compile_count
 from jlora.engine.scheduler import Scheduler, SchedulerConfig
 from jlora.engine.sequence import Sequence, Status
-from jlora.errors import AdapterError, RequestError, UnknownAdapterError
+from jlora.errors import AdapterError, CapacityError, RequestError, UnknownAdapterError
 from jlora.sampling import SamplingParams
 from jlora.tokenizer import IncrementalDetokenizer
 
@@ -74,7 +74,8 @@ class RequestOutput:
     delta: str
     finished: bool
     finish_reason: str | None = None  # "stop", "length", "abort" or "error"
-    error: str | None = None
+    error: str | None = None  # why it failed or was aborted, for the client
+    error_kind: str | None = None  # with finish_reason "error": "adapter" (its adapter's files) or "internal"
     logprobs: list[dict] | None = None
     arrival_time: float = 0.0
     first_token_time: float | None = None
@@ -114,7 +115,8 @@ class Engine:
                                    self.allocator, self.store.fits, self.runner.prefill_fits)
         self.requests: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._text: dict[str, str] = {}
+        self._text: dict[str, str] = {}  # the text so far (cut at a stop string)
+        self._sent: dict[str, int] = {}  # characters of it given out in outputs
         self._logprobs: dict[str, list] = {}
         self._ids = itertools.count()
         self.tokens_generated = 0
@@ -127,8 +129,11 @@ class Engine:
     def add_request(self, prompt, sampling: SamplingParams | None = None, adapter: str | None = None,
                     request_id: str | None = None, logprobs: bool = False) -> str:
         """Queues a request (text or token ids). Raises `RequestError` (or `UnknownAdapterError`) at once for a
-        bad request, which then never touches the engine's state."""
+        bad request, which then never touches the engine's state. The request holds the adapter registration
+        current now: replacing the adapter later does not change its weights."""
         sampling = sampling or SamplingParams()
+        if not isinstance(sampling, SamplingParams):
+            raise RequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         ids = self._encode(prompt)
         if len(ids) + sampling.max_tokens > self.max_model_len:
             raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {sampling.max_tokens} exceeds the "
@@ -138,17 +143,23 @@ class Engine:
             per = " per data replica" if self.config.dp > 1 else ""
             raise RequestError(f"prompt + max_tokens needs {pages} KV pages but the pool has "
                                f"{self.allocator.pages_per_replica}{per}")
+        if adapter is not None and not isinstance(adapter, str):
+            raise RequestError(f"adapter must be a name (a string) or None, got {type(adapter).__name__}")
         if adapter is not None and not self.store.has(adapter):
-            raise UnknownAdapterError(f"adapter {adapter!r} is not loaded; loaded: {self.store.names()}")
+            names = self.store.names()
+            shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+            raise UnknownAdapterError(f"adapter {adapter[:100]!r} is not loaded; loaded: {shown or 'none'}",
+                                      adapter=adapter)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
-        seq = Sequence(request_id, ids, sampling, adapter, want_logprobs=logprobs,
+        key = self.store.acquire(adapter)
+        seq = Sequence(request_id, ids, sampling, key, adapter_name=adapter, want_logprobs=logprobs,
                        sampling_seed=sampling.seed if sampling.seed is not None else secrets.randbits(31))
-        self.store.acquire(adapter)
-        self.store.prefetch([adapter])
+        self.store.prefetch([key])
         self.requests[request_id] = seq
         self._text[request_id] = ""
+        self._sent[request_id] = 0
         self._logprobs[request_id] = []
         if self.tokenizer is not None:
             self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, ids)
@@ -159,10 +170,18 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("this model has no tokenizer: send token ids")
-            ids = self.tokenizer.encode(prompt)
+            try:
+                ids = self.tokenizer.encode(prompt)
+            except Exception as e:  # noqa: BLE001 - e.g. a lone surrogate: the text is at fault
+                raise RequestError(f"the prompt cannot be tokenized ({type(e).__name__})") from None
         else:
-            ids = list(prompt)
-            if not all(isinstance(t, int) and 0 <= t < self.model_config.vocab_size for t in ids):
+            try:
+                ids = list(prompt)
+            except TypeError:
+                raise RequestError(f"prompt must be text or a list of token ids, got {type(prompt).__name__}") \
+                    from None
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.model_config.vocab_size
+                       for t in ids):
                 raise RequestError(f"token ids must be integers in [0, {self.model_config.vocab_size})")
         if not ids:
             raise RequestError("prompt is empty")
@@ -181,8 +200,15 @@ class Engine:
     # -- stepping ----------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduled step and returns the requests that changed."""
-        batch = self.scheduler.schedule()
+        """Runs one scheduled step and returns the requests that changed. Never raises: an exception fails only
+        the requests it concerns (an adapter's files: that registration's requests; one request's outputs: that
+        request; the step itself, or anything else that cannot be told apart: the step's batch), each with a
+        message naming the cause, and the engine keeps serving."""
+        try:
+            batch = self.scheduler.schedule()
+        except Exception as e:  # noqa: BLE001 - a bug in the scheduler: its queues cannot be trusted
+            log.exception("scheduling failed; failing the %d requests it held", len(self.requests))
+            return self._fail(list(self.requests.values()), _cause("scheduling failed", e))
         if batch is None:
             return []
         self.preemptions += len(batch.preempted)
@@ -195,34 +221,56 @@ class Engine:
                                                running={s.adapter for s in self.scheduler.running if s.adapter})
         except AdapterError as e:
             return self._fail_adapter(batch.seqs, e)
-        out = self.runner.execute(batch, slots, self.store.bank)
+        except CapacityError as e:
+            return self._requeue(batch.seqs, e)
+        except Exception as e:  # noqa: BLE001
+            log.exception("making the step's adapters resident failed; failing its %d requests", len(batch.seqs))
+            return self._fail(batch.seqs, _cause("loading the step's adapters failed", e))
+        try:
+            out = self.runner.execute(batch, slots, self.store.bank)
+        except Exception as e:  # noqa: BLE001 - which row caused it cannot be told: the batch fails
+            log.exception("engine step failed; failing its %d requests", len(batch.seqs))
+            return self._fail(batch.seqs, _cause("the engine step running this request failed", e))
         self.steps += 1
         now = time.perf_counter()
         changed = []
         for i, (seq, chunk) in enumerate(zip(batch.seqs, batch.chunks)):
-            seq.num_computed += chunk
-            if seq.num_computed < seq.num_tokens:
-                continue  # a prompt chunk that did not reach the end samples nothing
-            before, finished = self._text[seq.request_id], None
-            for k in range(int(out.num_steps[i])):  # a multi-step decode's tokens, up to the first stop
-                if k:
-                    seq.num_computed += 1  # the step that sampled token k cached token k - 1
-                token = int(out.tokens[i, k])
-                seq.output_ids.append(token)
-                self.tokens_generated += 1
-                seq.first_token_time = seq.first_token_time or now
-                if seq.want_logprobs:
-                    self._logprobs[seq.request_id].append({
-                        "token": token, "logprob": float(out.logprobs[i, k]),
-                        "top": dict(zip(map(int, out.top_ids[i, k]), map(float, out.top_logprobs[i, k])))})
-                finished = self._after_token(seq, before)
-                if finished is not None:
-                    break
-            changed.append(finished or self._output(seq, before))
+            if seq.request_id not in self.requests:
+                continue
+            try:
+                update = self._advance(seq, chunk, out, i, now)
+            except Exception as e:  # noqa: BLE001 - this request's outputs alone
+                log.exception("processing the outputs of %s failed", seq.request_id)
+                update = self._fail([seq], _cause("processing this request's output failed", e))[0]
+            if update is not None:
+                changed.append(update)
         return changed
 
-    def _after_token(self, seq: Sequence, before: str) -> RequestOutput | None:
-        """Stop checks after a new token; the finished request's output (its delta since `before`), or None."""
+    def _advance(self, seq: Sequence, chunk: int, out, i: int, now: float) -> RequestOutput | None:
+        """Takes row i of a step's outputs into `seq`; its output, or None for a prompt chunk short of the end."""
+        seq.num_computed += chunk
+        if seq.num_computed < seq.num_tokens:
+            return None  # a prompt chunk that did not reach the end samples nothing
+        before = self._sent[seq.request_id]
+        for k in range(int(out.num_steps[i])):  # a multi-step decode's tokens, up to the first stop
+            if k:
+                seq.num_computed += 1  # the step that sampled token k cached token k - 1
+            token = int(out.tokens[i, k])
+            seq.output_ids.append(token)
+            self.tokens_generated += 1
+            seq.first_token_time = seq.first_token_time or now
+            if seq.want_logprobs:
+                self._logprobs[seq.request_id].append({
+                    "token": token, "logprob": float(out.logprobs[i, k]),
+                    "top": dict(zip(map(int, out.top_ids[i, k]), map(float, out.top_logprobs[i, k])))})
+            finished = self._after_token(seq, before)
+            if finished is not None:
+                return finished
+        return self._output(seq, before)
+
+    def _after_token(self, seq: Sequence, before: int) -> RequestOutput | None:
+        """Stop checks after a new token; the finished request's output (its delta since character `before`), or
+        None."""
         sp, rid, token = seq.sampling, seq.request_id, seq.output_ids[-1]
         stop_ids = set(sp.stop_token_ids)
         if not sp.ignore_eos and self.tokenizer is not None:
@@ -231,41 +279,92 @@ class Engine:
             seq.output_ids.pop()  # like the text, token_ids end before the stop token
             return self._finish(seq, "stop", before)
         if rid in self._detok:
+            old = len(self._text[rid])
             self._text[rid] += self._detok[rid].step([token])
-            hits = [self._text[rid].find(s) for s in sp.stop if s in self._text[rid]]
-            if hits:
-                self._text[rid] = self._text[rid][:min(hits)]
-                return self._finish(seq, "stop", before)
+            if sp.stop:  # a stop string can only end in the new text: search from its reach
+                text = self._text[rid]
+                start = max(0, old - max(map(len, sp.stop)) + 1)
+                hits = [i for i in (text.find(s, start) for s in sp.stop) if i >= 0]
+                if hits:
+                    self._text[rid] = text[:min(hits)]
+                    return self._finish(seq, "stop", before)
         if len(seq.output_ids) >= sp.max_tokens:
             return self._finish(seq, "length", before)
         return None
 
-    def _finish(self, seq: Sequence, reason: str, before: str | None = None, error: str | None = None):
+    def _finish(self, seq: Sequence, reason: str, before: int | None = None, error: str | None = None,
+                error_kind: str | None = None) -> RequestOutput:
+        """Ends a request and frees its pages and adapter reference; its output with the delta since character
+        `before` of its text (None: since what was last sent)."""
         seq.status, seq.finish_reason, seq.finish_time = Status.FINISHED, reason, time.perf_counter()
-        self.scheduler.remove(seq)
-        self.store.release(seq.adapter)
-        out = self._output(seq, self._text[seq.request_id] if before is None else before, error)
+        try:
+            self.scheduler.remove(seq)
+        finally:
+            self.store.release(seq.adapter)
+        out = self._output(seq, self._sent[seq.request_id] if before is None else before, error, error_kind)
         del self.requests[seq.request_id]
         self._detok.pop(seq.request_id, None)
         self._text.pop(seq.request_id)
+        self._sent.pop(seq.request_id)
         self._logprobs.pop(seq.request_id)
         return out
 
-    def _output(self, seq: Sequence, before: str, error: str | None = None) -> RequestOutput:
-        text = self._text[seq.request_id]
-        return RequestOutput(seq.request_id, seq.adapter, seq.prompt_ids, list(seq.output_ids), text,
-                             text[len(before):], seq.is_finished, seq.finish_reason, error,
-                             list(self._logprobs[seq.request_id]) or None, seq.arrival_time, seq.first_token_time,
+    def _output(self, seq: Sequence, before: int, error: str | None = None,
+                error_kind: str | None = None) -> RequestOutput:
+        """The request's output. While it runs, text that could still become the start of a stop string is held
+        back, so that what streams is always a prefix of the final text."""
+        rid, text = seq.request_id, self._text[seq.request_id]
+        if not seq.is_finished:
+            text = text[:len(text) - _held_back(text, seq.sampling.stop)]
+        before = min(before, len(text))
+        self._sent[rid] = len(text)
+        return RequestOutput(rid, seq.adapter_name, seq.prompt_ids, list(seq.output_ids), text, text[before:],
+                             seq.is_finished, seq.finish_reason, error, error_kind,
+                             list(self._logprobs[rid]) or None, seq.arrival_time, seq.first_token_time,
                              seq.finish_time)
 
-    def _fail_adapter(self, seqs, error: AdapterError) -> list[RequestOutput]:
-        """An adapter's files turned out bad when first needed: fail its requests alone and drop it."""
-        bad = next((s.adapter for s in seqs if s.adapter and repr(s.adapter) in str(error)), None)
-        failed = [s for s in list(self.requests.values()) if s.adapter == bad] if bad else list(seqs)
-        outs = [self._finish(s, "error", error=str(error)) for s in failed]
-        if bad is not None and self.store.has(bad):
-            self.store.unregister(bad)
+    def _fail(self, seqs, error: str, kind: str = "internal") -> list[RequestOutput]:
+        """Fails the requests of `seqs` that still run, each with `error`; frees their pages and references."""
+        outs = []
+        for seq in seqs:
+            if seq.request_id in self.requests:
+                try:
+                    outs.append(self._finish(seq, "error", error=error, error_kind=kind))
+                except Exception:  # noqa: BLE001 - keep failing the others; the state is logged
+                    log.exception("could not finish %s cleanly", seq.request_id)
+                    self._forget(seq)
         return outs
+
+    def _forget(self, seq: Sequence) -> None:
+        """Last resort after `_finish` itself failed: drop every trace of the request."""
+        for table in (self.requests, self._detok, self._text, self._sent, self._logprobs):
+            table.pop(seq.request_id, None)
+        for queue in (self.scheduler.running, self.scheduler.waiting):
+            if seq in queue:
+                queue.remove(seq)
+
+    def _fail_adapter(self, seqs, error: AdapterError) -> list[RequestOutput]:
+        """An adapter's files turned out bad when first needed: fail the requests of that registration (all of
+        them, queued ones too: they would fail the same way) and keep it registered, so that the client sees
+        why and a fixed file serves again. The rest of the batch runs in a later step."""
+        if error.identity is None:
+            return self._fail(seqs, str(error), "adapter")
+        log.warning("%s; failing its requests", error)
+        return self._fail([s for s in self.requests.values() if s.adapter == error.identity], str(error),
+                          "adapter")
+
+    def _requeue(self, seqs, error: CapacityError) -> list[RequestOutput]:
+        """The batch's adapters turned out not to fit the slots at once (a lazily registered adapter's bucket is
+        only known from its weights): its sequences whose adapters are not resident go back to the queue, and
+        the scheduler admits them again with the buckets now known."""
+        waiting = [s for s in seqs if s.adapter is not None and self.store.slots.slot(s.adapter) is None]
+        if not waiting:
+            log.error("%s with every adapter resident; failing the step's batch", error)
+            return self._fail(seqs, str(error))
+        for seq in waiting:
+            self.scheduler.preempt(seq)
+        self.preemptions += len(waiting)
+        return []
 
     def close(self) -> None:
         """Stops the adapter loader threads."""
@@ -282,9 +381,28 @@ class Engine:
     def metrics(self) -> dict:
         st = self.store.stats
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
-                "free_pages": self.allocator.num_free, "tokens_generated": self.tokens_generated,
+                "free_pages": self.allocator.num_free, "pages_total": self.allocator.num_pages,
+                "pages_used": self.allocator.num_pages - self.allocator.num_free,
+                "tokens_generated": self.tokens_generated,
                 "steps": self.steps, "preemptions": self.preemptions, "compilations": compile_count(),
                 "step_shapes": len(self.runner.shapes_run),
                 "adapter_device_hits": st.device_hits, "adapter_device_misses": st.device_misses,
                 "adapter_host_hits": st.host_hits, "adapter_host_misses": st.host_misses,
-                "adapters_registered": len(self.store.paths)}
+                "adapters_registered": len(self.store.current), "sequences": len(self.requests),
+                "adapter_refs": sum(self.store.refs.values())}
+
+
+def _cause(what: str, error: BaseException) -> str:
+    """A client-facing message: what failed and the exception that said so (cut short)."""
+    return f"{what}: {type(error).__name__}: {str(error)[:300]}"
+
+
+def _held_back(text: str, stops) -> int:
+    """How many characters at the end of `text` could still be the start of one of the `stops`."""
+    held = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:k]):
+                held = k
+                break
+    return held

@@ -149,6 +149,13 @@ class Scheduler:
             return ScheduledBatch("decode", [], [], preempted) if preempted else None
         return ScheduledBatch("decode", ready, [1] * len(ready), preempted, steps)
 
+    def preempt(self, seq: Sequence) -> None:
+        """Sends a scheduled sequence back to the front of the queue (its pages freed, recomputed later)."""
+        if seq in self.running:
+            self._preempt(seq)
+        elif seq in self.waiting:
+            self.allocator.free(seq)
+
     def _preempt(self, seq: Sequence) -> None:
         """Frees a sequence's pages; it goes back to the front of the queue and is recomputed from its tokens."""
         self.running.remove(seq)

@@ -25,7 +25,8 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     sampling: Any  # jlora.sampling.SamplingParams
-    adapter: str | None = None
+    adapter: str | None = None  # the identity of the adapter registration it holds (`AdapterStore.acquire`)
+    adapter_name: str | None = None  # the name the request gave
     output_ids: list[int] = dataclasses.field(default_factory=list)
     status: Status = Status.WAITING
     pages: list[int] = dataclasses.field(default_factory=list)

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from jlora.config import LORA_GROUPS, LORA_MODULES, LoraBankConfig, ModelConfig
-from jlora.errors import AdapterError
+from jlora.errors import AdapterError, AdapterPathError
 from jlora.lora.bank import group_dims
 
 CONFIG_FILE = "adapter_config.json"
@@ -22,6 +22,12 @@ _PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)"
                   r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 _MODULE_OF = {m: (g, i) for g, ms in LORA_GROUPS.items() for i, m in enumerate(ms)}
+MAX_CONFIG_BYTES = 1 << 20
+MAX_HEADER_BYTES = 16 << 20  # an 8B model's all-linear adapter has a header of well under 1 MiB
+# One message for a missing directory, a file, and a directory without a config: a load request cannot probe
+# which paths exist on the server.
+NO_ADAPTER = f"no adapter there: the directory does not exist or has no {CONFIG_FILE}"
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,17 +93,33 @@ def _match_pattern(patterns: dict, module_name: str, default):
     return default
 
 
-def read_spec(path: str) -> AdapterSpec:
-    cfg_path = os.path.join(path, CONFIG_FILE)
+def adapter_file(path: str, file: str, roots=None) -> str:
+    """The resolved path of `file` inside the adapter directory `path` (symlinks resolved). With `roots`
+    (resolved directories), a file that resolves outside all of them raises `AdapterPathError`: a symlinked
+    weights file must not reach outside the roots even when its directory is inside."""
+    real = os.path.realpath(os.path.join(path, file))
+    if roots is not None and not any(real.startswith(r.rstrip(os.sep) + os.sep) for r in roots):
+        raise AdapterPathError(f"{file} resolves outside the allowed adapter roots")
+    return real
+
+
+def read_spec(path: str, roots=None) -> AdapterSpec:
+    """The checked `adapter_config.json` of the adapter directory `path`. Messages name files relative to the
+    adapter directory: a server's paths never reach a client."""
+    cfg_path = adapter_file(path, CONFIG_FILE, roots)
     if not os.path.isfile(cfg_path):
-        raise AdapterError(f"adapter at {path!r} has no {CONFIG_FILE}")
+        raise AdapterError(NO_ADAPTER)
     try:
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{cfg_path} is not valid JSON: {e}") from None
+        if os.path.getsize(cfg_path) > MAX_CONFIG_BYTES:
+            raise AdapterError(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+        with open(cfg_path, "rb") as f:
+            cfg = json.loads(f.read())
+    except (ValueError, RecursionError) as e:  # JSON, UTF-8 and integer-size errors
+        raise AdapterError(f"{CONFIG_FILE} is not valid JSON: {str(e)[:200]}") from None
+    except OSError as e:
+        raise AdapterError(f"{CONFIG_FILE} cannot be read: {e.strerror}") from None
     if not isinstance(cfg, dict):
-        raise AdapterError(f"{cfg_path} must hold a JSON object")
+        raise AdapterError(f"{CONFIG_FILE} must hold a JSON object")
     peft_type = cfg.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise AdapterError(f"peft_type {peft_type!r} is not supported; only LORA adapters can be served")
@@ -122,48 +144,108 @@ def read_spec(path: str) -> AdapterSpec:
         r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
         rank_pattern = {str(k): int(v) for k, v in (cfg.get("rank_pattern") or {}).items()}
         alpha_pattern = {str(k): float(v) for k, v in (cfg.get("alpha_pattern") or {}).items()}
-    except (TypeError, ValueError) as e:
-        raise AdapterError(f"bad r / lora_alpha / patterns in {cfg_path}: {e}") from None
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:
+        raise AdapterError(f"bad r / lora_alpha / patterns in {CONFIG_FILE}: {e}") from None
     if r <= 0 or any(v <= 0 for v in rank_pattern.values()):
         raise AdapterError(f"ranks must be positive, got r={r}, rank_pattern={rank_pattern}")
+    if not math.isfinite(alpha) or not all(math.isfinite(v) for v in alpha_pattern.values()):
+        raise AdapterError(f"lora_alpha and alpha_pattern must be finite in {CONFIG_FILE}")
     return AdapterSpec(r=r, lora_alpha=alpha, use_rslora=bool(cfg.get("use_rslora", False)),
                        target_modules=targets, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
 
 
-def _read_weights(path: str) -> dict[str, np.ndarray]:
-    weights = os.path.join(path, WEIGHTS_FILE)
+def read_header(weights: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (safetensors dtype, shape)} from a safetensors file's header, checked against the file's
+    size before any tensor is read: the header is at most `MAX_HEADER_BYTES`, every tensor's byte range matches
+    its dtype and shape and lies inside the file."""
+    try:
+        size = os.path.getsize(weights)
+        with open(weights, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or n > MAX_HEADER_BYTES or 8 + n > size:
+                raise AdapterError(f"{WEIGHTS_FILE} is not a readable safetensors file: bad header length")
+            header = json.loads(f.read(n))
+    except (ValueError, RecursionError) as e:
+        raise AdapterError(f"{WEIGHTS_FILE} is not a readable safetensors file: {str(e)[:200]}") from None
+    except OSError as e:
+        raise AdapterError(f"{WEIGHTS_FILE} cannot be read: {e.strerror}") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{WEIGHTS_FILE} is not a readable safetensors file: the header is not an object")
+    out = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            ok = (dtype in _DTYPE_BYTES and all(isinstance(d, int) and 0 <= d < 1 << 31 for d in shape)
+                  and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= size - 8 - n
+                  and end - begin == math.prod(shape) * _DTYPE_BYTES[dtype])
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise AdapterError(f"{WEIGHTS_FILE}: tensor {str(key)[:100]!r} has a malformed header entry")
+        out[key] = (dtype, shape)
+    return out
+
+
+def _read_weights(path: str, config: ModelConfig, bank_config: LoraBankConfig, spec: AdapterSpec,
+                  roots=None) -> dict[str, np.ndarray]:
+    """The adapter's tensors, each checked (name, layer, shape, rank) from the header before any is read."""
+    weights = adapter_file(path, WEIGHTS_FILE, roots)
     if not os.path.isfile(weights):
         pickled = [f for f in _PICKLE_FILES if os.path.exists(os.path.join(path, f))]
         if pickled:
-            raise AdapterError(f"adapter at {path!r} has only {pickled[0]} (a pickle); jlora never unpickles "
+            raise AdapterError(f"the adapter has only {pickled[0]} (a pickle); jlora never unpickles "
                                f"files: re-save it with safe_serialization=True to get {WEIGHTS_FILE}")
-        raise AdapterError(f"adapter at {path!r} has no {WEIGHTS_FILE}")
-    try:
-        return load_file(weights)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterError(f"{weights} is not a readable safetensors file: {e}") from None
-
-
-def load_adapter(path: str, config: ModelConfig, bank_config: LoraBankConfig, name: str | None = None,
-                 dtype=np.float32) -> LoraAdapter:
-    """Reads, checks, pads and scales one PEFT adapter into `dtype` arrays (None for untargeted groups).
-    Raises `AdapterError` naming any problem."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise AdapterError(f"adapter directory {path!r} does not exist")
-    spec = read_spec(path)
-    tensors = _read_weights(path)
-    pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
-    for key, value in tensors.items():
+        raise AdapterError(f"the adapter has no {WEIGHTS_FILE}")
+    dims = group_dims(config)
+    for key, (_, shape) in read_header(weights).items():
         m = _KEY.match(key)
         if m is None or m.group(2) not in _MODULE_OF:
-            raise AdapterError(f"unexpected tensor {key!r}: only lora_A/lora_B of {list(LORA_MODULES)} are supported")
+            raise AdapterError(f"unexpected tensor {key[:100]!r}: only lora_A/lora_B of {list(LORA_MODULES)} "
+                               "are supported")
         layer, module, side = int(m.group(1)), m.group(2), m.group(3)
         if layer >= config.num_layers:
             raise AdapterError(f"{key}: layer {layer} does not exist in a base model of {config.num_layers} layers")
+        group, j = _MODULE_OF[module]
+        d_in, d_out = dims[group][0], dims[group][1][j]
+        r, _ = spec.rank_alpha(_module_name(layer, module))
+        want = (r, d_in) if side == "A" else (d_out, r)
+        if shape != want:
+            raise AdapterError(f"layer {layer} {module}: shape mismatch with the base model or the config: "
+                               f"lora_{side} {shape}, expected {want} (r={r})")
+        if r > bank_config.max_rank:
+            raise AdapterError(f"rank {r} is above the largest rank bucket ({bank_config.max_rank}); "
+                               f"configure a larger bucket to serve it")
+    try:
+        return load_file(weights)
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise AdapterError(f"{WEIGHTS_FILE} is not a readable safetensors file: {str(e)[:200]}") from None
+
+
+def _module_name(layer: int, module: str) -> str:
+    part = "mlp" if _MODULE_OF[module][0] in ("gate_up", "down") else "self_attn"
+    return f"model.layers.{layer}.{part}.{module}"
+
+
+def load_adapter(path: str, config: ModelConfig, bank_config: LoraBankConfig, name: str | None = None,
+                 dtype=np.float32, roots=None) -> LoraAdapter:
+    """Reads, checks, pads and scales one PEFT adapter into `dtype` arrays (None for untargeted groups).
+    Raises `AdapterError` naming any problem (files relative to the adapter directory). With `roots`, every
+    file must resolve inside one of them (`adapter_file`)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise AdapterError(NO_ADAPTER)
+    spec = read_spec(path, roots)
+    tensors = _read_weights(path, config, bank_config, spec, roots)
+    pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        m = _KEY.match(key)
+        layer, module, side = int(m.group(1)), m.group(2), m.group(3)
         pairs.setdefault((layer, module), {})[side] = value
     if not pairs:
-        raise AdapterError(f"{path!r} holds no LoRA weights")
+        raise AdapterError("the adapter holds no LoRA weights")
 
     dims = group_dims(config)
     ranks = {}
@@ -177,10 +259,7 @@ def load_adapter(path: str, config: ModelConfig, bank_config: LoraBankConfig, na
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
             raise AdapterError(f"{where}: shape mismatch with the base model: lora_A {a.shape}, lora_B {b.shape}; "
                                f"expected [r, {d_in}] and [{d_out}, r]")
-        module_name = f"model.layers.{layer}.{'mlp' if group in ('gate_up', 'down') else 'self_attn'}.{module}"
-        expected_r, _ = spec.rank_alpha(module_name)
-        if a.shape[0] != expected_r:
-            raise AdapterError(f"{where}: weights have rank {a.shape[0]} but the config says r={expected_r}")
+        module_name = _module_name(layer, module)
         if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
             raise AdapterError(f"{where}: weights contain NaN or Inf")
         ranks[(layer, module)] = (a.shape[0], spec.scale(module_name), module_name)

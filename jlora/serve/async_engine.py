@@ -24,6 +24,8 @@ from jlora.sampling import SamplingParams
 log = logging.getLogger("jlora.serve")
 
 DEADLINE_ERROR = "deadline exceeded"
+DEFAULT_STEP_TIMEOUT_S = 300.0  # a step longer than this (compiles included) marks the server unhealthy
+FAILED_STEPS_UNHEALTHY = 3  # this many whole steps failing in a row marks it unhealthy too
 
 
 class ServerClosedError(CapacityError):
@@ -76,8 +78,13 @@ class AsyncEngine:
       rate_window_s: the window over which `stats()["tokens_per_second"]` is measured.
     """
 
-    def __init__(self, engine: Engine, rate_window_s: float = 10.0):
+    def __init__(self, engine: Engine, rate_window_s: float = 10.0, step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S):
+        if not step_timeout_s > 0:
+            raise ValueError(f"step_timeout_s must be > 0, got {step_timeout_s}")
         self.engine = engine
+        self.step_timeout_s = step_timeout_s
+        self._step_started: float | None = None  # time.monotonic() of the step running now
+        self._failed_steps = 0  # consecutive steps that failed as a whole
         self._cv = threading.Condition()
         self._commands: collections.deque = collections.deque()
         self._streams: dict[str, RequestStream] = {}
@@ -162,6 +169,21 @@ class AsyncEngine:
     def accepting(self) -> bool:
         return self._accepting
 
+    def health(self) -> tuple[bool, str]:
+        """(healthy, status): "ok", "draining", or why the engine is unhealthy: its thread has stopped, a step
+        has run longer than `step_timeout_s` (a hang), or the last steps all failed. Never blocks."""
+        if not self._thread.is_alive():
+            return False, "unhealthy: the engine thread has stopped"
+        started = self._step_started
+        if started is not None and time.monotonic() - started > self.step_timeout_s:
+            return False, (f"unhealthy: an engine step has run for {time.monotonic() - started:.0f} s "
+                           f"(limit {self.step_timeout_s:g} s)")
+        if self._failed_steps >= FAILED_STEPS_UNHEALTHY:
+            return False, f"unhealthy: the last {self._failed_steps} engine steps failed"
+        if not self._accepting:
+            return False, "draining"
+        return True, "ok"
+
     async def drain(self, timeout: float | None = None) -> bool:
         """Stops taking requests and waits until every request in flight has finished. Returns False on timeout."""
         self._accepting = False
@@ -184,29 +206,39 @@ class AsyncEngine:
     # -- the engine thread -----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        engine = self.engine
         while True:
-            busy = engine.has_unfinished()
-            with self._cv:
-                while not busy and not self._commands and not self._stop:
-                    self._cv.wait(self._next_deadline_wait())
-                    if self._deadlines and self._next_deadline_wait() == 0:
-                        break
-                self.wakeups += 1
-                commands = list(self._commands)
-                self._commands.clear()
-                stop = self._stop
-            for fn, future in commands:
-                self._run_command(fn, future)
-            self._expire_deadlines()
-            if stop:
-                for rid in list(self._streams):
-                    self._abort(rid)
-                self._publish()
-                return
-            if engine.has_unfinished():
-                self._step()
+            try:
+                if self._iterate():
+                    return
+            except Exception:  # noqa: BLE001 - a bug in this loop itself: log it, never let the thread die
+                log.exception("engine loop iteration failed; continuing")
+                time.sleep(0.01)
+
+    def _iterate(self) -> bool:
+        """One pass: commands, deadlines, one step. True once stopped."""
+        engine = self.engine
+        busy = engine.has_unfinished()
+        with self._cv:
+            while not busy and not self._commands and not self._stop:
+                self._cv.wait(self._next_deadline_wait())
+                if self._deadlines and self._next_deadline_wait() == 0:
+                    break
+            self.wakeups += 1
+            commands = list(self._commands)
+            self._commands.clear()
+            stop = self._stop
+        for fn, future in commands:
+            self._run_command(fn, future)
+        self._expire_deadlines()
+        if stop:
+            for rid in list(self._streams):
+                self._abort(rid)
             self._publish()
+            return True
+        if engine.has_unfinished():
+            self._step()
+        self._publish()
+        return False
 
     def _run_command(self, fn, future: concurrent.futures.Future) -> None:
         if not future.set_running_or_notify_cancel():
@@ -217,13 +249,22 @@ class AsyncEngine:
             future.set_exception(e)
 
     def _step(self) -> None:
+        steps = self.engine.steps
+        self._step_started = time.monotonic()
+        raised = False
         try:
-            outs = self.engine.step()
-        except Exception as e:  # a bug, not a bad request: fail what runs now, keep serving
-            log.exception("engine step failed; failing the %d requests in flight", len(self._streams))
+            outs = self.engine.step()  # fails only the requests an exception concerns; raising is a bug
+        except Exception as e:  # noqa: BLE001 - which requests it concerns cannot be told: fail those in flight
+            log.exception("engine step raised; failing the %d requests in flight", len(self._streams))
+            outs, raised = [], True
             for rid in list(self._streams):
-                self._abort(rid, reason="error", error=f"internal error: {type(e).__name__}: {e}")
-            return
+                self._abort(rid, reason="error", error=f"internal error: {type(e).__name__}: {str(e)[:300]}",
+                            kind="internal")
+        finally:
+            self._step_started = None
+        failed = raised or self.engine.steps == steps and any(
+            o.finish_reason == "error" and o.error_kind == "internal" for o in outs)
+        self._failed_steps = self._failed_steps + 1 if failed else 0
         for out in outs:
             self._deliver(out)
 
@@ -236,11 +277,20 @@ class AsyncEngine:
         if stream is not None:
             stream._put(out)
 
-    def _abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> None:
-        out = self.engine.abort(request_id)
+    def _abort(self, request_id: str, reason: str = "abort", error: str | None = None,
+               kind: str | None = None) -> None:
+        try:
+            out = self.engine.abort(request_id)
+        except Exception as e:  # noqa: BLE001 - the engine lost track of it: end its stream anyway
+            log.exception("aborting %s failed", request_id)
+            stream = self._streams.get(request_id)
+            if stream is None:
+                return
+            out = RequestOutput(request_id, None, [], [], "", "", True, "error",
+                                f"internal error: {type(e).__name__}", "internal")
         if out is None:
             return
-        out.finish_reason, out.error = reason, error
+        out.finish_reason, out.error, out.error_kind = reason, error, kind
         self._deliver(out)
 
     def _next_deadline_wait(self) -> float | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -56,8 +57,22 @@ def register(sub) -> None:
     p.add_argument("--lora", action="append", type=_lora, default=[], metavar="NAME=PATH",
                    help="register a PEFT adapter directory under NAME at start-up (repeatable)")
     p.add_argument("--lora-root", action="append", default=[], metavar="DIR",
-                   help="adapters may only be loaded from inside DIR (repeatable; symlinks are resolved). "
-                        "Without it, any path can be loaded: set it on any server others can reach")
+                   help="clients may load adapters at run time from inside DIR (repeatable; every file of an "
+                        "adapter must resolve inside, symlinks included). Without it, runtime loads are refused")
+    p.add_argument("--allow-any-lora-path", action="store_true",
+                   help="let clients load adapters from any path the server can read (unsafe on a shared host)")
+    p.add_argument("--api-key", default=None,
+                   help="require this key on every endpoint but health: HTTP 'Authorization: Bearer KEY', gRPC "
+                        "'authorization: Bearer KEY' metadata (default: $JLORA_API_KEY, else no key)")
+    p.add_argument("--admin-api-key", default=None,
+                   help="require this key, instead of --api-key, to load and unload adapters "
+                        "(default: $JLORA_ADMIN_API_KEY)")
+    p.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="comma list of Host header names HTTP requests may carry, '*' for any (default: loopback "
+                        "names and --host unless it is a wildcard address)")
+    p.add_argument("--step-timeout", type=float, default=300.0,
+                   help="seconds one engine step may run (compiles included) before health turns unhealthy "
+                        "(default: %(default)s)")
     p.add_argument("--max-loras-per-batch", type=_count, default=4,
                    help="distinct adapters of each rank bucket one batch can mix: device slots per bucket "
                         "(default: %(default)s)")
@@ -104,7 +119,13 @@ def config_from_args(args):
                        num_scheduler_steps=args.num_scheduler_steps,
                        max_model_len=args.max_model_len, num_pages=args.num_pages, page_size=args.page_size,
                        tp=args.tp, dp=args.dp, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
-                       warmup=args.warmup, drain_timeout_s=args.drain_timeout)
+                       warmup=args.warmup, drain_timeout_s=args.drain_timeout,
+                       allow_any_lora_path=args.allow_any_lora_path,
+                       api_key=args.api_key or os.environ.get("JLORA_API_KEY") or None,
+                       admin_api_key=args.admin_api_key or os.environ.get("JLORA_ADMIN_API_KEY") or None,
+                       allowed_hosts=None if args.allowed_hosts is None else
+                       tuple(h.strip() for h in args.allowed_hosts.split(",") if h.strip()),
+                       step_timeout_s=args.step_timeout)
 
 
 async def serve(config) -> int:

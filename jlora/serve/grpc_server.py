@@ -6,6 +6,7 @@ aborts its request, so its KV pages and adapter reference are freed at once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -13,8 +14,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from jlora.serve.async_engine import ServerClosedError
 from jlora.serve.proto import jlora_pb2, jlora_pb2_grpc
 from jlora.serve.protocol import check_output, error_message, error_status, prepare
+from jlora.serve.security import AuthError, SecurityConfig, bearer
 from jlora.serve.service import AdapterInfo, Service
 
 log = logging.getLogger("jlora.serve.grpc")
@@ -23,12 +26,95 @@ MAX_RECEIVE_BYTES = 4 << 20  # a request: prompts of a few hundred thousand toke
 MAX_SEND_BYTES = 16 << 20
 SERVICE_NAME = jlora_pb2.DESCRIPTOR.services_by_name["Jlora"].full_name
 _SAMPLING_OPTIONAL = ("temperature", "top_p", "top_k", "max_tokens", "seed")
+ADMIN_METHODS = (f"/{SERVICE_NAME}/LoadAdapter", f"/{SERVICE_NAME}/UnloadAdapter")
+WATCHDOG_POLL_S = 0.5
 
 
 def _sampling_fields(sp: jlora_pb2.SamplingParams) -> dict:
     fields = {k: getattr(sp, k) for k in _SAMPLING_OPTIONAL if sp.HasField(k)}
     fields.update(stop=list(sp.stop), stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos)
     return fields
+
+
+class _Undecodable:
+    """Stands for a request message that did not parse; the handler answers INVALID_ARGUMENT."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _decoding(deserializer):
+    def decode(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError, or invalid UTF-8 in a string field
+            return _Undecodable(e)
+    return decode
+
+
+def _guarded(behavior, security: SecurityConfig, admin: bool, streams_out: bool):
+    """`behavior` behind the API key check and the decode check."""
+
+    async def refuse(request, context):
+        if isinstance(request, _Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request message does not decode: {str(request.error)[:200]}")
+        metadata = dict((k.lower(), v) for k, v in context.invocation_metadata() or ())
+        try:
+            security.check_key(bearer(metadata.get("authorization")), admin)
+        except AuthError as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+
+    if streams_out:
+        async def handler(request, context):
+            await refuse(request, context)
+            async for item in behavior(request, context):
+                yield item
+    else:
+        async def handler(request, context):
+            await refuse(request, context)
+            return await behavior(request, context)
+    return handler
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """Every method of every service but health: the API key (the admin key for adapter load/unload) must come
+    as `authorization: Bearer <key>` metadata, and a unary request message that does not decode is
+    INVALID_ARGUMENT (gRPC would say UNKNOWN)."""
+
+    def __init__(self, security: SecurityConfig):
+        self.security = security
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(f"/{health.SERVICE_NAME}/"):
+            return handler
+        admin = details.method in ADMIN_METHODS
+        kw = dict(request_deserializer=_decoding(handler.request_deserializer),
+                  response_serializer=handler.response_serializer)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _guarded(handler.unary_unary, self.security, admin, False), **kw)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _guarded(handler.unary_stream, self.security, admin, True), **kw)
+        if handler.stream_stream:  # reflection: the key only, checked once per call
+            return grpc.stream_stream_rpc_method_handler(
+                _keyed_stream(handler.stream_stream, self.security), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler
+
+
+def _keyed_stream(behavior, security: SecurityConfig):
+    async def handler(request_iterator, context):
+        metadata = dict((k.lower(), v) for k, v in context.invocation_metadata() or ())
+        try:
+            security.check_key(bearer(metadata.get("authorization")), False)
+        except AuthError as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        async for item in behavior(request_iterator, context):
+            yield item
+    return handler
 
 
 def _adapter_info(a: AdapterInfo) -> jlora_pb2.AdapterInfo:
@@ -41,18 +127,23 @@ class JloraServicer(jlora_pb2_grpc.JloraServicer):
 
     async def _fail(self, context: grpc.aio.ServicerContext, error: BaseException):
         code, _, _ = error_status(error)
-        if code == "INTERNAL":
+        if isinstance(error, ServerClosedError):  # expected while draining
+            log.info("gRPC request refused: %s", error)
+        elif code == "INTERNAL":
             log.error("gRPC request failed", exc_info=error)
         await context.abort(grpc.StatusCode[code], error_message(error))
 
+    def _prepare(self, request: jlora_pb2.GenerateRequest):
+        info = self.service.info
+        return prepare(info, _sampling_fields(request.sampling), prompt=request.prompt or None,
+                       token_ids=list(request.prompt_token_ids) or None,
+                       messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
+                       adapter=info.adapter_for(request.adapter, "adapter"))
+
     async def _start(self, request: jlora_pb2.GenerateRequest, context):
         """Validates and queues a request; aborts the RPC with the error's code if it is refused."""
-        info = self.service.info
         try:
-            completion = prepare(info, _sampling_fields(request.sampling), prompt=request.prompt or None,
-                                 token_ids=list(request.prompt_token_ids) or None,
-                                 messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
-                                 adapter=info.adapter_for(request.adapter, "adapter"))
+            completion = await self.service.prepare(self._prepare, request)
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
             return await self.service.start(completion, deadline=deadline)
@@ -128,24 +219,47 @@ class JloraServicer(jlora_pb2_grpc.JloraServicer):
 class GrpcServer:
     """A `grpc.aio` server on `host:port` (port 0 picks a free one; `port` holds the bound one after `start`)."""
 
-    def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0,
+                 security: SecurityConfig | None = None):
+        self.service = service
         self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
-                                               ("grpc.max_send_message_length", MAX_SEND_BYTES)])
+                                               ("grpc.max_send_message_length", MAX_SEND_BYTES)],
+                                      interceptors=[GuardInterceptor(security or SecurityConfig())])
+        self._watchdog: asyncio.Task | None = None
         jlora_pb2_grpc.add_JloraServicer_to_server(JloraServicer(service), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self.server)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        try:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"gRPC server could not bind {host}:{port}")
+            raise OSError(f"the gRPC server could not listen on {host}:{port} (is the port in use?)")
 
     async def start(self) -> None:
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._watchdog = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        """Mirrors `AsyncEngine.health` into the health service: NOT_SERVING while a step hangs or the engine
+        thread is gone, SERVING again once it recovers (after a graceful shutdown the service ignores sets)."""
+        serving = True
+        while True:
+            ok, _ = self.service.engine.health()
+            if ok != serving:
+                serving = ok
+                status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+                for name in ("", SERVICE_NAME):
+                    await self.health.set(name, status)
+            await asyncio.sleep(WATCHDOG_POLL_S)
 
     async def stop(self, grace: float) -> None:
         """Reports NOT_SERVING, then lets RPCs in flight finish for up to `grace` seconds."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)

@@ -18,37 +18,98 @@ from typing import AsyncIterator
 
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jlora.errors import JloraError, RequestError
 from jlora.serve import openai_format as oai
-from jlora.serve.async_engine import RequestStream
+from jlora.serve.async_engine import RequestStream, ServerClosedError
 from jlora.serve.metrics import CONTENT_TYPE
-from jlora.serve.protocol import (TooLargeError, check_output, error_message, error_status, prepare,
-                                  render_chat)
+from jlora.serve.protocol import (TooLargeError, UnsupportedMediaError, check_output, error_message,
+                                  error_status, prepare, render_chat, show)
+from jlora.serve.security import ForbiddenError, SecurityConfig, bearer
 from jlora.serve.service import Service
 
 log = logging.getLogger("jlora.serve.http")
 
 MAX_BODY_BYTES = 4 << 20
+MAX_INT_DIGITS = 64  # JSON integer literals longer than this are refused before Python converts them
 DISCONNECT_POLL_S = 0.25
+ADMIN_PATHS = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
+OPEN_PATHS = ("/health",)
+
+
+def _parse_int(text: str) -> int:
+    if len(text) > MAX_INT_DIGITS:
+        raise RequestError(f"an integer literal of {len(text)} digits is out of range")
+    return int(text)
+
+
+def _no_constant(name: str):
+    raise RequestError(f"{name} is not valid JSON")
 
 
 async def _json_body(request: Request) -> dict:
+    """The body as a JSON object, counted while it is read (a chunked body has no length to check first)."""
     size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-        raise TooLargeError(f"request body of {size} bytes is above the limit of {MAX_BODY_BYTES}")
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise TooLargeError(f"request body of {len(raw)} bytes is above the limit of {MAX_BODY_BYTES}")
+    if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
+        raise TooLargeError(f"request body of {size[:20]} bytes is above the limit of {MAX_BODY_BYTES}")
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > MAX_BODY_BYTES:
+            raise TooLargeError(f"request body is above the limit of {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
     try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(f"malformed JSON body: {e}") from None
+        body = json.loads(b"".join(chunks), parse_int=_parse_int, parse_constant=_no_constant)
+    except RecursionError:
+        raise RequestError("malformed JSON body: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise RequestError(f"malformed JSON body: {str(e)[:200]}") from None
     if not isinstance(body, dict):
         raise RequestError(f"the body must be a JSON object, got {type(body).__name__}")
     return body
+
+
+def _error(message: str, kind: str, status: int) -> Response:
+    """An OpenAI-style error body, ASCII-escaped (a client's lone surrogate in a message cannot break it)."""
+    return Response(json.dumps(oai.error_body(message, kind, status)), status_code=status,
+                    media_type="application/json")
+
+
+class Guard:
+    """ASGI middleware in front of every route: the Host name, then the API key, then (for callers without a
+    key) the browser cross-origin check; adapter loads and unloads need a JSON body, which a browser cannot
+    send cross-origin without a preflight this server never grants."""
+
+    def __init__(self, app, security: SecurityConfig):
+        self.app, self.security = app, security
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {}
+        for k, v in scope["headers"]:
+            headers.setdefault(k.decode("latin-1").lower(), []).append(v.decode("latin-1"))
+        one = {k: v[0] for k, v in headers.items()}
+        path, method, sec = scope["path"], scope["method"], self.security
+        try:
+            if len(headers.get("host", [])) != 1 or not sec.host_allowed(one["host"]):
+                raise ForbiddenError("the Host header names no host this server answers to (see --allowed-hosts)")
+            if path not in OPEN_PATHS:
+                admin = path in ADMIN_PATHS
+                keyed = sec.check_key(bearer(one.get("authorization")), admin)
+                if not keyed:
+                    sec.check_browser(method, one)
+                if admin and method == "POST" and \
+                        one.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+                    raise UnsupportedMediaError("adapter loads and unloads take a JSON body "
+                                                "(Content-Type: application/json)")
+        except JloraError as e:
+            _, status, kind = error_status(e)
+            return await _error(error_message(e), kind, status)(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 async def _final(request: Request, stream: RequestStream):
@@ -82,32 +143,38 @@ async def _events(stream: RequestStream, make_events) -> AsyncIterator[bytes]:
         stream.abort()  # a no-op once finished; frees the request if the client went away
 
 
-def build_app(service: Service) -> FastAPI:
-    """The FastAPI application over `service`."""
+def build_app(service: Service, security: SecurityConfig = SecurityConfig()) -> FastAPI:
+    """The FastAPI application over `service`, behind `Guard(security)`."""
     app = FastAPI(title="jlora", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, security=security)
     info = service.info
 
     @app.exception_handler(JloraError)
     async def _refused(request: Request, error: JloraError):
         _, status, kind = error_status(error)
-        if status >= 500:
+        if isinstance(error, ServerClosedError):  # expected while draining
+            log.info("HTTP %s %s refused: %s", request.method, request.url.path, error)
+        elif status >= 500:
             log.error("HTTP %s %s failed", request.method, request.url.path, exc_info=error)
-        return JSONResponse(oai.error_body(error_message(error), kind, status), status_code=status)
+        return _error(error_message(error), kind, status)
 
     @app.exception_handler(StarletteHTTPException)  # unknown routes, wrong methods
     async def _http_error(request: Request, error: StarletteHTTPException):
-        message = f"{error.detail}: {request.method} {request.url.path}"
-        return JSONResponse(oai.error_body(message, "invalid_request_error", error.status_code),
-                            status_code=error.status_code)
+        message = f"{error.detail}: {request.method} {show(request.url.path)[1:-1]}"
+        return _error(message, "invalid_request_error", error.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError):
+        return _error("malformed request", "invalid_request_error", 400)
 
     @app.exception_handler(Exception)  # a bug: Starlette logs the traceback after this response
     async def _internal(request: Request, error: Exception):
-        return JSONResponse(oai.error_body(error_message(error), "internal_error", 500), status_code=500)
+        return _error(error_message(error), "internal_error", 500)
 
     @app.get("/health")
     async def health():
-        ok = service.engine.accepting
-        return JSONResponse({"status": "ok" if ok else "draining"}, status_code=200 if ok else 503)
+        ok, status = service.engine.health()
+        return JSONResponse({"status": status}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics():
@@ -118,13 +185,12 @@ def build_app(service: Service) -> FastAPI:
         created = int(time.time())
         data = [{"id": info.name, "object": "model", "created": created, "owned_by": "jlora", "root": info.name,
                  "parent": None, "max_model_len": info.max_model_len}]
-        data += [{"id": a.name, "object": "model", "created": created, "owned_by": "jlora", "root": a.path,
+        data += [{"id": a.name, "object": "model", "created": created, "owned_by": "jlora", "root": a.name,
                   "parent": info.name, "rank_bucket": a.rank_bucket} for a in await service.list_adapters()]
         return {"object": "list", "data": data}
 
-    async def _openai(request: Request, chat: bool):
-        started = time.perf_counter()
-        body = await _json_body(request)
+    def _prepare_openai(body: dict, chat: bool):
+        """Checks and tokenizes an OpenAI body (on the prepare pool): (completion, model)."""
         oai.check_supported(body)
         model = body.get("model") or info.name
         fields = dict(body)
@@ -136,6 +202,12 @@ def build_app(service: Service) -> FastAPI:
         else:
             text, ids = oai.completion_prompt(body)
             completion = prepare(info, fields, prompt=text, token_ids=ids, adapter=info.adapter_for(model))
+        return completion, model
+
+    async def _openai(request: Request, chat: bool):
+        started = time.perf_counter()
+        body = await _json_body(request)
+        completion, model = await service.prepare(_prepare_openai, body, chat)
         stream = await service.start(completion)
         if not body.get("stream"):
             out = await _final(request, stream)
@@ -175,8 +247,9 @@ def build_app(service: Service) -> FastAPI:
         if not isinstance(params, dict):
             raise RequestError(f"sampling_params must be an object, got {params!r}")
         adapter = await _adapter_of_lora_path(params.get("lora_path", body.get("lora_path")))
-        completion = prepare(info, params, prompt=body.get("text"), token_ids=body.get("input_ids"),
-                             adapter=adapter, max_tokens_key="max_new_tokens")
+        completion = await service.prepare(prepare, info, params, prompt=body.get("text"),
+                                           token_ids=body.get("input_ids"), adapter=adapter,
+                                           max_tokens_key="max_new_tokens")
         stream = await service.start(completion)
 
         def result(out):
@@ -198,9 +271,8 @@ def build_app(service: Service) -> FastAPI:
         if value is None or value == "":
             return None
         adapter = info.adapter_for(value, "lora_path")
-        if adapter is not None and isinstance(value, str) and os.sep in value:
-            real = os.path.realpath(value)
-            adapter = next((a.name for a in await service.list_adapters() if a.path == real), adapter)
+        if adapter is not None and os.sep in adapter and "\0" not in adapter:
+            adapter = await service.find_adapter_by_path(adapter) or adapter
         return adapter
 
     @app.post("/v1/load_lora_adapter")
@@ -212,8 +284,9 @@ def build_app(service: Service) -> FastAPI:
     @app.post("/v1/unload_lora_adapter")
     async def unload_lora_adapter(request: Request):
         body = await _json_body(request)
-        now = await service.unload_adapter(body.get("lora_name"))
-        return {"status": "ok", "name": body["lora_name"], "unloaded_now": now}
+        name = body.get("lora_name")
+        now = await service.unload_adapter(name)
+        return {"status": "ok", "name": name, "unloaded_now": now}
 
     return app
 
@@ -221,10 +294,15 @@ def build_app(service: Service) -> FastAPI:
 class HttpServer:
     """uvicorn serving `build_app(service)` on an already bound socket (port 0 picks a free one)."""
 
-    def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0):
-        self.socket = socket.create_server((host, port), reuse_port=False)
+    def __init__(self, service: Service, host: str = "127.0.0.1", port: int = 0,
+                 security: SecurityConfig | None = None):
+        try:
+            self.socket = socket.create_server((host, port), reuse_port=False)
+        except OSError as e:
+            raise OSError(f"the HTTP server could not listen on {host}:{port}: {e.strerror}") from None
         self.port = self.socket.getsockname()[1]
-        config = uvicorn.Config(build_app(service), log_level="warning", access_log=False,
+        security = security or SecurityConfig.for_bind(host)
+        config = uvicorn.Config(build_app(service, security), log_level="warning", access_log=False,
                                 timeout_graceful_shutdown=30, lifespan="off")
         self.server = uvicorn.Server(config)
         self.server.capture_signals = contextlib.nullcontext  # the serving process owns SIGTERM and SIGINT

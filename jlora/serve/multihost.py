@@ -49,9 +49,16 @@ class _LeaderStore:
     def __getattr__(self, name):
         return getattr(self._store, name)
 
-    def register(self, name: str, path: str, *, eager: bool = True) -> None:
-        self._store.register(name, path, eager=eager)
+    def register(self, name: str, path: str, *, eager: bool = True):
+        registration = self._store.register(name, path, eager=eager)
         self._commands.append(["register", name, path])
+        return registration
+
+    def add(self, prepared):
+        """`AdapterStore.add` of an adapter prepared off the engine thread; followers read its resolved path."""
+        registration = self._store.add(prepared)
+        self._commands.append(["register", prepared.name, prepared.path])
+        return registration
 
     def unregister(self, name: str) -> bool:
         gone = self._store.unregister(name)

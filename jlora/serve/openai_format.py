@@ -7,6 +7,7 @@ import time
 
 from jlora.engine.engine import RequestOutput
 from jlora.errors import RequestError
+from jlora.serve.protocol import show
 
 # Fields this server does not implement, with the value that means "off". A request that sets one to anything
 # else is refused by name rather than silently ignored.
@@ -19,12 +20,12 @@ def check_supported(body: dict) -> None:
     for key, off in UNSUPPORTED.items():
         value = body.get(key)
         if value is not None and value != off and not (off is None and value is False):
-            raise RequestError(f"{key}={value!r} is not supported by this server (only {off!r})")
+            raise RequestError(f"{key}={show(value)} is not supported by this server (only {off!r})")
     if not isinstance(body.get("stream", False), bool):
-        raise RequestError(f"stream must be true or false, got {body.get('stream')!r}")
+        raise RequestError(f"stream must be true or false, got {show(body.get('stream'))}")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise RequestError(f"stream_options must be an object, got {options!r}")
+        raise RequestError(f"stream_options must be an object, got {show(options)}")
 
 
 def completion_prompt(body: dict):
@@ -84,4 +85,4 @@ def error_body(message: str, kind: str, status: int) -> dict:
 def sse(event: dict | str) -> bytes:
     """One server-sent event: `data: <json>` (or a literal like [DONE]) and a blank line."""
     data = event if isinstance(event, str) else json.dumps(event, ensure_ascii=False)
-    return f"data: {data}\n\n".encode()
+    return f"data: {data}\n\n".encode("utf-8", "backslashreplace")  # a lone surrogate stays a JSON escape

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 from typing import Any
 
 from jlora.errors import (AdapterError, AdapterPathError, CapacityError, JloraError, RequestError,
                           UnknownAdapterError)
-from jlora.sampling import SamplingParams
+from jlora.sampling import SamplingParams, check_text
 from jlora.serve.async_engine import DEADLINE_ERROR, ServerClosedError
+from jlora.serve.security import AuthError, ForbiddenError
 
 DEFAULT_MAX_TOKENS = 16  # completions, /generate and gRPC; chat defaults to the rest of the context
 BASE_ALIASES = ("", "base")  # `model`/`adapter` values that mean the base model, besides its served name
@@ -31,12 +33,19 @@ class TooLargeError(RequestError):
     """A request body or message is above the server's size limit."""
 
 
+class UnsupportedMediaError(RequestError):
+    """A request body of a content type the endpoint does not take."""
+
+
 # (error class, gRPC status code name, HTTP status, OpenAI error type). First match wins: subclasses first.
 ERROR_TABLE: tuple[tuple[type[BaseException], str, int, str], ...] = (
     (UnknownAdapterError, "NOT_FOUND", 404, "not_found_error"),
     (AdapterPathError, "PERMISSION_DENIED", 403, "permission_error"),
     (AdapterError, "INVALID_ARGUMENT", 400, "invalid_request_error"),
     (TooLargeError, "RESOURCE_EXHAUSTED", 413, "invalid_request_error"),
+    (UnsupportedMediaError, "INVALID_ARGUMENT", 415, "invalid_request_error"),
+    (AuthError, "UNAUTHENTICATED", 401, "authentication_error"),
+    (ForbiddenError, "PERMISSION_DENIED", 403, "permission_error"),
     (RequestError, "INVALID_ARGUMENT", 400, "invalid_request_error"),
     (ServerClosedError, "UNAVAILABLE", 503, "service_unavailable"),
     (CapacityError, "RESOURCE_EXHAUSTED", 429, "rate_limit_error"),
@@ -61,8 +70,11 @@ def error_message(error: BaseException) -> str:
 
 
 def check_output(out) -> None:
-    """Raises the error of a request that ended with finish_reason "error" or "abort" on its deadline."""
+    """Raises the error of a request that ended with finish_reason "error" (an `AdapterError` when its
+    adapter's files were at fault, else `OutputError`) or "abort" on its deadline."""
     if out.finish_reason == "error":
+        if out.error_kind == "adapter":
+            raise AdapterError(out.error or "the request's adapter cannot be used", adapter=out.adapter)
         raise OutputError(out.error or "the request failed")
     if out.finish_reason == "abort" and out.error == DEADLINE_ERROR:
         raise DeadlineError("the request's deadline passed before it finished")
@@ -92,39 +104,47 @@ class ModelInfo:
             return None
         if not isinstance(model, str):
             raise RequestError(f"{field} must be a string (the base model {self.name!r} or an adapter name), "
-                               f"got {model!r}")
+                               f"got {show(model)}")
         return model
 
 
+def show(value) -> str:
+    """A client's value, short, for an error message (never the whole of a 4 MiB string or deep list)."""
+    return _SHOW.repr(value)
+
+
+_SHOW = reprlib.Repr(maxlevel=3, maxstring=60, maxother=60, maxlist=8, maxdict=8, maxlong=40)
+
+
 def _number(fields: dict, key: str, kind=float, default=None):
+    """A wire number: `kind` int accepts integral floats (JSON clients send 1.0), float accepts finite numbers.
+    Ranges are `SamplingParams`'s to check."""
     value = fields.get(key)
     if value is None:
         return default
     ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if kind is int:
-        ok = ok and float(value).is_integer()
-    elif ok:
-        ok = math.isfinite(value)
+    if ok and isinstance(value, float):
+        ok = math.isfinite(value) and (kind is float or value.is_integer())
     if not ok:
-        raise RequestError(f"{key} must be {'an integer' if kind is int else 'a finite number'}, got {value!r}")
+        raise RequestError(f"{key} must be {'an integer' if kind is int else 'a finite number'}, got {show(value)}")
     return kind(value)
 
 
 def sampling_params(fields: dict[str, Any], *, max_tokens: int) -> SamplingParams:
     """`SamplingParams` from wire fields: temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos.
-    Types are checked here, values by `SamplingParams`; both raise `RequestError` naming the field."""
+    Types are checked here, values (ranges) by `SamplingParams`; both raise `RequestError` naming the field."""
     stop = fields.get("stop") or ()
     if isinstance(stop, str):
         stop = (stop,)
     if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-        raise RequestError(f"stop must be a string or a list of strings, got {stop!r}")
+        raise RequestError(f"stop must be a string or a list of strings, got {show(stop)}")
     stop_ids = fields.get("stop_token_ids") or ()
     if not isinstance(stop_ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
                                                           for i in stop_ids):
-        raise RequestError(f"stop_token_ids must be a list of integers, got {stop_ids!r}")
+        raise RequestError(f"stop_token_ids must be a list of integers, got {show(stop_ids)}")
     ignore_eos = fields.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
-        raise RequestError(f"ignore_eos must be true or false, got {ignore_eos!r}")
+        raise RequestError(f"ignore_eos must be true or false, got {show(ignore_eos)}")
     return SamplingParams(temperature=_number(fields, "temperature", default=1.0),
                           top_p=_number(fields, "top_p", default=1.0),
                           top_k=_number(fields, "top_k", int, default=0),
@@ -141,7 +161,7 @@ def render_chat(info: ModelInfo, messages: Any) -> str:
     clean = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
-            raise RequestError(f"messages[{i}] must be an object with a string role and content, got {m!r}")
+            raise RequestError(f"messages[{i}] must be an object with a string role and content, got {show(m)}")
         content = m.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -149,9 +169,15 @@ def render_chat(info: ModelInfo, messages: Any) -> str:
                 raise RequestError(f"messages[{i}].content parts must all be {{type: text, text: ...}}")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
-            raise RequestError(f"messages[{i}].content must be a string, got {content!r}")
+            raise RequestError(f"messages[{i}].content must be a string, got {show(content)}")
+        check_text(f"messages[{i}].role", m["role"])
+        check_text(f"messages[{i}].content", content)
         clean.append({"role": m["role"], "content": content})
-    return info.tokenizer.apply_chat_template(clean, add_generation_prompt=True)
+    try:
+        return info.tokenizer.apply_chat_template(clean, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - the template refused these messages (e.g. roles out of order)
+        raise RequestError(f"the chat template cannot render these messages: {type(e).__name__}: "
+                           f"{str(e)[:200]}") from None
 
 
 def prompt_ids(info: ModelInfo, prompt: Any = None, token_ids: Any = None, messages: Any = None) -> list[int]:
@@ -173,7 +199,11 @@ def prompt_ids(info: ModelInfo, prompt: Any = None, token_ids: Any = None, messa
         raise RequestError(f"prompt must be a string, got {type(prompt).__name__}")
     if info.tokenizer is None:
         raise RequestError("this model has no tokenizer: send prompt token ids")
-    ids = info.tokenizer.encode(prompt)
+    check_text("prompt", prompt)
+    try:
+        ids = info.tokenizer.encode(prompt)
+    except Exception as e:  # noqa: BLE001 - the text is at fault, whatever the tokenizer raised
+        raise RequestError(f"the prompt cannot be tokenized ({type(e).__name__})") from None
     if not ids:
         raise RequestError("prompt is empty after tokenization")
     return ids
@@ -192,9 +222,9 @@ def prepare(info: ModelInfo, fields: dict[str, Any], *, prompt=None, token_ids=N
     if max_tokens is None:
         max_tokens = ctx - len(ids) if default_max_tokens is None else min(default_max_tokens, ctx - len(ids))
     elif max_tokens < 1:
-        raise RequestError(f"{max_tokens_key} must be an integer >= 1, got {max_tokens}")
+        raise RequestError(f"{max_tokens_key} must be an integer >= 1, got {show(max_tokens)}")
     elif max_tokens > ctx:
-        raise RequestError(f"{max_tokens_key} {max_tokens} is above the context length {ctx}")
+        raise RequestError(f"{max_tokens_key} {show(max_tokens)} is above the context length {ctx}")
     elif len(ids) + max_tokens > ctx:
         raise RequestError(f"prompt of {len(ids)} tokens + {max_tokens_key} {max_tokens} exceeds the context "
                            f"length {ctx}: at most {ctx - len(ids)} new tokens fit")

@@ -15,10 +15,11 @@ import threading
 from jlora.config import DEFAULT_RANK_BUCKETS, LORA_MODULES, LoraBankConfig
 from jlora.engine.engine import Engine, EngineConfig
 from jlora.serve import multihost
-from jlora.serve.async_engine import AsyncEngine
+from jlora.serve.async_engine import DEFAULT_STEP_TIMEOUT_S, AsyncEngine
 from jlora.serve.grpc_server import GrpcServer
 from jlora.serve.http_server import HttpServer
 from jlora.serve.protocol import ModelInfo
+from jlora.serve.security import SecurityConfig
 from jlora.serve.service import Service
 
 log = logging.getLogger("jlora.serve")
@@ -53,6 +54,11 @@ class ServeConfig:
     http_port: int = 8000
     warmup: bool = False
     drain_timeout_s: float = 600.0
+    allow_any_lora_path: bool = False  # runtime loads outside any root (without roots, loads are refused)
+    api_key: str | None = None
+    admin_api_key: str | None = None
+    allowed_hosts: tuple[str, ...] | None = None  # None: loopback names and `host` unless it is a wildcard
+    step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
 
     def __post_init__(self):
         if self.max_loras_per_batch < 1:
@@ -71,6 +77,9 @@ class ServeConfig:
                             num_pages=self.num_pages, page_size=self.page_size,
                             max_model_len=self.max_model_len, bank=self.bank(), max_cpu_loras=self.max_cpu_loras,
                             adapter_roots=tuple(self.lora_roots) or None, tp=self.tp, dp=self.dp)
+
+    def security(self) -> SecurityConfig:
+        return SecurityConfig.for_bind(self.host, self.api_key, self.admin_api_key, self.allowed_hosts)
 
     def model_name(self) -> str:
         if self.served_model_name:
@@ -102,12 +111,13 @@ def build_service(config: ServeConfig) -> Service:
     # One request can use at most the KV pool, so that bounds its length too (and the default chat max_tokens).
     max_len = min(engine.max_model_len, engine.allocator.pages_per_replica * config.page_size)
     info = ModelInfo(config.model_name(), engine.tokenizer, engine.model_config.vocab_size, max_len)
+    kw = dict(runtime_loads=bool(config.lora_roots) or config.allow_any_lora_path, security=config.security())
     if jax.process_count() == 1:
-        return Service(AsyncEngine(engine), info)
+        return Service(AsyncEngine(engine, step_timeout_s=config.step_timeout_s), info, **kw)
     leader = multihost.Leader(engine)
-    async_engine = AsyncEngine(leader)
+    async_engine = AsyncEngine(leader, step_timeout_s=config.step_timeout_s)
     multihost.keep_alive(async_engine, leader)
-    return Service(async_engine, info)
+    return Service(async_engine, info, **kw)
 
 
 class Server:
@@ -115,8 +125,8 @@ class Server:
 
     def __init__(self, service: Service, host: str = "127.0.0.1", grpc_port: int = 0, http_port: int = 0):
         self.service = service
-        self.grpc = GrpcServer(service, host, grpc_port)
-        self.http = HttpServer(service, host, http_port)
+        self.grpc = GrpcServer(service, host, grpc_port, service.security)
+        self.http = HttpServer(service, host, http_port, service.security)
 
     @property
     def grpc_port(self) -> int:
@@ -138,6 +148,7 @@ class Server:
         await self.grpc.stop(grace_s)
         await self.http.stop()
         await asyncio.to_thread(self.service.engine.shutdown)
+        self.service.close()
         return drained
 
 

@@ -88,7 +88,7 @@ BAD_REQUESTS = [
     (dict(prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
     (dict(prompt="x" * 300), grpc.StatusCode.INVALID_ARGUMENT, "prompt of 300 tokens is too long"),
     (dict(prompt="hi", sampling=pb.SamplingParams(temperature=-1)), grpc.StatusCode.INVALID_ARGUMENT,
-     "temperature must be a finite number >= 0"),
+     "temperature must be a finite number in [0, 10000]"),
     (dict(prompt="hi", sampling=pb.SamplingParams(top_p=0)), grpc.StatusCode.INVALID_ARGUMENT, "top_p must be in (0, 1]"),
     (dict(prompt="hi", sampling=pb.SamplingParams(top_p=1.01)), grpc.StatusCode.INVALID_ARGUMENT,
      "top_p must be in (0, 1]"),

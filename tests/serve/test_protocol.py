@@ -25,7 +25,7 @@ def test_error_table(error, grpc_code, http):
     (dict(prompt=""), {}, "prompt is empty"),
     (dict(), {}, "prompt is empty"),
     (dict(prompt="a" * 64), {}, "prompt of 64 tokens is too long"),
-    (dict(prompt="hi"), {"temperature": -0.5}, "temperature must be a finite number >= 0"),
+    (dict(prompt="hi"), {"temperature": -0.5}, "temperature must be a finite number in [0, 10000]"),
     (dict(prompt="hi"), {"temperature": "hot"}, "temperature must be a finite number"),
     (dict(prompt="hi"), {"top_p": 0}, "top_p must be in (0, 1]"),
     (dict(prompt="hi"), {"top_p": 1.5}, "top_p must be in (0, 1]"),
