@@ -215,3 +215,78 @@ class LoraBankConfig:
             if rank <= b:
                 return b
         raise ValueError(f"rank {rank} is above the largest bucket {self.max_rank}")
+
+
+LORA_BACKENDS = ("auto", "xla", "reference", "interpret", "triton", "mosaic", "interpret_mosaic")
+ATTENTION_BACKENDS = ("auto", "xla", "mosaic", "interpret_mosaic", "pallas", "interpret")
+LAYER_LOOPS = ("auto", "scan", "split")
+DECODE_EXPANDS = ("gather", "triton")
+RUNTIME_ENV = {"lora_backend": "JLORA_LORA_BACKEND", "attention": "JLORA_ATTENTION", "layer_loop": "JLORA_LAYER_LOOP"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """The switches that change compiled programs, in one frozen (hashable) value.
+
+    Every jitted entry point takes it as a static argument, so it is part of the jit cache key: a different value
+    compiles a different program, and nothing that shapes a program is read from the environment or a module global
+    while tracing. Environment variables are parsed once, at the command-line edge (`from_env`).
+
+    Attributes:
+      lora_backend: the LoRA kernels: "auto" (Pallas Triton on GPU, Pallas Mosaic on TPU, dense XLA elsewhere),
+        "xla", "reference" (the per-token gather oracle), "triton", "mosaic", or "interpret" / "interpret_mosaic"
+        (the Pallas kernels in interpret mode, for tests on the CPU).
+      attention: paged attention: "auto" ("mosaic" on GPU, else "xla"); "mosaic" (jlora's Pallas Mosaic GPU decode
+        and prefill kernels, `pallas_kernels.attention`), "pallas" (JAX's deprecated Pallas Triton paged decode
+        kernel), "xla" (gather the pages, dense masked softmax: the reference and the CPU path), or
+        "interpret_mosaic" / "interpret" (those kernels in interpret mode, for CPU tests). Steps a kernel cannot
+        take (its dtype, head size or, for "pallas", prefill and sliding windows) run on XLA.
+      layer_loop: "auto" ("split" on GPU, else "scan"), "scan" (stacked [L, ...] weights, one compiled layer body) or
+        "split" (per-layer weight arrays, a Python loop over layers: no per-layer weight copies on GPU).
+      fold_residual: row-parallel projections (o, down) add the residual before the LoRA delta, so XLA fuses it into
+        the base matmul (without a tensor-parallel reduce only).
+      decode_expand: how decode-sized GPU steps (<= 256 tokens) run the LoRA expand: "gather" (XLA's gather-einsum)
+        or "triton" (the tiled kernel).
+      decode_attention_programs: the paged decode kernel splits each row's pages until it has this many programs.
+    """
+
+    lora_backend: str = "auto"
+    attention: str = "auto"
+    layer_loop: str = "auto"
+    fold_residual: bool = True
+    decode_expand: str = "gather"
+    decode_attention_programs: int = 512
+
+    def __post_init__(self):
+        for name, allowed in (("lora_backend", LORA_BACKENDS), ("attention", ATTENTION_BACKENDS),
+                              ("layer_loop", LAYER_LOOPS), ("decode_expand", DECODE_EXPANDS)):
+            value = getattr(self, name)
+            if value not in allowed:
+                env = f" (${RUNTIME_ENV[name]})" if name in RUNTIME_ENV else ""
+                raise ValueError(f"RuntimeConfig.{name}{env} must be one of {allowed}, got {value!r}")
+        if not isinstance(self.fold_residual, bool):
+            raise ValueError(f"RuntimeConfig.fold_residual must be a bool, got {self.fold_residual!r}")
+        if not isinstance(self.decode_attention_programs, int) or self.decode_attention_programs < 1:
+            raise ValueError("RuntimeConfig.decode_attention_programs must be a positive int, got "
+                             f"{self.decode_attention_programs!r}")
+
+    @classmethod
+    def from_env(cls, environ=None, **overrides) -> "RuntimeConfig":
+        """A config from $JLORA_LORA_BACKEND, $JLORA_ATTENTION and $JLORA_LAYER_LOOP (unset or empty: "auto"), with
+        `overrides` on top. Call it once, where the program starts (the command line, a script's main)."""
+        environ = os.environ if environ is None else environ
+        values = {field: environ.get(var) or "auto" for field, var in RUNTIME_ENV.items()}
+        return cls(**{**values, **overrides})
+
+    def resolved(self, platform: str | None = None) -> "RuntimeConfig":
+        """This config with every "auto" replaced by the choice for `platform` (default: JAX's default backend)."""
+        if platform is None:
+            import jax  # the config layer needs jax only to name the platform
+            platform = jax.default_backend()
+        gpu = platform in ("gpu", "cuda", "rocm")
+        lora = self.lora_backend
+        if lora == "auto":
+            lora = "triton" if gpu else "mosaic" if platform == "tpu" else "xla"
+        attention = self.attention if self.attention != "auto" else ("mosaic" if gpu else "xla")
+        loop = self.layer_loop if self.layer_loop != "auto" else ("split" if gpu else "scan")
+        return dataclasses.replace(self, lora_backend=lora, attention=attention, layer_loop=loop)

@@ -2,7 +2,8 @@
 
 Imports only jax and numpy.
 """
-from pallas_kernels.dispatch import lora_expand, lora_shrink, lora_shrink_expand, resolve_backend
+from pallas_kernels.backend import resolve_backend
+from pallas_kernels.dispatch import lora_expand, lora_shrink, lora_shrink_expand
 from pallas_kernels.metadata import SegmentMetadata, segment_metadata
 from pallas_kernels.reference import ref_lora_expand, ref_lora_shrink
 

@@ -1,37 +1,15 @@
 """Public multi-LoRA ops: argument checks and backend dispatch."""
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import metadata, mosaic_lora, reference, triton_lora, tuning, xla
+from pallas_kernels.backend import BACKENDS, resolve_backend
 
-BACKENDS = ("xla", "reference", "interpret", "triton", "mosaic", "interpret_mosaic")
-ENV_VAR = "JLORA_LORA_BACKEND"
-
-
-def resolve_backend(backend: str | None) -> str:
-  """Returns the concrete backend: the argument, else $JLORA_LORA_BACKEND, else by platform.
-
-  Platform defaults: gpu -> "triton", tpu -> "mosaic", anything else -> "xla" (dense over slots).
-  "reference" is the per-token gather oracle the others are tested against.
-  "interpret" runs the Triton kernel in interpret mode; "interpret_mosaic" the Mosaic one.
-  """
-  if backend is None or backend == "auto":
-    backend = os.environ.get(ENV_VAR) or None
-  if backend is None or backend == "auto":
-    platform = jax.default_backend()
-    if platform in ("gpu", "cuda", "rocm"):
-      return "triton"
-    if platform == "tpu":
-      return "mosaic"
-    return "xla"
-  if backend not in BACKENDS:
-    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-  return backend
+__all__ = ["BACKENDS", "lora_expand", "lora_shrink", "lora_shrink_expand", "resolve_backend"]
 
 
 def _validate_shrink(x, a, slot_ids) -> None:
@@ -114,7 +92,7 @@ def lora_shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, *, meta=None,
     a: [S, d_in, R] LoRA A weights (R = n*r for a fused group).
     slot_ids: [T] int32 in [-1, S); runs of equal ids are segments (fastest when sorted).
     meta: `segment_metadata(slot_ids)`, computed once per step; built here if None.
-    backend: None (by platform or $JLORA_LORA_BACKEND), "xla", "reference", "interpret", "triton", "mosaic",
+    backend: None or "auto" (by platform), "xla", "reference", "interpret", "triton", "mosaic",
       "interpret_mosaic".
     layer: optional int32 scalar (may be traced). If given, `a` is a stacked [L, S, d_in, R] bank and layer
       `layer` is used. The kernels then read it in place, where slicing a layer out inside a scan would copy
@@ -136,7 +114,8 @@ def lora_shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, *, meta=None,
 
 
 def lora_expand(y: jax.Array, v: jax.Array, b_slices: Sequence[jax.Array], slot_ids: jax.Array, *,
-                meta=None, backend: str | None = None, layer=None) -> jax.Array:
+                meta=None, backend: str | None = None, layer=None,
+                decode_expand: str = tuning.DEFAULT_DECODE_EXPAND) -> jax.Array:
   """Segmented, fused-slice LoRA expand, added into y.
 
   Semantics: with n = len(b_slices), r = v.shape[1] // n, off_j = sum_{i<j} d_i:
@@ -151,6 +130,8 @@ def lora_expand(y: jax.Array, v: jax.Array, b_slices: Sequence[jax.Array], slot_
     meta: `segment_metadata(slot_ids)`; built here if None.
     backend: as in `lora_shrink`.
     layer: as in `lora_shrink`: if given, each b_slices[j] is a stacked [L, S, r, d_j] bank.
+    decode_expand: on GPU, how steps of at most 256 tokens run: "gather" (XLA's gather-einsum) or "triton" (the
+      tiled kernel); static.
 
   Returns:
     y_out: [T, sum_j d_j] in y.dtype.
@@ -164,7 +145,7 @@ def lora_expand(y: jax.Array, v: jax.Array, b_slices: Sequence[jax.Array], slot_
     return xla.xla_lora_expand(y, v, tuple(_layer_of(b, layer) for b in b_slices), slot_ids)
   meta = _check_meta(meta, slot_ids, backend)
   if backend in ("triton", "interpret"):
-    return _triton_expand(y, v, b_slices, slot_ids, meta, layer, backend)
+    return _triton_expand(y, v, b_slices, slot_ids, meta, layer, backend, decode_expand)
   if any(b.shape[-1] % 128 for b in b_slices):
     # Mosaic blocks are 128 lanes wide; widths such as SmolLM2's 576/192 take the XLA path.
     return reference.ref_lora_expand(y, v, tuple(_layer_of(b, layer) for b in b_slices), slot_ids)
@@ -172,7 +153,8 @@ def lora_expand(y: jax.Array, v: jax.Array, b_slices: Sequence[jax.Array], slot_
 
 
 def lora_shrink_expand(x: jax.Array, y: jax.Array, a: jax.Array, b_slices: Sequence[jax.Array], slot_ids: jax.Array,
-                       *, meta=None, backend: str | None = None, layer=None) -> jax.Array:
+                       *, meta=None, backend: str | None = None, layer=None,
+                       decode_expand: str = tuning.DEFAULT_DECODE_EXPAND) -> jax.Array:
   """One fused LoRA group: `lora_expand(y, lora_shrink(x, a, ...), b_slices, ...)`, the way the model calls it.
 
   Same semantics, arguments and result as the two calls. On the Triton path the shrink's per-program partial sums
@@ -183,18 +165,19 @@ def lora_shrink_expand(x: jax.Array, y: jax.Array, a: jax.Array, b_slices: Seque
   backend = resolve_backend(backend)
   if backend not in ("triton", "interpret"):
     v = lora_shrink(x, a, slot_ids, meta=meta, backend=backend, layer=layer)
-    return lora_expand(y, v, b_slices, slot_ids, meta=meta, backend=backend, layer=layer)
+    return lora_expand(y, v, b_slices, slot_ids, meta=meta, backend=backend, layer=layer,
+                       decode_expand=decode_expand)
   _validate_shrink(x, _per_layer(a, layer, "a"), slot_ids)
   meta = _check_meta(meta, slot_ids, backend)
   partials = triton_lora.shrink(x, a, slot_ids, meta, layer, interpret=backend == "interpret", sum_splits=False)
   v_shape = jax.ShapeDtypeStruct(partials.shape[1:], partials.dtype)
   _validate_expand(y, v_shape, _per_layer_slices(b_slices, layer), slot_ids)
-  return _triton_expand(y, partials, b_slices, slot_ids, meta, layer, backend)
+  return _triton_expand(y, partials, b_slices, slot_ids, meta, layer, backend, decode_expand)
 
 
-def _triton_expand(y, v, b_slices, slot_ids, meta, layer, backend: str):
-  """The GPU expand: the tiled Triton kernel, or for decode-sized steps the variant `tuning.DECODE_EXPAND` names."""
-  variant = tuning.gpu_decode_expand(y.shape[0])
+def _triton_expand(y, v, b_slices, slot_ids, meta, layer, backend: str, decode_expand: str):
+  """The GPU expand: the tiled Triton kernel, or for decode-sized steps the variant `decode_expand` names."""
+  variant = tuning.gpu_expand_variant(y.shape[0], decode_expand)
   if variant == "gather":
     return xla.gather_lora_expand(y, v, b_slices, slot_ids, layer)
   return triton_lora.expand(y, v, b_slices, meta, layer, interpret=backend == "interpret")

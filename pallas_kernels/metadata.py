@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import tuning
+from pallas_kernels.backend import resolve_backend
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -67,11 +68,10 @@ def segment_metadata(slot_ids: jax.Array, *, block_t: int | None = None, aligned
   Returns:
     SegmentMetadata with tables of static length `max_num_tiles(T, block_t, max_segments)`.
   """
-  from pallas_kernels import dispatch  # local import: dispatch imports this module
   if slot_ids.ndim != 1:
     raise ValueError(f"slot_ids must be 1-D [T], got shape {slot_ids.shape}")
   num_tokens = slot_ids.shape[0]
-  resolved = dispatch.resolve_backend(backend)
+  resolved = resolve_backend(backend)
   if block_t is None:
     block_t = tuning.block_t(num_tokens, resolved)
   if aligned is None:

@@ -70,16 +70,20 @@ def gpu_expand_blocks(num_tokens: int, d_out: int, rank: int, itemsize: int = 2)
   return GpuExpandBlocks(block_n=256 if num_tokens <= 256 else 128, num_warps=4, num_stages=2)
 
 
-# How decode-sized GPU steps (at most 256 tokens) run the fused expand: "gather" (XLA's gather-einsum,
-# `xla.gather_lora_expand`) or "triton" (the tiled kernel). H100: XLA's fusion was faster than the tiled kernel (and
-# than a Triton program per token, since removed) on every T <= 256 case alone (kernels_h100_r16.json), and level
-# in the engine's decode (decode_sweep_expand_h100.json, decode_sweep_split16_h100.json).
-DECODE_EXPAND = "gather"
+# How decode-sized GPU steps (at most 256 tokens) run the fused expand, unless the caller says otherwise: "gather"
+# (XLA's gather-einsum, `xla.gather_lora_expand`) or "triton" (the tiled kernel). H100: XLA's fusion was faster than
+# the tiled kernel (and than a Triton program per token, since removed) on every T <= 256 case alone
+# (kernels_h100_r16.json), and level in the engine's decode (decode_sweep_expand_h100.json,
+# decode_sweep_split16_h100.json).
+DEFAULT_DECODE_EXPAND = "gather"
+DECODE_EXPANDS = ("gather", "triton")
 
 
-def gpu_decode_expand(num_tokens: int) -> str:
-  """The expand variant for a step of num_tokens tokens on GPU: DECODE_EXPAND for decode-sized steps."""
-  return DECODE_EXPAND if num_tokens <= 256 else "triton"
+def gpu_expand_variant(num_tokens: int, decode_expand: str) -> str:
+  """The expand variant for a step of num_tokens tokens on GPU: `decode_expand` for decode-sized steps."""
+  if decode_expand not in DECODE_EXPANDS:
+    raise ValueError(f"decode_expand must be one of {DECODE_EXPANDS}, got {decode_expand!r}")
+  return decode_expand if num_tokens <= 256 else "triton"
 
 
 def tpu_blocks(d_in: int, d_out: int) -> TpuBlocks:

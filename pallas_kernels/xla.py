@@ -57,7 +57,7 @@ def xla_lora_expand(y: jax.Array, v: jax.Array, b_slices: Sequence[jax.Array], s
 
 def gather_lora_expand(y: jax.Array, v: jax.Array, b_slices: Sequence[jax.Array], slot_ids: jax.Array,
                        layer=None) -> jax.Array:
-  """The expand as one XLA gather-einsum, a decode-sized step's variant on GPU (`tuning.DECODE_EXPAND`).
+  """The expand as one XLA gather-einsum, a decode-sized step's variant on GPU (`decode_expand="gather"`).
 
   Same semantics as `dispatch.lora_expand`; v may also be the [K, T, n r] partial sums of the Triton shrink, and
   with `layer` each b_slices[j] is a stacked [L, S, r, d_j] bank. XLA fuses the gather of each token's B rows, the

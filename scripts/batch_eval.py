@@ -109,11 +109,12 @@ class InProcess:
     """The engine in this process, through the same validation as the servers."""
 
     def __init__(self, args):
+        from jlora.config import RuntimeConfig
         from jlora.serve.server import ServeConfig, build_service
 
         self.service = build_service(ServeConfig(model=args.model, dtype=args.dtype, loras=tuple(args.lora),
                                                  max_loras_per_batch=args.max_loras_per_batch,
-                                                 max_num_seqs=args.max_num_seqs))
+                                                 max_num_seqs=args.max_num_seqs, runtime=RuntimeConfig.from_env()))
 
     async def complete(self, rec: dict, adapter: str | None, fields: dict) -> dict:
         from jlora.serve.protocol import check_output, prepare, render_chat

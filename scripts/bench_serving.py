@@ -34,9 +34,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from jlora.config import LoraBankConfig  # noqa: E402
+from jlora.config import LoraBankConfig, RuntimeConfig  # noqa: E402
+from jlora.engine.compiles import compile_count, compile_seconds  # noqa: E402
 from jlora.engine.engine import Engine, EngineConfig  # noqa: E402
-from jlora.engine.model_runner import compile_count, compile_seconds  # noqa: E402
 from jlora.model import Llama, init_params  # noqa: E402
 from jlora.sampling import SamplingParams  # noqa: E402
 from bench_forward import LLAMA_8B, TINY  # noqa: E402
@@ -79,7 +79,7 @@ def engine_config(memory_gib: float, rank: int, scheduler_steps: int, max_model_
     return EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, max_prefill_chunk=512, page_size=16,
                         max_model_len=max_model_len, memory_bytes=int(memory_gib * 2**30), adapter_memory_fraction=0.1,
                         bank=LoraBankConfig(buckets=(rank,), slots=(1,), modules=TARGETS), max_cpu_loras=256,
-                        num_scheduler_steps=scheduler_steps)
+                        num_scheduler_steps=scheduler_steps, runtime=RuntimeConfig.from_env())
 
 
 def trace_shapes(engine) -> list[tuple]:
@@ -183,9 +183,9 @@ def main():
         """An engine over the same random weights, drawn afresh, with `names` registered (None: LoRA off)."""
         return bench_engine(config, lambda: init(jax.random.key(0)), ecfg, files, names)
 
-    from jlora.model.attention import decode_backend
+    from jlora.model.attention import paged_backend
     results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
-               "decode_attention": decode_backend(config, 1),
+               "decode_attention": paged_backend(config, 1, ecfg.runtime, page_size=ecfg.page_size),
                "model": "tiny" if args.tiny else "llama-8b-shaped", "layers": config.num_layers, "workload": {
                    "requests": args.requests, "rate": args.rate, "alpha": args.alpha, "lengths": lengths,
                    "arrivals": "gamma, CV=1", "rank": args.rank, "targets": TARGETS, "seed": 1},

@@ -37,7 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jlora.config import LoraBankConfig, ModelConfig  # noqa: E402
+from jlora.config import LoraBankConfig, ModelConfig, RuntimeConfig  # noqa: E402
 from jlora.lora import bank as bank_lib  # noqa: E402
 from jlora.model import llama  # noqa: E402
 from jlora.model.kv_cache import KVCache  # noqa: E402
@@ -106,13 +106,13 @@ def run_tp(tp, config, params, bank, prompt, lora_ids, args, backend, record):
     max_len = P + args.steps
     t0 = time.perf_counter()
     if tp == 1:
-        fwd = functools.partial(llama.forward, config=config, lora_backend=backend)
+        fwd = functools.partial(llama.forward, config=config, runtime=RuntimeConfig(lora_backend=backend))
         cache = KVCache.zeros(config, B, max_len, params["embed"].dtype)
     else:
         model = ShardedModel(config, make_mesh(tp, 1))
         params, bank = model.place_params(params), model.place_bank(bank)
         cache = model.cache_zeros(B, max_len, params["embed"].dtype)
-        fwd = functools.partial(model.forward, lora_backend=backend)
+        fwd = functools.partial(model.forward, runtime=RuntimeConfig(lora_backend=backend))
     jax.block_until_ready((params, bank, cache))
     record["place_s"] = round(time.perf_counter() - t0, 2)
 

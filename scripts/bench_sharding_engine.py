@@ -31,7 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from helpers import write_adapter  # noqa: E402
 
-from jlora.config import LoraBankConfig  # noqa: E402
+from jlora.config import LoraBankConfig, RuntimeConfig  # noqa: E402
 from jlora.engine.engine import Engine, EngineConfig  # noqa: E402
 from jlora.model import Llama  # noqa: E402
 from jlora.sampling import SamplingParams  # noqa: E402
@@ -44,7 +44,8 @@ def run_tp(tp, model, names, prompts, args) -> dict:
     engine = Engine(model, None, EngineConfig(
         max_num_seqs=n, max_num_batched_tokens=n * args.prompt_len, max_prefill_chunk=args.prompt_len,
         page_size=16, num_pages=n * -(-max_len // 16) + 16, max_model_len=max_len, max_cpu_loras=len(names),
-        bank=LoraBankConfig(buckets=(args.rank,), slots=(len(names),)), lora_backend=args.backend, tp=tp))
+        bank=LoraBankConfig(buckets=(args.rank,), slots=(len(names),)), runtime=RuntimeConfig.from_env(
+            **({"lora_backend": args.backend} if args.backend else {})), tp=tp))
     for name, path in names.items():
         engine.store.register(name, path)
     record = {"tp": tp, "setup_s": round(time.perf_counter() - t0, 1)}

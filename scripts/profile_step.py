@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_forward import LLAMA_8B, PAGE_SIZE, TINY, decode_loop, random_bank  # noqa: E402
 from bench_serving import bench_engine, engine_config  # noqa: E402
 from serving_workload import write_adapters  # noqa: E402
-from jlora.config import parse_lora_modules  # noqa: E402
+from jlora.config import RuntimeConfig, parse_lora_modules  # noqa: E402
 from jlora.engine.engine import EngineConfig  # noqa: E402
 from jlora.model import KVCache, init_params  # noqa: E402
 from jlora.model.llama import split_layers, split_layers_enabled  # noqa: E402
@@ -95,7 +95,7 @@ def summarise(events, steps: int) -> dict:
 def profile_variant(config, params, bank, batch, ctx, steps, trace_root, name) -> dict:
     pages_each = -(-(ctx + 3 * steps) // PAGE_SIZE)
     page_table = jnp.arange(batch * pages_each, dtype=jnp.int32).reshape(batch, pages_each)
-    fn = decode_loop(config, None, steps, page_table)
+    fn = decode_loop(config, RuntimeConfig.from_env(), steps, page_table)
     cache = KVCache.pages(config, batch * pages_each, PAGE_SIZE, params["embed"].dtype)
     tokens = jax.random.randint(jax.random.key(1), (batch, 1), 0, config.vocab_size, jnp.int32)
     lora_ids = jnp.arange(batch, dtype=jnp.int32)[:, None] if bank is not None else None
@@ -185,7 +185,7 @@ def main():
     modules = parse_lora_modules(args.modules)
     dtype = jnp.bfloat16
     init = jax.jit(lambda k: init_params(config, k, dtype))
-    split = split_layers_enabled()
+    split = split_layers_enabled(RuntimeConfig.from_env())
     rows = {}
     with tempfile.TemporaryDirectory() as trace_root:
         if args.engine:

@@ -73,24 +73,24 @@ class MeshBankLayout:
         return LoraBank(buckets=tuple(buckets))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "backend", "num_logprobs"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("model", "runtime", "num_logprobs"), donate_argnames=("cache",))
 def _mesh_step(params, bank, cache, tokens, positions, lora_ids, page_table, logit_index, temperature, top_k, top_p,
-               seeds, steps, *, model: ShardedModel, backend, num_logprobs):
+               seeds, steps, *, model: ShardedModel, runtime, num_logprobs):
     """`model_runner._paged_step` through `ShardedModel.forward`; the sampling keys are derived inside the
     program (`sample_outputs`), so no per-process array enters it."""
     logits, cache = model.forward(params, bank, tokens, positions, lora_ids, cache, logit_index=logit_index,
-                                  lora_backend=backend, page_table=page_table)
+                                  runtime=runtime, page_table=page_table)
     return sample_outputs(logits, temperature, top_k, top_p, seeds, steps, num_logprobs), cache
 
 
-@functools.partial(jax.jit, static_argnames=("model", "backend", "num_logprobs", "max_steps", "greedy"),
+@functools.partial(jax.jit, static_argnames=("model", "runtime", "num_logprobs", "max_steps", "greedy"),
                    donate_argnames=("cache",))
 def _mesh_decode(params, bank, cache, tokens, positions, lora_ids, page_table, temperature, top_k, top_p, seeds, steps,
-                 row_steps, *, model: ShardedModel, backend, num_logprobs, max_steps, greedy):
+                 row_steps, *, model: ShardedModel, runtime, num_logprobs, max_steps, greedy):
     """`model_runner._paged_decode` through `ShardedModel.forward`."""
     def fwd(tok, pos, cache):
         return model.forward(params, bank, tok, pos, lora_ids, cache, logit_index=jnp.zeros_like(tok[:, 0]),
-                             lora_backend=backend, page_table=page_table)
+                             runtime=runtime, page_table=page_table)
 
     return decode_loop(fwd, cache, tokens, positions, row_steps, temperature, top_k, top_p, seeds, steps,
                        num_logprobs, max_steps, greedy)
@@ -115,17 +115,17 @@ class MeshRunner(ModelRunner):
         return self.model.dp
 
     def _place(self, params, num_pages: int, page_size: int, dtype):
-        return (self.model.place_params(params, split=split_layers_enabled()),
+        return (self.model.place_params(params, split=split_layers_enabled(self.runtime)),
                 self.model.pages_zeros(num_pages, page_size, dtype))
 
     def _run(self, bank, a: dict) -> tuple[np.ndarray, ...]:
         a = distributed.broadcast_step(a)  # process 0's batch, on every process
         if "row_steps" in a:
-            out, self.cache = _mesh_decode(self.params, bank, self.cache, **a, model=self.model, backend=self.backend,
+            out, self.cache = _mesh_decode(self.params, bank, self.cache, **a, model=self.model, runtime=self.runtime,
                                            num_logprobs=self.num_logprobs, max_steps=self.decode_steps,
                                            greedy=self._greedy(a))
         else:
-            out, self.cache = _mesh_step(self.params, bank, self.cache, **a, model=self.model, backend=self.backend,
+            out, self.cache = _mesh_step(self.params, bank, self.cache, **a, model=self.model, runtime=self.runtime,
                                          num_logprobs=self.num_logprobs)
         return tuple(distributed.to_host(x) for x in out)
 

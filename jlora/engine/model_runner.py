@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import threading
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlora.config import ModelConfig
+from jlora.config import ModelConfig, RuntimeConfig
+from jlora.engine import compiles
 from jlora.engine.memory import page_bytes
 from jlora.engine.scheduler import ScheduledBatch
 from jlora.errors import DeviceMemoryError
@@ -22,33 +22,6 @@ from jlora.model import attention
 from jlora.model.kv_cache import KVCache
 from jlora.model.llama import forward, split_layers, split_layers_enabled
 from jlora.sampling import sample
-
-_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-_compiles = 0
-_compile_seconds = 0.0
-_lock = threading.Lock()
-
-
-def _count_compile(event, duration, **kwargs):
-    global _compiles, _compile_seconds
-    if event == _COMPILE_EVENT:
-        with _lock:
-            _compiles += 1
-            _compile_seconds += duration
-
-
-jax.monitoring.register_event_duration_secs_listener(_count_compile)
-
-
-def compile_count() -> int:
-    """XLA compilations in this process so far (every jitted program, not only the model step)."""
-    return _compiles
-
-
-def compile_seconds() -> float:
-    """Seconds spent in those compilations."""
-    return _compile_seconds
-
 
 def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
     b = max(minimum, 1 << (max(n, 1) - 1).bit_length())
@@ -75,21 +48,21 @@ class StepOutput:
     num_steps: np.ndarray  # [n] samples drawn for each sequence
 
 
-@functools.partial(jax.jit, static_argnames=("config", "backend", "num_logprobs"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "runtime", "num_logprobs"), donate_argnames=("cache",))
 def _paged_step(params, bank, cache, tokens, positions, lora_ids, page_table, logit_index, temperature, top_k,
-                top_p, seeds, steps, *, config, backend, num_logprobs):
+                top_p, seeds, steps, *, config, runtime, num_logprobs):
     logits, cache = forward(params, bank, tokens, positions, lora_ids, cache, config=config, logit_index=logit_index,
-                            lora_backend=backend, page_table=page_table)
+                            runtime=runtime, page_table=page_table)
     return sample_outputs(logits, temperature, top_k, top_p, seeds, steps, num_logprobs), cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "backend", "num_logprobs", "max_steps", "greedy"),
+@functools.partial(jax.jit, static_argnames=("config", "runtime", "num_logprobs", "max_steps", "greedy"),
                    donate_argnames=("cache",))
 def _paged_decode(params, bank, cache, tokens, positions, lora_ids, page_table, temperature, top_k, top_p, seeds,
-                  steps, row_steps, *, config, backend, num_logprobs, max_steps, greedy):
+                  steps, row_steps, *, config, runtime, num_logprobs, max_steps, greedy):
     def fwd(tok, pos, cache):
         return forward(params, bank, tok, pos, lora_ids, cache, config=config, logit_index=jnp.zeros_like(tok[:, 0]),
-                       lora_backend=backend, page_table=page_table)
+                       runtime=runtime, page_table=page_table)
 
     return decode_loop(fwd, cache, tokens, positions, row_steps, temperature, top_k, top_p, seeds, steps,
                        num_logprobs, max_steps, greedy)
@@ -149,6 +122,7 @@ class ModelRunner:
       num_pages, page_size: the KV page pool.
       max_model_len: longest sequence; bounds the page-table width.
       max_num_seqs: the largest sequence bucket (per data replica).
+      runtime: kernel and layout switches, resolved here by platform and passed to every step program (static).
       donate_params: on GPU the stacked layer weights are split per layer (`llama.split_layers`); if True the
         caller's stacked arrays are deleted as they are split, so the weights are never held twice.
       decode_steps: most decode steps one call runs. A decode batch with `steps` runs `decode_loop` for
@@ -160,10 +134,11 @@ class ModelRunner:
     dp = 1  # data replicas: each owns a block of rows of every step and a block of pages
 
     def __init__(self, config: ModelConfig, params, *, num_pages: int, page_size: int, max_model_len: int,
-                 max_num_seqs: int, dtype=jnp.float32, lora_backend: str | None = None, num_logprobs: int = 5,
+                 max_num_seqs: int, dtype=jnp.float32, runtime: RuntimeConfig = RuntimeConfig(), num_logprobs: int = 5,
                  donate_params: bool = False, decode_steps: int = 1, max_num_batched_tokens: int | None = None,
                  max_prefill_chunk: int = 512):
-        self.config = config
+        compiles.install()
+        self.config, self.runtime = config, runtime.resolved()
         self.page_size, self.max_num_seqs = page_size, max_num_seqs
         self.pages_per_replica = num_pages // self.dp
         self.max_pages = -(-max_model_len // page_size)
@@ -171,12 +146,13 @@ class ModelRunner:
         # longest chunks. None: no bound (every sequence bucket with every chunk bucket).
         self.prefill_row_budget = None if max_num_batched_tokens is None else max(
             bucket(max_num_batched_tokens), self._seq_range()[0] * bucket(max_prefill_chunk, 16))
-        # JAX's Pallas paged-attention kernel walks only a row's own pages, so on it every decode step takes the
-        # widest page table: one decode program per sequence bucket instead of one per table width too.
-        self.decode_any_width = attention.decode_backend(config, 1) != "xla"
+        # The paged-attention kernels walk only a row's own pages, so on them every decode step takes the widest page
+        # table: one decode program per sequence bucket instead of one per table width too.
+        self.decode_any_width = attention.paged_backend(config, 1, self.runtime, page_size=page_size,
+                                                        dtype=dtype) != "xla"
         self.donate_params, self.decode_steps = donate_params, decode_steps
         self.params, self.cache = self._allocate(params, num_pages, page_size, dtype)
-        self.backend, self.num_logprobs = lora_backend, num_logprobs
+        self.num_logprobs = num_logprobs
         self.shapes_run: set[tuple] = set()
 
     def _allocate(self, params, num_pages: int, page_size: int, dtype):
@@ -201,7 +177,7 @@ class ModelRunner:
         return placed
 
     def _place(self, params, num_pages: int, page_size: int, dtype):
-        if split_layers_enabled():
+        if split_layers_enabled(self.runtime):
             params = split_layers(params, donate=self.donate_params)
         return params, KVCache.pages(self.config, num_pages, page_size, dtype)
 
@@ -210,11 +186,11 @@ class ModelRunner:
         top ids, top logprobs) on the host, with a leading [decode_steps] axis for a decode loop."""
         if "row_steps" in a:
             out, self.cache = _paged_decode(self.params, bank, self.cache, **a, config=self.config,
-                                            backend=self.backend, num_logprobs=self.num_logprobs,
+                                            runtime=self.runtime, num_logprobs=self.num_logprobs,
                                             max_steps=self.decode_steps, greedy=self._greedy(a))
         else:
             out, self.cache = _paged_step(self.params, bank, self.cache, **a, config=self.config,
-                                          backend=self.backend, num_logprobs=self.num_logprobs)
+                                          runtime=self.runtime, num_logprobs=self.num_logprobs)
         return jax.device_get(out)  # the step's one device-to-host transfer
 
     @staticmethod

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from jlora.config import RuntimeConfig
 from jlora.lora.bank import LoraBank
 
 
@@ -34,6 +35,7 @@ def make_lora_batch(bank: LoraBank, lora_ids: jax.Array, backend: str | None = N
     Args:
       bank: the LoRA bank (only its static bucket layout is used).
       lora_ids: [N] int32 global slot ids; -1 means no adapter.
+      backend: the LoRA kernel backend (`RuntimeConfig.lora_backend`); None or "auto" by platform.
     """
     slot_ids, meta = [], []
     for bucket in bank.buckets:
@@ -47,7 +49,7 @@ def make_lora_batch(bank: LoraBank, lora_ids: jax.Array, backend: str | None = N
 
 
 def lora_project(x: jax.Array, y: jax.Array, group: str, bank: LoraBank, batch: LoraBatch,
-                 backend: str | None = None, layer: jax.Array | None = None) -> jax.Array:
+                 runtime: RuntimeConfig = RuntimeConfig(), layer: jax.Array | None = None) -> jax.Array:
     """Adds every token's own adapter delta to a (fused) projection's output.
 
     Semantics: y[t, slice j] += (x[t] @ A_j[slot(t)]) @ B_j[slot(t)] for each fused slice j.
@@ -59,10 +61,12 @@ def lora_project(x: jax.Array, y: jax.Array, group: str, bank: LoraBank, batch: 
       bank: the stacked bank ([L, ...] arrays) with `layer` the int32 layer index, or one layer's bank
         (L axis removed) with layer None.
       batch: this step's `LoraBatch`.
+      runtime: its `lora_backend` and `decode_expand` pick the kernels (static).
     """
     for bucket, ids, meta in zip(bank.buckets, batch.slot_ids, batch.meta):
         if group not in bucket.a:  # the bank does not serve this projection (LoraBankConfig.modules)
             continue
         y = pallas_kernels.lora_shrink_expand(x, y, bucket.a[group], bucket.b[group], ids, meta=meta,
-                                              backend=backend, layer=layer)
+                                              backend=runtime.lora_backend, layer=layer,
+                                              decode_expand=runtime.decode_expand)
     return y

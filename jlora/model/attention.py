@@ -7,16 +7,14 @@ then attended with the same masked softmax as the contiguous cache.
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 
-from jlora.config import ModelConfig
+from jlora.config import ModelConfig, RuntimeConfig
 from jlora.model import kv_cache
 
 _NEG = -1e30
-ATTENTION_ENV = "JLORA_ATTENTION"  # "xla", "pallas" or "interpret"; default: "pallas" on GPU, else "xla"
 
 
 def attend_rows(q, cache_k, cache_v, positions, config: ModelConfig):
@@ -75,37 +73,51 @@ def paged_rows(cache, page_table, layer):
     return jnp.moveaxis(rows, 0, -2).reshape(B, M * ps, K, H)
 
 
-def decode_backend(config: ModelConfig, num_tokens: int) -> str:
-    """"pallas" (or "interpret") when JAX's Pallas GPU paged-attention kernel serves this step: decode steps
-    (one query per row) without a sliding window, on a GPU unless $JLORA_ATTENTION says otherwise; else "xla"."""
-    choice = os.environ.get(ATTENTION_ENV) or ("pallas" if jax.default_backend() == "gpu" else "xla")
-    if choice not in ("xla", "pallas", "interpret"):
-        raise ValueError(f"${ATTENTION_ENV} must be xla, pallas or interpret, got {choice!r}")
-    if num_tokens != 1 or config.sliding_window is not None:
-        return "xla"
-    return choice
+_MOSAIC = ("mosaic", "interpret_mosaic")
+_TRITON = ("pallas", "interpret")
 
 
-# Programs the paged-attention kernel should have at least: every (row, kv head) is one, and each row's pages are
-# split into partitions only until there are this many.
-DECODE_ATTENTION_PROGRAMS = 512
+def mosaic_fits(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype) -> bool:
+    """Whether jlora's Mosaic GPU kernels take these shapes: bf16/f16 pages, head_dim 64 or 128, pages of a multiple
+    of 8 tokens, and query heads per kv head dividing the 64-row tile."""
+    return (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim in (64, 128) and page_size % 8 == 0
+            and 64 % (num_heads // num_kv_heads) == 0)
 
 
-def decode_partitions(batch: int, kv_heads: int, max_pages: int) -> tuple[int, int]:
+def paged_backend(config: ModelConfig, num_tokens: int, runtime: RuntimeConfig, *, num_heads: int | None = None,
+                  num_kv_heads: int | None = None, page_size: int = 16, dtype=jnp.bfloat16) -> str:
+    """The kernel that attends a paged step of `num_tokens` queries per row: `runtime.attention` (resolved by
+    platform) where that kernel takes the step, else "xla".
+
+    The Mosaic kernels take decode and prefill steps of the shapes `mosaic_fits` allows; JAX's deprecated Pallas
+    Triton kernel only decode steps (one query per row) without a sliding window. Head counts default to the
+    config's (a tensor-parallel shard passes its local ones).
+    """
+    choice = runtime.resolved().attention
+    heads, kv_heads = num_heads or config.num_heads, num_kv_heads or config.num_kv_heads
+    if choice in _MOSAIC:
+        return choice if mosaic_fits(heads, kv_heads, config.head_dim, page_size, dtype) else "xla"
+    if choice in _TRITON:
+        return choice if num_tokens == 1 and config.sliding_window is None else "xla"
+    return "xla"
+
+
+def decode_partitions(batch: int, kv_heads: int, max_pages: int, programs: int) -> tuple[int, int]:
     """(k_splits, pages per compute block) for JAX's paged-attention kernel.
 
     Each (row, kv head) program walks its row's pages; splitting the pages into partitions adds programs (and a
-    combining pass) for small batches. Large batches need no split, and then a program reads up to 8 pages per
-    block instead of one page at a time, as a fixed 16-way split did for short page tables.
+    combining pass) for small batches, until there are `programs` (`RuntimeConfig.decode_attention_programs`).
+    Large batches need no split, and then a program reads up to 8 pages per block instead of one page at a time,
+    as a fixed 16-way split did for short page tables.
     """
     k_splits = 1
-    while (k_splits < 16 and batch * kv_heads * k_splits < DECODE_ATTENTION_PROGRAMS
+    while (k_splits < 16 and batch * kv_heads * k_splits < programs
            and max_pages % (2 * k_splits) == 0):
         k_splits *= 2
     return k_splits, math.gcd(max_pages // k_splits, 8)
 
 
-def paged_decode(q, cache_k, cache_v, positions, page_table, layer, interpret: bool = False):
+def paged_decode(q, cache_k, cache_v, positions, page_table, layer, *, programs: int, interpret: bool = False):
     """One query per row over paged K/V with JAX's Pallas GPU kernel, reading the pool in place.
 
     The pool [K, L, P, page_size, H] folds (for free) into [K, L * P, page_size, H]: layer `layer`'s page p is
@@ -121,7 +133,7 @@ def paged_decode(q, cache_k, cache_v, positions, page_table, layer, interpret: b
     K, L, P, ps, H = cache_k.shape
     B, _, N, _ = q.shape
     M = page_table.shape[1]
-    k_splits, per_block = decode_partitions(B, K, M)
+    k_splits, per_block = decode_partitions(B, K, M, programs)
     lengths = jnp.maximum(positions[:, 0] + 1, 1).astype(jnp.int32)  # padding rows read one harmless token
     out = kernel.paged_attention(
         (q[:, 0] * H ** -0.5).astype(cache_k.dtype), cache_k.reshape(K, L * P, ps, H),
@@ -130,20 +142,54 @@ def paged_decode(q, cache_k, cache_v, positions, page_table, layer, interpret: b
     return out.reshape(B, 1, N * H).astype(q.dtype)
 
 
-def attend(q, k, v, cache_k, cache_v, positions, page_table, config: ModelConfig, layer=None):
+def mosaic_attend(q, cache_k, cache_v, positions, page_table, layer, sliding_window, interpret: bool = False):
+    """Attention of a paged step with jlora's Mosaic GPU kernels, reading the pool in place (pages of layer `layer`
+    are pages layer * P + p of the pool folded to [K, L * P, page_size, H]). The step's keys are already written.
+
+    Args:
+      q: [B, T, N, H]; positions: [B, T] (negative: padding); page_table: [B, max_pages].
+    Returns:
+      [B, T, N * H]: decode steps (T = 1) through `paged_decode_attention`, longer ones `paged_prefill_attention`.
+    """
+    from pallas_kernels import attention as kernels
+
+    K, L, P, ps, H = cache_k.shape
+    B, T, N, _ = q.shape
+    pages_k, pages_v = cache_k.reshape(K, L * P, ps, H), cache_v.reshape(K, L * P, ps, H)
+    table = (page_table + layer * P).astype(jnp.int32)
+    q = q.astype(cache_k.dtype)
+    if T == 1:
+        lengths = jnp.where(positions[:, 0] >= 0, positions[:, 0] + 1, 0).astype(jnp.int32)  # 0: a padding row
+        out = kernels.paged_decode_attention(q[:, 0], pages_k, pages_v, lengths, table,
+                                             sliding_window=sliding_window, interpret=interpret)
+    else:
+        out = kernels.paged_prefill_attention(q, pages_k, pages_v, positions.astype(jnp.int32), table,
+                                              sliding_window=sliding_window, interpret=interpret)
+    return out.reshape(B, T, N * H)
+
+
+def attend(q, k, v, cache_k, cache_v, positions, page_table, config: ModelConfig, layer=None,
+           runtime: RuntimeConfig = RuntimeConfig()):
     """Writes this step's keys/values, then attends. Returns (out [B, T, N*H], cache_k, cache_v).
 
     With `page_table` None the cache is contiguous ([B, S, K, H], one layer's), else paged: every layer's
-    pages [K, L, P, page_size, H], of which `layer` is read and written. Paged decode steps use JAX's Pallas
-    kernel on a GPU (`decode_backend`); everything else is the XLA path.
+    pages [K, L, P, page_size, H], of which `layer` is read and written. Paged steps use the kernel
+    `paged_backend` picks by `runtime` (jlora's Mosaic GPU kernels on a GPU); everything else is the XLA path.
     """
     if page_table is None:
         cache_k, cache_v = kv_cache.write(cache_k, cache_v, k, v, positions)
         return attend_rows(q, cache_k, cache_v, positions, config), cache_k, cache_v
     cache_k, cache_v = paged_write(cache_k, cache_v, k, v, positions, page_table, layer)
-    backend = decode_backend(config, q.shape[1])
-    if backend != "xla":
-        out = paged_decode(q, cache_k, cache_v, positions, page_table, layer, interpret=backend == "interpret")
+    K, _, _, ps, _ = cache_k.shape
+    backend = paged_backend(config, q.shape[1], runtime, num_heads=q.shape[2], num_kv_heads=K, page_size=ps,
+                            dtype=cache_k.dtype)
+    if backend in _MOSAIC:
+        out = mosaic_attend(q, cache_k, cache_v, positions, page_table, layer, config.sliding_window,
+                            interpret=backend == "interpret_mosaic")
+        return out, cache_k, cache_v
+    if backend in _TRITON:
+        out = paged_decode(q, cache_k, cache_v, positions, page_table, layer, interpret=backend == "interpret",
+                           programs=runtime.decode_attention_programs)
         return out, cache_k, cache_v
     out = attend_rows(q, paged_rows(cache_k, page_table, layer), paged_rows(cache_v, page_table, layer), positions,
                       config)

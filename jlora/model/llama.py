@@ -8,14 +8,13 @@ loop reads in place. Every linear goes `x @ W` with W stored [d_in, d_out]; q|k|
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jlora.config import ModelConfig
+from jlora.config import ModelConfig, RuntimeConfig
 from jlora.lora.bank import LoraBank
 from jlora.lora.ops import LoraBatch, lora_project, make_lora_batch
 from jlora.model import attention, rope
@@ -64,12 +63,8 @@ def _identity(y):
     return y
 
 
-# Whether row-parallel projections add the residual before the LoRA delta (see `_layer`); a switch for A/B runs.
-FOLD_RESIDUAL = True
-
-
 def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config: ModelConfig, inv_freq,
-           backend, reduce=_identity, page_table=None, layer_index=None):
+           runtime: RuntimeConfig, reduce=_identity, page_table=None, layer_index=None):
     """One decoder layer.
 
     Head counts come from the local shapes, so the same code runs on a tensor-parallel shard (inside
@@ -82,6 +77,7 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
       cache_k, cache_v: [B, S, K, H] rows of this layer, or every layer's pages [K, L, P, page_size, H] when
         `page_table` [B, max_pages] is given, of which layer `layer_index` is used.
       layer_index: int32 scalar, this layer's index.
+      runtime: the resolved kernel and layout switches (static).
     """
     B, T, D = h.shape
     H = config.head_dim
@@ -91,7 +87,7 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
     # Without a tensor-parallel reduce, a row-parallel projection adds the residual before the LoRA delta: XLA then
     # fuses the residual add into the base matmul, as it does with LoRA off, and the expand kernel adds the delta in
     # place; adding it after the kernel took one more elementwise kernel per projection (H100 decode profile).
-    fold_residual = FOLD_RESIDUAL and reduce is _identity
+    fold_residual = runtime.fold_residual and reduce is _identity
 
     def project(x2d, w, group, bias=None, residual=None):
         """x2d @ w + LoRA delta (+ bias). Row-parallel projections (o, down) pass the residual stream [B*T, d_out]
@@ -101,7 +97,7 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
         if fold:
             y = y + residual
         if lora_bank is not None:
-            y = lora_project(x2d, y, group, lora_bank, lora_batch, backend, layer_index)
+            y = lora_project(x2d, y, group, lora_bank, lora_batch, runtime, layer_index)
         if residual is not None:
             y = reduce(y)  # the identity when folded
         if bias is not None:
@@ -114,7 +110,7 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
     q = rope.apply_rope(q.reshape(B, T, N, H), positions, inv_freq)
     k = rope.apply_rope(k.reshape(B, T, K, H), positions, inv_freq)
     attn, cache_k, cache_v = attention.attend(q, k, v.reshape(B, T, K, H), cache_k, cache_v, positions, page_table,
-                                              config, layer_index)
+                                              config, layer_index, runtime)
     attn = attn.reshape(B * T, N * H)
     h = project(attn, layer["w_o"], "o", layer.get("b_o"), residual=h.reshape(B * T, D)).reshape(B, T, D)
 
@@ -124,21 +120,15 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
     return h.reshape(B, T, D), cache_k, cache_v
 
 
-LAYER_LOOP_ENV = "JLORA_LAYER_LOOP"
-
-
-def split_layers_enabled() -> bool:
-    """$JLORA_LAYER_LOOP: "split" (per-layer weight arrays, a Python loop over layers) or "scan" (stacked [L, ...]
-    weights, one compiled layer body). Default: "split" on GPU, "scan" elsewhere.
+def split_layers_enabled(runtime: RuntimeConfig = RuntimeConfig()) -> bool:
+    """Whether `runtime.layer_loop` (resolved by platform) runs per-layer weight arrays ("split": a Python loop over
+    layers) rather than stacked [L, ...] weights ("scan": one compiled layer body). "auto" splits on GPU only.
 
     On the H100 a scanned layer slices its weights out of the stacked arrays into fresh buffers before each
     cuBLAS call, so every decode step reads the weights twice and writes them once: an 8B decode step at batch 64
     took 21.6 ms scanned and 12.1 ms split. TPUs are untested, so they keep the scan.
     """
-    choice = os.environ.get(LAYER_LOOP_ENV) or ("split" if jax.default_backend() == "gpu" else "scan")
-    if choice not in ("scan", "split"):
-        raise ValueError(f"{LAYER_LOOP_ENV} must be 'scan' or 'split', got {choice!r}")
-    return choice == "split"
+    return runtime.resolved().layer_loop == "split"
 
 
 @functools.lru_cache(maxsize=None)
@@ -173,7 +163,7 @@ def split_layers(params: Params, donate=False, shardings=None) -> Params:
 
 
 def decoder_stack(h, layers, cache_k, cache_v, positions, lora_bank, lora_batch, config: ModelConfig, *,
-                  backend=None, reduce=_identity, page_table=None):
+                  runtime: RuntimeConfig = RuntimeConfig(), reduce=_identity, page_table=None):
     """Every decoder layer: scanned over the leading [L] axis of stacked `layers` and the caches, or a Python loop
     over split `layers` (a tuple of per-layer dicts, `split_layers`).
 
@@ -182,15 +172,16 @@ def decoder_stack(h, layers, cache_k, cache_v, positions, lora_bank, lora_batch,
     Returns (h, new cache_k, new cache_v). Runs unchanged on one tensor-parallel shard (see `_layer`).
     """
     inv_freq = rope.inverse_frequencies(config)
+    runtime = runtime.resolved()
     if isinstance(layers, (tuple, list)):  # split weights (`split_layers`): a Python loop, no weight slicing
         for i, layer in enumerate(layers):
             i = jnp.int32(i)
             if page_table is not None:
                 h, cache_k, cache_v = _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config,
-                                             inv_freq, backend, reduce, page_table, i)
+                                             inv_freq, runtime, reduce, page_table, i)
             else:
                 h, ck, cv = _layer(h, layer, cache_k[i], cache_v[i], positions, lora_bank, lora_batch, config,
-                                   inv_freq, backend, reduce, layer_index=i)
+                                   inv_freq, runtime, reduce, layer_index=i)
                 cache_k, cache_v = cache_k.at[i].set(ck), cache_v.at[i].set(cv)
         return h, cache_k, cache_v
 
@@ -200,7 +191,7 @@ def decoder_stack(h, layers, cache_k, cache_v, positions, lora_bank, lora_batch,
         def paged_step(carry, xs):
             h, ck, cv = carry
             layer, i = xs
-            h, ck, cv = _layer(h, layer, ck, cv, positions, lora_bank, lora_batch, config, inv_freq, backend,
+            h, ck, cv = _layer(h, layer, ck, cv, positions, lora_bank, lora_batch, config, inv_freq, runtime,
                                reduce, page_table, i)
             return (h, ck, cv), None
 
@@ -209,7 +200,7 @@ def decoder_stack(h, layers, cache_k, cache_v, positions, lora_bank, lora_batch,
 
     def step(h, xs):
         layer, ck, cv, i = xs
-        h, ck, cv = _layer(h, layer, ck, cv, positions, lora_bank, lora_batch, config, inv_freq, backend, reduce,
+        h, ck, cv = _layer(h, layer, ck, cv, positions, lora_bank, lora_batch, config, inv_freq, runtime, reduce,
                            layer_index=i)
         return h, (ck, cv)
 
@@ -219,19 +210,21 @@ def decoder_stack(h, layers, cache_k, cache_v, positions, lora_bank, lora_batch,
 
 def forward(params: Params, lora_bank: LoraBank | None, tokens: jax.Array, positions: jax.Array,
             lora_ids: jax.Array | None, cache: KVCache, *, config: ModelConfig,
-            logit_index: jax.Array | None = None, lora_backend: str | None = None,
+            logit_index: jax.Array | None = None, runtime: RuntimeConfig = RuntimeConfig(),
             page_table: jax.Array | None = None):
-    """The model as a pure function; jit it with `config` (and `lora_backend`) static.
+    """The model as a pure function; jit it with `config` and `runtime` static.
 
     Args:
       params: the `Llama` state as a plain dict (`Llama.params()`).
       lora_bank: the adapter bank, or None for the base model alone.
       tokens: [B, T] int32.
       positions: [B, T] int32 absolute positions; -1 marks padding (neither cached nor attended).
-      lora_ids: [B, T] int32 global slot ids per token, -1 for no adapter (ignored without a bank).
+      lora_ids: [B, T] int32 global slot ids per token, or [B] per row; -1 for no adapter (ignored without a
+        bank). `jlora.lora.loader.bank_from_peft` returns each adapter's id.
       cache: the KV cache: rows [L, B, S, K, H] indexed by position, or pages [K, L, P, page_size, H].
       logit_index: optional [B] int32; if given, logits only at tokens[b, logit_index[b]].
       page_table: [B, max_pages] int32 physical page of each logical page, for a paged cache.
+      runtime: the kernel and layout switches (`RuntimeConfig`); "auto" fields are resolved by platform.
     Returns:
       (logits [B, T, V] or [B, V] float32, the updated cache).
     """
@@ -240,10 +233,12 @@ def forward(params: Params, lora_bank: LoraBank | None, tokens: jax.Array, posit
     lora_batch: LoraBatch | None = None
     if lora_bank is not None:
         ids = lora_ids if lora_ids is not None else jnp.full((B, T), -1, jnp.int32)
-        lora_batch = make_lora_batch(lora_bank, ids.reshape(B * T).astype(jnp.int32), lora_backend)
+        if ids.ndim == 1:  # one adapter per row
+            ids = jnp.broadcast_to(ids[:, None], (B, T))
+        lora_batch = make_lora_batch(lora_bank, ids.reshape(B * T).astype(jnp.int32), runtime.lora_backend)
 
     h, new_k, new_v = decoder_stack(h, params["layers"], cache.k, cache.v, positions, lora_bank, lora_batch,
-                                    config, backend=lora_backend, page_table=page_table)
+                                    config, runtime=runtime, page_table=page_table)
     if logit_index is not None:
         h = jnp.take_along_axis(h, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
     h = rms_norm(h, params["final_norm"], config.rms_norm_eps)

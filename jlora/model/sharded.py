@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jlora import sharding
-from jlora.config import ModelConfig
+from jlora.config import ModelConfig, RuntimeConfig
 from jlora.lora.bank import BucketBank, LoraBank
 from jlora.lora.ops import make_lora_batch
 from jlora.model.kv_cache import KVCache
@@ -191,9 +191,9 @@ def _embed_lookup(embed_shard, tokens, axis):
 
 def sharded_forward(params: Params, lora_bank: LoraBank | None, tokens: jax.Array, positions: jax.Array,
                     lora_ids: jax.Array | None, cache: KVCache, *, config: ModelConfig, mesh: Mesh,
-                    logit_index: jax.Array | None = None, lora_backend: str | None = None,
+                    logit_index: jax.Array | None = None, runtime: RuntimeConfig = RuntimeConfig(),
                     page_table: jax.Array | None = None):
-    """`llama.forward` on a ("data", "model") mesh; jit it with `config`, `mesh` (and `lora_backend`) static.
+    """`llama.forward` on a ("data", "model") mesh; jit it with `config`, `mesh` and `runtime` static.
 
     Same arguments and results as `forward`, with params, bank and cache placed by `ShardedModel`
     (shard-major fused columns, K' = max(num_kv_heads, tp) kv heads in the cache). The batch B (or, for a
@@ -207,6 +207,8 @@ def sharded_forward(params: Params, lora_bank: LoraBank | None, tokens: jax.Arra
         raise ValueError(f"batch size {B} must be a multiple of dp={sharding.dp_size(mesh)}")
     if lora_bank is not None and lora_ids is None:
         lora_ids = jnp.full((B, T), -1, jnp.int32)
+    if lora_ids is not None and lora_ids.ndim == 1:  # one adapter per row
+        lora_ids = jnp.broadcast_to(lora_ids[:, None], (B, T))
     paged = page_table is not None
     args = {"params": params, "tokens": tokens, "positions": positions, "cache": cache}
     in_specs = {
@@ -232,10 +234,11 @@ def sharded_forward(params: Params, lora_bank: LoraBank | None, tokens: jax.Arra
         h = _embed_lookup(p["embed"], tok, model_axis)
         bank, lora_batch = a.get("bank"), None
         if bank is not None:
-            lora_batch = make_lora_batch(bank, a["lora_ids"].reshape(b * t).astype(jnp.int32), lora_backend)
+            lora_batch = make_lora_batch(bank, a["lora_ids"].reshape(b * t).astype(jnp.int32),
+                                         runtime.lora_backend)
         paging = {"page_table": a["page_table"]} if paged else {}
         h, k, v = decoder_stack(h, p["layers"], a["cache"].k, a["cache"].v, a["positions"], bank, lora_batch,
-                                config, backend=lora_backend, reduce=lambda y: jax.lax.psum(y, model_axis), **paging)
+                                config, runtime=runtime, reduce=lambda y: jax.lax.psum(y, model_axis), **paging)
         if "logit_index" in a:
             h = jnp.take_along_axis(h, a["logit_index"][:, None, None].astype(jnp.int32), axis=1)[:, 0]
         h = rms_norm(h, p["final_norm"], config.rms_norm_eps)
@@ -308,7 +311,7 @@ class ShardedModel:
         return _place(x, NamedSharding(self.mesh, sharding.spec("batch", *[None] * (x.ndim - 1))))
 
     def forward(self, params, lora_bank, tokens, positions, lora_ids, cache, *, logit_index=None,
-                lora_backend=None, page_table=None):
+                runtime=RuntimeConfig(), page_table=None):
         return sharded_forward(params, lora_bank, tokens, positions, lora_ids, cache, config=self.config,
-                               mesh=self.mesh, logit_index=logit_index, lora_backend=lora_backend,
+                               mesh=self.mesh, logit_index=logit_index, runtime=runtime,
                                page_table=page_table)

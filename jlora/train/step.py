@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jlora.config import ModelConfig
+from jlora.config import ModelConfig, RuntimeConfig
 from jlora.model.kv_cache import KVCache
 from jlora.model.llama import Params, forward
 from jlora.train import SCHEDULES
@@ -68,7 +68,8 @@ def loss_fn(lora: TrainableLora, params: Params, tokens: jax.Array, positions: j
     bank = to_bank(lora, config, rank, scale)
     lora_ids = jnp.zeros((B, T), jnp.int32)  # every token runs the one slot
     cache = KVCache.zeros(config, B, T, params["embed"].dtype)
-    logits, _ = forward(params, bank, tokens, positions, lora_ids, cache, config=config, lora_backend="xla")
+    logits, _ = forward(params, bank, tokens, positions, lora_ids, cache, config=config,
+                        runtime=RuntimeConfig(lora_backend="xla"))
     return masked_nll(logits, tokens, mask)[0]
 
 

@@ -24,14 +24,6 @@ def backend(request):
   return request.param
 
 
-@pytest.fixture(autouse=True)
-def tiled_decode_expand(monkeypatch):
-  """Decode-sized GPU expands run XLA's gather-einsum by default (`tuning.DECODE_EXPAND`); these tests exercise the
-  Triton kernel at every size, and the tests of that choice set it themselves."""
-  from pallas_kernels import tuning
-  monkeypatch.setattr(tuning, "DECODE_EXPAND", "triton")
-
-
 def popularity_ids(rng: np.random.Generator, tokens: int, slots: int, kind: str) -> np.ndarray:
   """Sorted slot ids for `tokens` tokens over `slots` slots with the given popularity."""
   if kind == "distinct":

@@ -8,24 +8,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import pallas_kernels as pk
-from pallas_kernels import tuning
 from conftest import POPULARITY, assert_close, popularity_ids, rand
 
 SLOTS = 6
 
 
-def _group(x, a, bs, y, ids, backend):
+def _group(x, a, bs, y, ids, backend, decode_expand):
   """One fused group: v = shrink(x), y_out = expand(y, v); metadata built once per call."""
   meta = pk.segment_metadata(ids, backend=backend)
   v = pk.lora_shrink(x, a, ids, meta=meta, backend=backend)
-  return v, pk.lora_expand(y, v, bs, ids, meta=meta, backend=backend)
+  return v, pk.lora_expand(y, v, bs, ids, meta=meta, backend=backend, decode_expand=decode_expand)
 
 
-_group_jit = jax.jit(_group, static_argnames="backend")
+_group_jit = jax.jit(_group, static_argnames=("backend", "decode_expand"))
 
 
-def run_group(backend, x, a, bs, y, ids, jit=True):
-  return (_group_jit if jit else _group)(x, a, bs, y, ids, backend=backend)
+def run_group(backend, x, a, bs, y, ids, jit=True, decode_expand="triton"):
+  """The tiled Triton expand at every size by default (decode-sized GPU steps would otherwise take XLA's
+  gather-einsum); the tests of that choice pass decode_expand themselves."""
+  return (_group_jit if jit else _group)(x, a, bs, y, ids, backend=backend, decode_expand=decode_expand)
 
 
 def make_group(key, tokens, d_in, rank, dims, dtype, slots=SLOTS):
@@ -39,11 +40,11 @@ def make_group(key, tokens, d_in, rank, dims, dtype, slots=SLOTS):
   return x, a, bs, y
 
 
-def check_group(backend, ids, dtype=jnp.float32, d_in=128, rank=16, dims=(128,), seed=0):
+def check_group(backend, ids, dtype=jnp.float32, d_in=128, rank=16, dims=(128,), seed=0, decode_expand="triton"):
   """Shapes default to one shared set, so most tests reuse one compiled program per backend."""
   ids = jnp.asarray(ids, jnp.int32)
   x, a, bs, y = make_group(jax.random.key(seed), ids.shape[0], d_in, rank, dims, dtype)
-  v, out = run_group(backend, x, a, bs, y, ids)
+  v, out = run_group(backend, x, a, bs, y, ids, decode_expand=decode_expand)
   v_ref = pk.ref_lora_shrink(x, a, ids)
   assert v.dtype == jnp.float32 and v.shape == v_ref.shape
   assert_close(v, v_ref, dtype, "shrink")
@@ -63,19 +64,15 @@ def test_popularity_and_odd_token_counts(backend, tokens):
 
 
 @pytest.mark.parametrize("variant", ["triton", "gather"])
-def test_decode_expand_variants(backend, variant, monkeypatch):
-  """The decode-sized expand variants (`tuning.DECODE_EXPAND`) through the public ops: every popularity, ranks 8
+def test_decode_expand_variants(backend, variant):
+  """The decode-sized expand variants (`decode_expand=`) through the public ops: every popularity, ranks 8
   and 16, fused unequal slices, and no-adapter tokens left untouched."""
-  monkeypatch.setattr(tuning, "DECODE_EXPAND", variant)
-  _group_jit.clear_cache()  # the variant is chosen at trace time
   rng = np.random.default_rng(5)
-  try:
-    for i, kind in enumerate(POPULARITY):
-      ids = popularity_ids(rng, 7 if i % 2 else 133, SLOTS, kind)
-      ids[1] = -1
-      check_group(backend, ids, dtype=jnp.bfloat16, rank=8 if i % 2 else 16, dims=(128, 64), seed=i)
-  finally:
-    _group_jit.clear_cache()
+  for i, kind in enumerate(POPULARITY):
+    ids = popularity_ids(rng, 7 if i % 2 else 133, SLOTS, kind)
+    ids[1] = -1
+    check_group(backend, ids, dtype=jnp.bfloat16, rank=8 if i % 2 else 16, dims=(128, 64), seed=i,
+                decode_expand=variant)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -175,7 +172,7 @@ def test_stacked_bank_read_in_place_at_a_traced_layer(backend, layer):
   def run(x, a, bs, y, ids, i):
     meta = pk.segment_metadata(ids, backend=backend)
     v = pk.lora_shrink(x, a, ids, meta=meta, backend=backend, layer=i)
-    return v, pk.lora_expand(y, v, bs, ids, meta=meta, backend=backend, layer=i)
+    return v, pk.lora_expand(y, v, bs, ids, meta=meta, backend=backend, layer=i, decode_expand="triton")
 
   v, out = run(x, a, bs, y, ids, jnp.int32(layer))
   v_ref = pk.ref_lora_shrink(x, a[layer], ids)
@@ -189,11 +186,10 @@ def test_stacked_bank_read_in_place_at_a_traced_layer(backend, layer):
 
 @pytest.mark.parametrize("decode_expand", ["triton", "gather"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_fused_group_with_split_d_in(backend, dtype, decode_expand, monkeypatch):
+def test_fused_group_with_split_d_in(backend, dtype, decode_expand):
   """lora_shrink_expand (the model's call) equals the reference; d_in=2048 at T=24 makes the Triton shrink split
   d_in over programs per tile, whose partial sums the expand adds up: each decode expand variant
-  (`tuning.DECODE_EXPAND`: the tiled kernel, XLA's gather-einsum)."""
-  monkeypatch.setattr(tuning, "DECODE_EXPAND", decode_expand)
+  (`decode_expand=`: the tiled kernel, XLA's gather-einsum)."""
   tokens, num_layers = 24, 2
   keys = jax.random.split(jax.random.key(7), num_layers)
   groups = [make_group(k, tokens, 2048, 16, (256, 128), dtype) for k in keys]
@@ -201,7 +197,8 @@ def test_fused_group_with_split_d_in(backend, dtype, decode_expand, monkeypatch)
   bs = tuple(jnp.stack([g[2][j] for g in groups]) for j in range(2))
   x, y = groups[0][0], groups[0][3]
   ids = jnp.asarray(popularity_ids(np.random.default_rng(3), tokens, SLOTS, "zipf")).at[-2:].set(-1)
-  out = jax.jit(lambda x, y, ids: pk.lora_shrink_expand(x, y, a, bs, ids, backend=backend, layer=1))(x, y, ids)
+  out = jax.jit(lambda x, y, ids: pk.lora_shrink_expand(x, y, a, bs, ids, backend=backend, layer=1,
+                                                        decode_expand=decode_expand))(x, y, ids)
   b1 = tuple(b[1] for b in bs)
   want = pk.ref_lora_expand(y, pk.ref_lora_shrink(x, a[1], ids), b1, ids)
   assert out.dtype == y.dtype
@@ -251,12 +248,15 @@ def test_validation_errors():
                    backend="interpret")
 
 
-def test_env_var_selects_backend(monkeypatch):
+def test_backend_is_an_argument_not_the_environment(monkeypatch):
+  """The kernels read no environment variable: only the argument, or the platform for None / "auto"."""
   monkeypatch.setenv("JLORA_LORA_BACKEND", "reference")
-  assert pk.resolve_backend(None) == "reference"
-  monkeypatch.setenv("JLORA_LORA_BACKEND", "interpret")
-  assert pk.resolve_backend(None) == "interpret"
-  assert pk.resolve_backend("reference") == "reference"
+  platform = {"cpu": "xla", "gpu": "triton", "cuda": "triton", "tpu": "mosaic"}[jax.default_backend()]
+  assert pk.resolve_backend(None) == platform and pk.resolve_backend("auto") == platform
+  assert pk.resolve_backend("interpret") == "interpret"
+  with pytest.raises(ValueError, match="decode_expand"):
+    pk.lora_expand(jnp.ones((4, 8)), jnp.ones((4, 4)), (jnp.ones((2, 4, 8)),), jnp.zeros((4,), jnp.int32),
+                   backend="interpret", decode_expand="fancy")
 
 
 def test_reference_hand_checked():

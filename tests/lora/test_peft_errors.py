@@ -1,4 +1,5 @@
-"""Bad adapters fail with an AdapterError naming the problem, and nothing loaded is disturbed."""
+"""Bad adapters fail with an AdapterError naming the problem, and nothing loaded is disturbed (through the serving
+engine's adapter store)."""
 
 import json
 import os
@@ -10,17 +11,23 @@ from helpers import TINY, write_adapter, write_model
 from jlora.config import LoraBankConfig
 from jlora.errors import AdapterError
 from jlora.lora import bank as bank_lib
-from jlora.lora.registry import AdapterRegistry
+from jlora.engine.adapter_store import AdapterStore
 
 BANK = LoraBankConfig(buckets=(8, 16), slots=(2, 1))
 
 
+def _slot(store, name):
+    key = store.registration(name).key
+    return store.ensure_resident({key})[key]
+
+
 @pytest.fixture
 def registry(tmp_path):
-    reg = AdapterRegistry(TINY, BANK)
-    reg.register("good", write_adapter(str(tmp_path / "good"), seed=1))
-    reg.slots_for(["good"])
-    return reg
+    store = AdapterStore(TINY, BANK)
+    store.register("good", write_adapter(str(tmp_path / "good"), seed=1))
+    _slot(store, "good")
+    yield store
+    store.close()
 
 
 def _snapshot(reg):
@@ -34,7 +41,7 @@ def _assert_fails(reg, path, match):
         reg.register("bad", path)
     after = _snapshot(reg)
     assert all(np.array_equal(a, b) for a, b in zip(before, after)), "a failed load changed the bank"
-    assert reg.names() == ["good"] and reg.slots_for(["good"]) == [0]
+    assert reg.names() == ["good"] and _slot(reg, "good") == 0
 
 
 def test_missing_directory(registry, tmp_path):
@@ -109,7 +116,7 @@ def test_non_finite_weights(registry, tmp_path, bad):
 
 def test_rank_disagrees_with_config(registry, tmp_path):
     p = write_adapter(str(tmp_path / "a"), r=4, extra_config={"r": 8})
-    _assert_fails(registry, p, "config says r=8")
+    _assert_fails(registry, p, r"\(r=8\)|config says r=8")
 
 
 def test_malformed_config_json(registry, tmp_path):
@@ -135,12 +142,12 @@ def test_missing_half_of_a_pair(registry, tmp_path):
 
 
 def test_slot_write_does_not_recompile(tmp_path):
-    reg = AdapterRegistry(TINY, BANK)
-    for i in range(3):
-        reg.register(f"a{i}", write_adapter(str(tmp_path / f"a{i}"), r=4 + i, seed=i))
-    reg.slots_for(["a0"])
+    store = AdapterStore(TINY, BANK)
+    keys = [store.register(f"a{i}", write_adapter(str(tmp_path / f"a{i}"), r=4 + i, seed=i)).key for i in range(3)]
+    store.ensure_resident({keys[0]})
     before = bank_lib._write_slot._cache_size()
-    reg.slots_for(["a1", "a2"])
-    reg.slots_for(["a0", "a1"])  # evicts a2 (LRU) in the full bucket
+    store.ensure_resident({keys[1], keys[2]})
+    store.ensure_resident({keys[0], keys[1]})  # evicts a2 (LRU) in the full bucket
     assert bank_lib._write_slot._cache_size() == before
-    assert set(reg.resident) == {"a0", "a1"}
+    assert set(store.slots.resident) == {keys[0], keys[1]}
+    store.close()

@@ -13,7 +13,7 @@ from helpers import rel_err
 from jlora.checkpoint.hf import load_hf_dir
 from jlora.config import LoraBankConfig
 from jlora.generate import LLM
-from jlora.lora.registry import AdapterRegistry
+from jlora.lora.loader import bank_from_peft
 from jlora.model import KVCache, forward
 from jlora.sampling import SamplingParams
 
@@ -21,7 +21,7 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures")
 MANIFEST = json.load(open(os.path.join(FIXTURES, "manifest.json")))
 CASES = MANIFEST["cases"]
 BANK = LoraBankConfig(buckets=(8, 16, 32, 64, 128), slots=(4, 2, 2, 2, 1))
-fwd = jax.jit(forward, static_argnames=("config", "lora_backend"))
+fwd = jax.jit(forward, static_argnames=("config", "runtime"))
 
 
 def fixture(rel):
@@ -31,11 +31,9 @@ def fixture(rel):
 @functools.lru_cache(maxsize=None)
 def model(name):
     config, params = load_hf_dir(fixture(MANIFEST["models"][name]["dir"]))
-    registry = AdapterRegistry(config, BANK)
-    for adapter, info in MANIFEST["adapters"].items():
-        if info["model"] == name:
-            registry.register(adapter, fixture(info["dir"]))
-    return config, params, registry
+    bank, slots = bank_from_peft(config, {adapter: fixture(info["dir"]) for adapter, info in MANIFEST["adapters"].items()
+                                          if info["model"] == name}, bank_config=BANK)
+    return config, params, bank, slots
 
 
 def reference(entry):
@@ -44,15 +42,14 @@ def reference(entry):
 
 def logits_for(name, rows):
     """Logits of a right-padded batch of (prompt_ids, adapter) rows, one forward."""
-    config, params, registry = model(name)
+    config, params, bank, slot_of = model(name)
     T = max(len(p) for p, _ in rows)
     tokens = np.zeros((len(rows), T), np.int32)
     positions = np.full((len(rows), T), -1, np.int32)
     for i, (p, _) in enumerate(rows):
         tokens[i, :len(p)], positions[i, :len(p)] = p, np.arange(len(p))
-    slots = registry.slots_for([a for _, a in rows])
-    ids = np.repeat(np.array(slots, np.int32)[:, None], T, 1)
-    logits, _ = fwd(params, registry.bank, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(ids),
+    ids = np.array([-1 if a is None else slot_of[a] for _, a in rows], np.int32)  # one adapter per row
+    logits, _ = fwd(params, bank, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(ids),
                     KVCache.zeros(config, len(rows), T), config=config)
     return np.asarray(logits)
 

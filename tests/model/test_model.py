@@ -1,6 +1,7 @@
 """The model against independent computations: merged-weight LoRA, incremental decode, padding, shapes."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,13 +10,13 @@ import pytest
 from helpers import TINY, rel_err, write_adapter, write_model
 
 from jlora.checkpoint.hf import load_hf_dir, params_from_hf, read_tensors
-from jlora.config import LoraBankConfig, ModelConfig, RopeScaling
+from jlora.config import LoraBankConfig, ModelConfig, RopeScaling, RuntimeConfig
 from jlora.lora.peft import read_spec
-from jlora.lora.registry import AdapterRegistry
+from jlora.lora.loader import bank_from_peft
 from jlora.model import KVCache, forward, init_params, param_shapes
 from jlora.model.llama import split_layers, split_layers_enabled
 
-fwd = jax.jit(forward, static_argnames=("config", "lora_backend"))
+fwd = jax.jit(forward, static_argnames=("config", "runtime"))
 
 
 def _inputs(rng, B, T, V):
@@ -43,12 +44,13 @@ def test_lora_equals_merged_weights(tmp_path, rank, rslora):
     model_dir = write_model(str(tmp_path / "m"))
     config, params = load_hf_dir(model_dir)
     ad = write_adapter(str(tmp_path / "a"), r=rank, alpha=16.0, seed=rank, use_rslora=rslora)
-    reg = AdapterRegistry(config, LoraBankConfig(buckets=(4, 8, 16), slots=(1, 1, 1)))
-    reg.register("a", ad)
+    bank, slot = bank_from_peft(config, {"a": ad}, bank_config=LoraBankConfig(buckets=(4, 8, 16), slots=(1, 1, 1)))
     tokens, positions = _inputs(np.random.default_rng(0), 2, 7, config.vocab_size)
-    ids = jnp.full((2, 7), reg.slots_for(["a"])[0], jnp.int32)
+    ids = jnp.full((2, 7), slot["a"], jnp.int32)
     cache = KVCache.zeros(config, 2, 16)
-    got, _ = fwd(params, reg.bank, tokens, positions, ids, cache, config=config)
+    got, _ = fwd(params, bank, tokens, positions, ids, cache, config=config)
+    per_row, _ = fwd(params, bank, tokens, positions, ids[:, 0], cache, config=config)  # one id per row
+    np.testing.assert_array_equal(per_row, got)
     want, _ = fwd(_merged_params(read_tensors(model_dir), ad, config), None, tokens, positions, None, cache,
                   config=config)
     base, _ = fwd(params, None, tokens, positions, None, cache, config=config)
@@ -61,26 +63,26 @@ def test_bucket_padding_is_exact(tmp_path):
     ad = write_adapter(str(tmp_path / "a"), r=5)
     outs = []
     for buckets in [(8,), (64,)]:
-        reg = AdapterRegistry(config, LoraBankConfig(buckets=buckets, slots=(2,)))
-        reg.register("a", ad)
+        bank, slot = bank_from_peft(config, {"a": ad}, bank_config=LoraBankConfig(buckets=buckets, slots=(2,)))
         tokens, positions = _inputs(np.random.default_rng(1), 1, 5, config.vocab_size)
-        ids = jnp.full((1, 5), reg.slots_for(["a"])[0], jnp.int32)
-        outs.append(fwd(params, reg.bank, tokens, positions, ids, KVCache.zeros(config, 1, 8), config=config)[0])
+        ids = jnp.full((1, 5), slot["a"], jnp.int32)
+        outs.append(fwd(params, bank, tokens, positions, ids, KVCache.zeros(config, 1, 8), config=config)[0])
     assert rel_err(outs[0], outs[1]) < 1e-6
 
 
 def test_mixed_batch_rows_match_single_rows(tmp_path):
     config, params = load_hf_dir(write_model(str(tmp_path / "m")))
-    reg = AdapterRegistry(config, LoraBankConfig(buckets=(4, 16), slots=(2, 1)))
-    reg.register("small", write_adapter(str(tmp_path / "s"), r=2, targets=("q_proj", "v_proj"), seed=3))
-    reg.register("big", write_adapter(str(tmp_path / "b"), r=16, seed=4))
+    bank, slot = bank_from_peft(config, {
+        "small": write_adapter(str(tmp_path / "s"), r=2, targets=("q_proj", "v_proj"), seed=3),
+        "big": write_adapter(str(tmp_path / "b"), r=16, seed=4)}, bank_config=LoraBankConfig(buckets=(4, 16), slots=(2, 1)))
     names = ["big", None, "small", None]
-    slots = reg.slots_for(names)
+    slots = [-1 if n is None else slot[n] for n in names]
+    assert slots[0] == 2 and slots[2] == 0  # bucket 16's slot follows bucket 4's two
     tokens, positions = _inputs(np.random.default_rng(2), 4, 6, config.vocab_size)
     ids = jnp.asarray(np.repeat(np.array(slots)[:, None], 6, 1), jnp.int32)
-    batch, _ = fwd(params, reg.bank, tokens, positions, ids, KVCache.zeros(config, 4, 8), config=config)
+    batch, _ = fwd(params, bank, tokens, positions, ids, KVCache.zeros(config, 4, 8), config=config)
     for i in range(4):
-        row, _ = fwd(params, reg.bank, tokens[i:i + 1], positions[i:i + 1], ids[i:i + 1],
+        row, _ = fwd(params, bank, tokens[i:i + 1], positions[i:i + 1], ids[i:i + 1],
                      KVCache.zeros(config, 1, 8), config=config)
         assert rel_err(batch[i], row[0]) < 1e-6
     assert rel_err(batch[0], batch[1]) > 1e-3
@@ -89,17 +91,17 @@ def test_mixed_batch_rows_match_single_rows(tmp_path):
 def test_incremental_decode_equals_full_forward(tmp_path):
     config = dataclasses.replace(TINY, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16), sliding_window=5)
     params = init_params(config, jax.random.key(0), std=0.3)
-    reg = AdapterRegistry(config, LoraBankConfig(buckets=(8,), slots=(1,)))
-    reg.register("a", write_adapter(str(tmp_path / "a"), config=config, r=8))
+    bank, slot = bank_from_peft(config, {"a": write_adapter(str(tmp_path / "a"), config=config, r=8)},
+                                bank_config=LoraBankConfig(buckets=(8,), slots=(1,)))
     tokens, positions = _inputs(np.random.default_rng(3), 2, 9, config.vocab_size)
-    ids = jnp.asarray([[reg.slots_for(["a"])[0]] * 9, [-1] * 9], jnp.int32)
-    full, _ = fwd(params, reg.bank, tokens, positions, ids, KVCache.zeros(config, 2, 16), config=config)
+    ids = jnp.asarray([[slot["a"]] * 9, [-1] * 9], jnp.int32)
+    full, _ = fwd(params, bank, tokens, positions, ids, KVCache.zeros(config, 2, 16), config=config)
     cache = KVCache.zeros(config, 2, 16)
     steps = []
-    logits, cache = fwd(params, reg.bank, tokens[:, :4], positions[:, :4], ids[:, :4], cache, config=config)
+    logits, cache = fwd(params, bank, tokens[:, :4], positions[:, :4], ids[:, :4], cache, config=config)
     steps.append(logits)
     for t in range(4, 9):
-        logits, cache = fwd(params, reg.bank, tokens[:, t:t + 1], positions[:, t:t + 1], ids[:, t:t + 1], cache,
+        logits, cache = fwd(params, bank, tokens[:, t:t + 1], positions[:, t:t + 1], ids[:, t:t + 1], cache,
                             config=config)
         steps.append(logits)
     assert rel_err(jnp.concatenate(steps, axis=1), full) < 1e-5
@@ -144,25 +146,58 @@ def test_split_layers_equal_the_scan(tmp_path, monkeypatch, backend):
     """Per-layer weights (`split_layers`, a Python layer loop) give the scan's logits and cache, paged or not, with
     LoRA through the XLA path or the Triton kernels (interpret mode) reading the stacked bank in place."""
     config, params = load_hf_dir(write_model(str(tmp_path / "m")))
-    reg = AdapterRegistry(config, LoraBankConfig(buckets=(4, 8), slots=(1, 1)))
-    reg.register("a", write_adapter(str(tmp_path / "a"), r=3, seed=1, std=0.3))
-    reg.register("b", write_adapter(str(tmp_path / "b"), r=8, seed=2, std=0.3))
+    bank, slot = bank_from_peft(config, {"a": write_adapter(str(tmp_path / "a"), r=3, seed=1, std=0.3),
+                                         "b": write_adapter(str(tmp_path / "b"), r=8, seed=2, std=0.3)},
+                                bank_config=LoraBankConfig(buckets=(4, 8), slots=(1, 1)))
     rng = np.random.default_rng(5)
     tokens, positions = _inputs(rng, 3, 6, config.vocab_size)
-    ids = jnp.asarray(np.repeat(np.array(reg.slots_for(["a", "b", None]))[:, None], 6, 1), jnp.int32)
+    ids = jnp.asarray(np.repeat(np.array([slot["a"], slot["b"], -1])[:, None], 6, 1), jnp.int32)
     split = split_layers(params)
     assert isinstance(split["layers"], tuple) and len(split["layers"]) == config.num_layers
     assert split["layers"][1]["w_qkv"].shape == params["layers"]["w_qkv"].shape[1:]
     table = jnp.asarray(rng.permutation(12)[:6].reshape(3, 2), jnp.int32)
     for cache, page_table in [(KVCache.zeros(config, 3, 8), None), (KVCache.pages(config, 12, 4), table)]:
-        run = jax.jit(lambda p, c: forward(p, reg.bank, tokens, positions, ids, c, config=config,
-                                           lora_backend=backend, page_table=page_table))
+        run = jax.jit(lambda p, c: forward(p, bank, tokens, positions, ids, c, config=config,
+                                           runtime=RuntimeConfig(lora_backend=backend), page_table=page_table))
         want, want_cache = run(params, cache)
         got, got_cache = run(split, cache)
         assert rel_err(got, want) < 1e-5 and rel_err(got_cache.k, want_cache.k) < 1e-6
         assert float(jnp.abs(got_cache.v).max()) > 0.01  # the cache was written
     base, _ = fwd(params, None, tokens, positions, None, KVCache.zeros(config, 3, 8), config=config)
     assert rel_err(base[:2], got[:2]) > 1e-3  # the adapters change the output
-    monkeypatch.setenv("JLORA_LAYER_LOOP", "unroll")
+    assert split_layers_enabled(RuntimeConfig(layer_loop="split"))
+    assert not split_layers_enabled(RuntimeConfig(layer_loop="scan"))
     with pytest.raises(ValueError, match="JLORA_LAYER_LOOP"):
-        split_layers_enabled()
+        RuntimeConfig.from_env({"JLORA_LAYER_LOOP": "unroll"})
+
+
+def test_runtime_config_is_part_of_the_jit_key(monkeypatch):
+    """Changing the runtime config after a compile compiles a new program; the environment, read only by
+    `RuntimeConfig.from_env`, changes nothing once traced."""
+    params = init_params(TINY, jax.random.key(0))
+    tokens, positions = _inputs(np.random.default_rng(0), 2, 4, TINY.vocab_size)
+    bank, _ = bank_from_peft(TINY, {}, bank_config=LoraBankConfig(buckets=(4,), slots=(2,)))
+    ids = jnp.zeros((2, 4), jnp.int32)
+    cache = KVCache.zeros(TINY, 2, 4)
+
+    @functools.partial(jax.jit, static_argnames=("config", "runtime"))
+    def step(params, bank, tokens, positions, ids, cache, *, config, runtime):
+        return forward(params, bank, tokens, positions, ids, cache, config=config, runtime=runtime)
+
+    def hlo(runtime):
+        return step.lower(params, bank, tokens, positions, ids, cache, config=TINY, runtime=runtime).as_text()
+
+    xla_rt, ref_rt = RuntimeConfig(lora_backend="xla"), RuntimeConfig(lora_backend="reference")
+    step(params, bank, tokens, positions, ids, cache, config=TINY, runtime=xla_rt)
+    assert step._cache_size() == 1
+    step(params, bank, tokens, positions, ids, cache, config=TINY, runtime=ref_rt)
+    assert step._cache_size() == 2  # a new program, not the cached one
+    step(params, bank, tokens, positions, ids, cache, config=TINY, runtime=RuntimeConfig(lora_backend="xla"))
+    assert step._cache_size() == 2  # an equal config is the same key
+    assert hlo(xla_rt) != hlo(ref_rt)
+    assert hash(xla_rt) == hash(RuntimeConfig(lora_backend="xla")) and xla_rt == RuntimeConfig(lora_backend="xla")
+    monkeypatch.setenv("JLORA_LORA_BACKEND", "reference")  # ignored by traced code
+    assert hlo(RuntimeConfig()) == hlo(RuntimeConfig().resolved()) != hlo(ref_rt)  # "auto" is the platform's
+    assert RuntimeConfig.from_env().lora_backend == "reference"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        xla_rt.lora_backend = "reference"

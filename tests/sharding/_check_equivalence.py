@@ -37,6 +37,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from _common import KV2, KV8, random_bank, random_params  # noqa: E402
 from helpers import rel_err  # noqa: E402
+from jlora.config import RuntimeConfig  # noqa: E402
 from jlora.model import llama  # noqa: E402
 from jlora.model.kv_cache import KVCache  # noqa: E402
 from jlora.model.sharded import ShardedModel  # noqa: E402
@@ -157,7 +158,7 @@ def run_case(config, tp, dp, params, bank, paged=False, backend=None) -> dict:
         ref_cache = KVCache.zeros(config, B, MAX_LEN)
         cache = model.cache_zeros(B, MAX_LEN)
     placed_params, placed_bank = model.place_params(params), model.place_bank(bank)
-    fwd = jax.jit(functools.partial(model.forward, lora_backend=backend))
+    fwd = jax.jit(functools.partial(model.forward, runtime=RuntimeConfig(lora_backend=backend or "auto")))
     step = fwd.lower(placed_params, placed_bank, tokens, positions, lora_ids, cache, **extra).compile()
 
     errs = []

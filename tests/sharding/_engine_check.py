@@ -33,9 +33,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from helpers import write_adapter, write_model  # noqa: E402
 from jlora.checkpoint.hf import load_hf_dir  # noqa: E402
-from jlora.config import LoraBankConfig  # noqa: E402
+from jlora.config import LoraBankConfig, RuntimeConfig  # noqa: E402
+from jlora.engine.compiles import compile_count  # noqa: E402
 from jlora.engine.engine import Engine, EngineConfig  # noqa: E402
-from jlora.engine.model_runner import compile_count  # noqa: E402
 from jlora.model import Llama  # noqa: E402
 from jlora.model.sharded import bank_specs, param_specs  # noqa: E402
 from jlora.sampling import SamplingParams  # noqa: E402
@@ -53,10 +53,11 @@ MAX_TOKENS = 6
 MESHES = [(1, 1), (2, 1), (2, 2), (4, 1)]
 
 
-def serve(model, paths, tp, dp, warmup=False) -> dict:
+def serve(model, paths, tp, dp, warmup=False, runtime=RuntimeConfig()) -> dict:
     t0 = time.perf_counter()
     engine = Engine(model, None, EngineConfig(max_num_seqs=8, max_num_batched_tokens=48, max_prefill_chunk=16,
-                                              page_size=4, num_pages=48, max_model_len=32, bank=BANK, tp=tp, dp=dp))
+                                              page_size=4, num_pages=48, max_model_len=32, bank=BANK, tp=tp, dp=dp,
+                                              runtime=runtime))
     for name in EARLY:
         engine.store.register(name, paths[name])
     compiles = None
@@ -107,8 +108,8 @@ def main() -> None:
                                      **({"targets": t} if t else {}))
                  for i, (name, (r, t)) in enumerate(ADAPTERS.items())}
         results = {f"tp{tp}dp{dp}": serve(model, paths, tp, dp, warmup=(tp, dp) == (2, 1)) for tp, dp in MESHES}
-        os.environ["JLORA_LAYER_LOOP"] = "split"  # the GPU layout: per-layer weights placed on the mesh
-        results["tp2dp2_split"] = serve(model, paths, 2, 2)
+        # The GPU layout: per-layer weights placed on the mesh.
+        results["tp2dp2_split"] = serve(model, paths, 2, 2, runtime=RuntimeConfig(layer_loop="split"))
     print(json.dumps(results))
 
 

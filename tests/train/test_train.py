@@ -19,7 +19,7 @@ from jlora.model import KVCache, forward
 from jlora.train.trainer import TrainConfig, train
 from train.tiny import write_tiny_data, write_tiny_tokenizer
 
-fwd = jax.jit(forward, static_argnames=("config", "lora_backend"))
+fwd = jax.jit(forward, static_argnames=("config", "runtime"))
 
 
 @pytest.fixture(scope="module")

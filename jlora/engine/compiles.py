@@ -1,0 +1,45 @@
+"""Counts XLA compilations, so the engine can report them and tests can assert that nothing compiles after warm-up.
+
+JAX reports compile times through a process-wide monitoring listener. It is installed by the first engine
+(`install`), not at import, so importing jlora changes nothing in a process that never builds one.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_lock = threading.Lock()
+_installed = False
+_compiles = 0
+_compile_seconds = 0.0
+
+
+def _on_event(event: str, duration: float, **kwargs) -> None:
+    global _compiles, _compile_seconds
+    if event == _COMPILE_EVENT:
+        with _lock:
+            _compiles += 1
+            _compile_seconds += duration
+
+
+def install() -> None:
+    """Starts counting (once per process; later calls do nothing)."""
+    global _installed
+    with _lock:
+        if _installed:
+            return
+        _installed = True
+    jax.monitoring.register_event_duration_secs_listener(_on_event)
+
+
+def compile_count() -> int:
+    """XLA compilations since `install` (every jitted program, not only the model step)."""
+    return _compiles
+
+
+def compile_seconds() -> float:
+    """Seconds spent in those compilations."""
+    return _compile_seconds
