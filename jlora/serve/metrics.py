@@ -16,6 +16,10 @@ GAUGES = (
     ("running", "jlora_running_sequences", "Sequences in the running batch."),
     ("in_flight", "jlora_requests_in_flight", "Requests accepted and not yet finished."),
     ("free_pages", "jlora_kv_free_pages", "Free KV-cache pages."),
+    ("pages_used", "jlora_kv_pages_used", "KV-cache pages held by sequences."),
+    ("pages_total", "jlora_kv_pages_total", "KV-cache pages in the pool."),
+    ("sequences", "jlora_engine_sequences", "Requests the engine holds (waiting, running or finishing)."),
+    ("adapter_refs", "jlora_adapter_references", "Adapter references held by requests."),
     ("tokens_per_second", "jlora_generation_tokens_per_second", "Generated tokens per second, recent window."),
     ("adapters_registered", "jlora_adapters_registered", "Adapters registered."),
 )
