@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -50,9 +49,9 @@ def tile_row_offset(first_row, num_rows: int):
   return first_row - np.minimum(first_row // 8 * 8, padded - TILE_M)
 
 
-def tile_offsets(group: int) -> range:
-  """Every value tile_row_offset can take for programs of `group` heads: multiples of gcd(group, 8)."""
-  return range(0, TILE_M - group + 1, math.gcd(group, 8))
+def tile_offsets(num_rows: int, group: int) -> tuple[int, ...]:
+  """The distinct tile_row_offset values of the programs (first rows 0, group, 2 * group, ...), static."""
+  return tuple(sorted({int(r) for r in tile_row_offset(np.arange(0, num_rows, group), num_rows)}))
 
 
 def copy_pages(pt_ref, row, first_page, last_page, kv, pages, smem, barriers, slot, page_size, num_pages) -> None:

@@ -27,9 +27,9 @@ _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
 
-def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, p_smem, o_smem, lse_smem,
-                   q_bar, k_bar, v_bar, *, heads, group, page_size, block_kv, stages, splits, scale_log2,
-                   window, dtype):
+def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, p_smem, o_smem,
+                   lse_smem, q_bar, k_bar, v_bar, *, heads, group, page_size, block_kv, stages, splits, scale_log2,
+                   window, dtype, offsets):
   b = lax.axis_index("batch")
   kv = lax.axis_index("kv")
   s = lax.axis_index("split")
@@ -112,7 +112,7 @@ def _decode_kernel(len_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem,
   o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(o_smem.dtype)
   lse_smem[...] = jnp.where(has_keys, m_i + jnp.log(jnp.where(has_keys, l_i, 1.0)) * _LOG2E, -jnp.inf)
   plgpu.commit_smem()
-  for r in common.tile_offsets(group):  # static smem slices: one branch per possible r0
+  for r in offsets:  # static smem slices: one branch per r0 that some program has
 
     @pl.when(r0 == r)
     def _(r=r):
@@ -180,7 +180,8 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
   q_flat = common.pad_rows(q.reshape(batch * heads, head_dim))
   kernel = functools.partial(
       _decode_kernel, heads=heads, group=group, page_size=page_size, block_kv=block_kv, stages=stages,
-      splits=splits, scale_log2=scale * _LOG2E, window=sliding_window, dtype=q.dtype)
+      splits=splits, scale_log2=scale * _LOG2E, window=sliding_window, dtype=q.dtype,
+      offsets=common.tile_offsets(batch * heads, group))
   transforms = common.smem_transforms(q.dtype)
   o_split, lse_split = plgpu.kernel(
       kernel,
