@@ -221,9 +221,9 @@ def main() -> None:
     with open(args.out, "w") as f:
       json.dump(result, f, indent=1)
 
-  decode_variants = (sweep_variants(pa.paged_decode_attention, ((64, 3), (128, 2)), (2, 8)) if args.sweep
+  decode_variants = (sweep_variants(pa.paged_decode_attention, ((128, 2),), (2,)) if args.sweep
                      else {"mosaic": pa.paged_decode_attention})
-  prefill_variants = (sweep_variants(pa.paged_prefill_attention, ((64, 3), (128, 2))) if args.sweep
+  prefill_variants = (sweep_variants(pa.paged_prefill_attention, ((128, 2),)) if args.sweep
                       else {"mosaic": pa.paged_prefill_attention})
   if args.only in (None, "decode"):
     for batch, ctx in DECODE_ROWS:
