@@ -201,7 +201,7 @@ def main() -> None:
   backend = pk.resolve_backend(args.backend)
   dev = jax.devices()[0]
   start = time.perf_counter()
-  copy_bw = copy_bandwidth(1 << 22 if args.smoke else 512 * 1024 * 1024)
+  copy_bw = copy_bandwidth(1 << 22) if args.smoke else copy_bandwidth()
   print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, backend {backend}, "
         f"copy roofline {copy_bw / 1e12:.2f} TB/s (read+write)", flush=True)
   result = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
