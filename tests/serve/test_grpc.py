@@ -4,6 +4,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from serve_helpers import steps_wait_for_a_command
 
 from jlora.serve.proto import jlora_pb2 as pb
 from jlora.serve.proto import jlora_pb2_grpc as pb_grpc
@@ -149,16 +150,14 @@ def test_deadline_aborts_the_request_and_frees_its_pages(stub, served):
     still_serves(stub, served)
 
 
-def test_cancel_mid_stream_frees_pages(stub, served):
-    # The tiny model can finish all 240 tokens before the cancel lands; such a lost race is retried, not passed.
-    for _ in range(3):
-        before = served.service.engine.stats()["finished"].get("abort", 0)
-        call = stub.GenerateStream(pb.GenerateRequest(prompt="long", adapter="gamma", sampling=LONG), timeout=60)
-        first = next(call)
-        assert not first.finished
-        call.cancel()
-        stats = served.wait_idle()  # also checks that every KV page is free again
-        if stats["finished"].get("abort", 0) == before + 1:
-            break
+def test_cancel_mid_stream_frees_pages(stub, served, monkeypatch):
+    steps_wait_for_a_command(served, monkeypatch)  # the stream cannot end before the cancel lands
+    before = served.service.engine.stats()["finished"].get("abort", 0)
+    call = stub.GenerateStream(pb.GenerateRequest(prompt="long", adapter="gamma", sampling=LONG), timeout=60)
+    first = next(call)
+    assert not first.finished
+    call.cancel()
+    stats = served.wait_idle()  # also checks that every KV page is free again
     assert stats["finished"]["abort"] == before + 1
+    monkeypatch.undo()
     still_serves(stub, served)

@@ -5,7 +5,7 @@ import time
 import httpx
 import openai
 import pytest
-from serve_helpers import sse_events
+from serve_helpers import sse_events, steps_wait_for_a_command
 
 CHAT = [{"role": "user", "content": "hello"}]
 
@@ -165,39 +165,25 @@ def test_load_malformed_adapter_is_a_clear_400(http, client, served):
     still_serves(http, served)
 
 
-def test_disconnect_mid_stream_frees_pages(http, served):
+def test_disconnect_mid_stream_frees_pages(http, served, monkeypatch):
     body = {"model": "gamma", "prompt": "long", "max_tokens": 240, "ignore_eos": True, "temperature": 0,
             "stream": True}
-    for _ in range(3):  # a stream that ends before the disconnect lands is a lost race: retried, not passed
-        before = served.service.engine.stats()["finished"].get("abort", 0)
-        with http.stream("POST", "/v1/completions", json=body) as r:
-            assert next(r.iter_lines()).startswith("data: ")
-        stats = served.wait_idle()  # also checks that every KV page is free again
-        if stats["finished"].get("abort", 0) == before + 1:
-            break
+    steps_wait_for_a_command(served, monkeypatch)  # the stream cannot end before the disconnect lands
+    before = served.service.engine.stats()["finished"].get("abort", 0)
+    with http.stream("POST", "/v1/completions", json=body) as r:
+        assert next(r.iter_lines()).startswith("data: ")
+    stats = served.wait_idle()  # also checks that every KV page is free again
     assert stats["finished"]["abort"] == before + 1 and stats["tokens_generated"] > 0
+    monkeypatch.undo()
     still_serves(http, served)
 
 
 def test_disconnect_while_waiting_frees_pages(served, monkeypatch):
     body = {"prompt": "long", "max_tokens": 240, "ignore_eos": True, "temperature": 0}
-    # The tiny model decodes 240 tokens (8 per engine step) faster than a client can time out: slow each step down
-    # to a small real model's pace, so the request is still running when its client gives up.
-    engine = served.service.engine.engine
-    step = engine.step
-    monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.02), step())[1])
-    # A request that completes before the client gives up, or before the server sees the disconnect, is a lost
-    # race: retried, never passed.
-    for _ in range(3):
-        before = served.service.engine.stats()["finished"].get("abort", 0)
-        try:
-            httpx.post(served.http_url + "/v1/completions", json=body, timeout=0.2)
-        except httpx.ReadTimeout:
-            if served.wait_idle()["finished"].get("abort", 0) == before + 1:
-                break
-        served.wait_idle()
-    else:
-        pytest.fail("no request was aborted by its client's 0.2 s timeout in 3 tries")
+    steps_wait_for_a_command(served, monkeypatch)  # the request cannot finish before its client gives up
+    before = served.service.engine.stats()["finished"].get("abort", 0)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(served.http_url + "/v1/completions", json=body, timeout=0.5)
     assert served.wait_idle()["finished"]["abort"] == before + 1
 
 
