@@ -75,6 +75,10 @@ class LLM:
             raise RequestError(f"got {n} prompts but {len(adapters)} adapters and {len(params)} sampling params")
         engine = self.engine
         for p, a, sp in zip(prompts, adapters, params):  # validate all first: nothing is queued on error
+            if not isinstance(sp, SamplingParams):  # its fields were range-checked when it was built
+                raise RequestError(f"sampling must be SamplingParams, got {type(sp).__name__}")
+            if a is not None and not isinstance(a, str):
+                raise RequestError(f"adapter must be a name (a string) or None, got {type(a).__name__}")
             ids = engine._encode(p)
             if len(ids) + sp.max_tokens > engine.max_model_len:
                 raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {sp.max_tokens} exceeds the "
@@ -92,7 +96,10 @@ class LLM:
                 raise RuntimeError("engine stopped with unfinished requests")  # a bug, never user error
         results = [done[r] for r in rids]
         errors = [o for o in results if o.finish_reason == "error"]
-        if errors:
-            from jlora.errors import AdapterError
-            raise AdapterError(errors[0].error)
+        if errors:  # the engine failed these alone (the others finished); say why
+            from jlora.errors import AdapterError, JloraError
+            first = errors[0]
+            if first.error_kind == "adapter":
+                raise AdapterError(first.error, adapter=first.adapter)
+            raise JloraError(f"{len(errors)} of {n} requests failed; the first: {first.error}")
         return results
