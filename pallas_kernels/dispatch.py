@@ -147,8 +147,8 @@ def lora_expand(y: jax.Array, v: jax.Array, b_slices: Sequence[jax.Array], slot_
   if backend in ("triton", "interpret"):
     return _triton_expand(y, v, b_slices, slot_ids, meta, layer, backend, decode_expand)
   if any(b.shape[-1] % 128 for b in b_slices):
-    # Mosaic blocks are 128 lanes wide; widths such as SmolLM2's 576/192 take the XLA path.
-    return reference.ref_lora_expand(y, v, tuple(_layer_of(b, layer) for b in b_slices), slot_ids)
+    # Mosaic blocks are 128 lanes wide; widths such as SmolLM2's 576/192 take the dense XLA path (not the oracle).
+    return xla.xla_lora_expand(y, v, tuple(_layer_of(b, layer) for b in b_slices), slot_ids)
   return mosaic_lora.expand(y, v, b_slices, meta, layer, interpret=backend == "interpret_mosaic")
 
 
