@@ -1,6 +1,5 @@
 """The HTTP API through the `openai` client and raw httpx; every bad input gets its status and says what was wrong."""
 
-
 import httpx
 import openai
 import pytest
