@@ -83,11 +83,12 @@ def _sampling(args):
 
 
 def cmd_generate(args) -> int:
+    from jlora.config import RuntimeConfig
     from jlora.engine.engine import EngineConfig
     from jlora.generate import LLM
 
     distributed.initialize_from_args(args)
-    engine = EngineConfig(tp=args.tp, dp=args.dp)
+    engine = EngineConfig(tp=args.tp, dp=args.dp, runtime=RuntimeConfig.from_env())
     sampling = _sampling(args)
     loras = dict(args.lora)
     if args.all_adapters:

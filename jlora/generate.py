@@ -7,7 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from jlora.checkpoint.resolve import DEFAULT_MODEL, load_model
-from jlora.config import LoraBankConfig
+from jlora.config import LoraBankConfig, RuntimeConfig
 from jlora.engine.engine import Engine, EngineConfig, RequestOutput
 from jlora.errors import RequestError
 from jlora.sampling import SamplingParams
@@ -24,17 +24,18 @@ class LLM:
       dtype: "float32" or "bfloat16".
       bank: device slots per rank bucket (ignored when `engine.memory_bytes` is set).
       max_model_len: longest prompt + output; defaults to the model's context length.
+      runtime: kernel and layout switches (`RuntimeConfig`); default: the engine config's (all "auto").
       engine: further engine sizes (pages, budgets, adapter roots).
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, adapters: dict[str, str] | None = None, dtype: str = "float32",
                  bank: LoraBankConfig | None = None, max_model_len: int | None = None,
-                 lora_backend: str | None = None, progress: bool = True, engine: EngineConfig | None = None):
+                 runtime: RuntimeConfig | None = None, progress: bool = True, engine: EngineConfig | None = None):
         llama, self.tokenizer = load_model(model, jnp.dtype(dtype), progress=progress)
         self.config = llama.config
         cfg = engine or EngineConfig()
         cfg = dataclasses.replace(cfg, bank=bank or cfg.bank, max_model_len=max_model_len or cfg.max_model_len,
-                                  lora_backend=lora_backend or cfg.lora_backend)
+                                  runtime=runtime or cfg.runtime)
         self.engine = Engine(llama, self.tokenizer, cfg, donate_weights=True)  # the engine owns the weights
         for name, path in (adapters or {}).items():
             self.load_adapter(name, path)

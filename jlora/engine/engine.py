@@ -15,12 +15,13 @@ import time
 
 import jax.numpy as jnp
 
-from jlora.config import LoraBankConfig
+from jlora.config import LoraBankConfig, RuntimeConfig
 from jlora.engine import mesh
 from jlora.engine.adapter_store import AdapterStore
 from jlora.engine.block_manager import PageAllocator
 from jlora.engine.memory import MemoryPlan, plan_memory
-from jlora.engine.model_runner import ModelRunner, compile_count
+from jlora.engine.compiles import compile_count
+from jlora.engine.model_runner import ModelRunner
 from jlora.engine.scheduler import Scheduler, SchedulerConfig
 from jlora.engine.sequence import Sequence, Status
 from jlora.errors import AdapterError, CapacityError, RequestError, UnknownAdapterError
@@ -46,7 +47,7 @@ class EngineConfig:
     bank: LoraBankConfig = LoraBankConfig()
     max_cpu_loras: int = 64
     adapter_roots: tuple[str, ...] | None = None
-    lora_backend: str | None = None
+    runtime: RuntimeConfig = RuntimeConfig()  # kernel and layout switches; a static argument of every step program
     num_logprobs: int = 5
     # Decode tokens per sequence per engine step, sampled in one device call: the host's per-step work (scheduling,
     # batch building, dispatch, output handling) is paid once for all of them. Outputs then stream in bursts of up to
@@ -102,7 +103,7 @@ class Engine:
                                   layout=mesh.MeshBankLayout(sharded) if sharded else None)
         self.allocator = PageAllocator(self.plan.num_pages, config.page_size, replicas=config.dp)
         runner_kw = dict(num_pages=self.plan.num_pages, page_size=config.page_size, max_model_len=self.max_model_len,
-                         max_num_seqs=config.max_num_seqs, dtype=dtype, lora_backend=config.lora_backend,
+                         max_num_seqs=config.max_num_seqs, dtype=dtype, runtime=config.runtime,
                          num_logprobs=config.num_logprobs, donate_params=donate_weights,
                          decode_steps=config.num_scheduler_steps, max_num_batched_tokens=config.max_num_batched_tokens,
                          max_prefill_chunk=config.max_prefill_chunk)

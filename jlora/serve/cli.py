@@ -11,7 +11,7 @@ import sys
 
 from jlora import distributed
 from jlora.checkpoint.resolve import DEFAULT_MODEL
-from jlora.config import parse_lora_modules
+from jlora.config import RuntimeConfig, parse_lora_modules
 
 
 def _lora(text: str) -> tuple[str, str]:
@@ -112,6 +112,7 @@ def config_from_args(args):
     from jlora.serve.server import ServeConfig
 
     return ServeConfig(model=args.model, served_model_name=args.served_model_name, dtype=args.dtype,
+                       runtime=RuntimeConfig.from_env(),
                        loras=tuple(args.lora), lora_roots=tuple(args.lora_root),
                        max_loras_per_batch=args.max_loras_per_batch, max_lora_rank=args.max_lora_rank,
                        lora_target_modules=parse_lora_modules(args.lora_target_modules),

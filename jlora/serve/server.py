@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 
-from jlora.config import DEFAULT_RANK_BUCKETS, LORA_MODULES, LoraBankConfig
+from jlora.config import DEFAULT_RANK_BUCKETS, LORA_MODULES, LoraBankConfig, RuntimeConfig
 from jlora.engine.engine import Engine, EngineConfig
 from jlora.serve import multihost
 from jlora.serve.async_engine import DEFAULT_STEP_TIMEOUT_S, AsyncEngine
@@ -59,6 +59,7 @@ class ServeConfig:
     admin_api_key: str | None = None
     allowed_hosts: tuple[str, ...] | None = None  # None: loopback names and `host` unless it is a wildcard
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
+    runtime: RuntimeConfig = RuntimeConfig()  # kernel and layout switches (from the environment, by the CLI)
 
     def __post_init__(self):
         if self.max_loras_per_batch < 1:
@@ -76,7 +77,8 @@ class ServeConfig:
         return EngineConfig(max_num_seqs=self.max_num_seqs, num_scheduler_steps=self.num_scheduler_steps,
                             num_pages=self.num_pages, page_size=self.page_size,
                             max_model_len=self.max_model_len, bank=self.bank(), max_cpu_loras=self.max_cpu_loras,
-                            adapter_roots=tuple(self.lora_roots) or None, tp=self.tp, dp=self.dp)
+                            adapter_roots=tuple(self.lora_roots) or None, tp=self.tp, dp=self.dp,
+                            runtime=self.runtime)
 
     def security(self) -> SecurityConfig:
         return SecurityConfig.for_bind(self.host, self.api_key, self.admin_api_key, self.allowed_hosts)

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from conftest import BANK, reference_greedy
 
+from jlora.config import RuntimeConfig
+from jlora.engine.compiles import compile_count
 from jlora.engine.engine import Engine, EngineConfig
-from jlora.engine.model_runner import compile_count
 from jlora.errors import RequestError, UnknownAdapterError
 from jlora.sampling import SamplingParams
 
@@ -67,12 +68,11 @@ def test_mixed_arrivals_match_reference_generation(tiny):
     _check_against_reference(engine, tiny, requests, done)
 
 
-def test_split_layers_engine_matches_reference(tiny, monkeypatch):
+def test_split_layers_engine_matches_reference(tiny):
     """The engine's GPU layout, forced on the CPU: per-layer weights give the (scanned) reference's greedy tokens,
     and donate_weights frees the model's stacked arrays once they are split."""
     from jlora.model import Llama
-    monkeypatch.setenv("JLORA_LAYER_LOOP", "split")
-    engine = make_engine(tiny)
+    engine = make_engine(tiny, runtime=RuntimeConfig(layer_loop="split"))
     assert isinstance(engine.runner.params["layers"], tuple)
     rng = np.random.default_rng(3)
     requests = _requests(rng, 12, [None] + list(tiny["adapters"]))
