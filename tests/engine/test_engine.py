@@ -81,7 +81,8 @@ def test_split_layers_engine_matches_reference(tiny):
     assert not any(x.is_deleted() for x in tiny["model"].params()["layers"].values())  # not donated: untouched
     copy = Llama(tiny["model"].config, {**tiny["model"].params(), "layers": {
         k: v + 0 for k, v in tiny["model"].params()["layers"].items()}})
-    Engine(copy, None, EngineConfig(num_pages=8, page_size=4, max_model_len=32, bank=BANK), donate_weights=True)
+    Engine(copy, None, EngineConfig(num_pages=8, page_size=4, max_model_len=32, bank=BANK,
+                                    runtime=RuntimeConfig(layer_loop="split")), donate_weights=True)
     assert all(x.is_deleted() for x in copy.params()["layers"].values())
 
 
