@@ -1,12 +1,12 @@
-"""The runner's step shapes: every shape a step can take is in `bucket_shapes` (what `warmup` compiles), prefill
-rows stay within the row budget, and page tables take the widths `page_buckets` allows."""
+"""The runner's step shapes (what `warmup` compiles) against hand-counted sets: prefill rows within the row budget,
+page tables of the widths a step can need."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 from helpers import TINY
 
-from jlora.engine.model_runner import ModelRunner, bucket
+from jlora.engine.model_runner import ModelRunner
 from jlora.model import init_params
 
 
@@ -19,28 +19,27 @@ def _runner(params, **kw):
     return ModelRunner(TINY, params, num_pages=64, page_size=4, max_model_len=256, max_num_seqs=64, **kw)
 
 
+# The shapes of the runner below, written out by hand: pages of 4 tokens and 256-token sequences make page tables of
+# at most 64 pages (the smallest bucket 8); a 100-token budget with 64-token chunks makes a 512-row prefill budget.
+_PREFILL_512 = {(8, 16), (8, 32), (8, 64), (16, 16), (16, 32), (32, 16)}  # sequences x chunk tokens <= 512
+_CHUNK_TABLE = {16: 8, 32: 8, 64: 16}  # a fresh chunk's table: its pages (T / 4), at least 8
+
+
 @pytest.mark.parametrize("any_width", [False, True])
-def test_bucket_shapes_cover_what_steps_can_take(params, any_width):
+def test_bucket_shapes_are_the_hand_counted_set(params, any_width):
     runner = _runner(params, max_num_batched_tokens=100, max_prefill_chunk=64, decode_steps=4)
     runner.decode_any_width = any_width
-    shapes = set(runner.bucket_shapes(64))
-    assert runner.prefill_row_budget == max(bucket(100), 8 * 64) == 512
-    for num_seqs in range(1, 65):
-        for longest in range(1, 65):
-            if num_seqs > 1 and not runner.prefill_fits(num_seqs, longest):
-                continue
-            B, T = bucket(num_seqs, 8), bucket(longest, 16)
-            assert B * T <= 512
-            for widest in range(1, 65):
-                P = next(p for p in runner.page_buckets("prefill", T) if p >= widest)
-                assert ("prefill", B, T, P) in shapes
-    for mode in ("decode", "decode_loop_greedy", "decode_loop"):
-        widths = {P for m, B, T, P in shapes if m == mode}
-        assert widths == ({64} if any_width else {8, 16, 32, 64})
-    # a fresh prompt's table is as wide as its chunk bucket; a longer context takes the widest
-    assert runner.page_buckets("prefill", 64) == [16, 64] and runner.page_buckets("prefill", 16) == [8, 64]
-    prefill = [s for s in shapes if s[0] == "prefill"]
-    assert len(prefill) == sum(2 for b in (8, 16, 32, 64) for t in (16, 32, 64) if b * t <= 512)
+    shapes = runner.bucket_shapes(64)
+    assert len(shapes) == len(set(shapes))
+    assert runner.prefill_row_budget == 512
+    prefill = {(B, T, P) for B, T in _PREFILL_512 for P in (_CHUNK_TABLE[T], 64)}
+    widths = (64,) if any_width else (8, 16, 32, 64)
+    decode = {(m, B, 1, P) for m in ("decode", "decode_loop_greedy", "decode_loop") for B in (8, 16, 32, 64)
+              for P in widths}
+    assert set(shapes) == {("prefill", *s) for s in prefill} | decode
+    # what the scheduler asks before it adds a sequence to a prefill step
+    assert runner.prefill_fits(32, 16) and not runner.prefill_fits(32, 17) and not runner.prefill_fits(9, 64)
+    assert runner.prefill_fits(8, 64) and runner.prefill_fits(1, 64)
 
 
 def test_without_a_token_budget_every_prefill_shape_exists(params):

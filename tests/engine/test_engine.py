@@ -96,15 +96,25 @@ def test_preemption_under_tiny_page_budget(tiny):
     assert engine.allocator.num_free == 10
 
 
-def test_no_new_compilations_after_warmup(tiny):
-    engine = make_engine(tiny)
+def test_no_new_compilations_after_warmup_over_a_broad_mix(tiny):
+    """Two sequence buckets (up to 16 sequences), prompts longer than a prefill chunk, greedy and sampled
+    requests, and preemption (too few pages for them all): after warm-up nothing compiles."""
+    engine = make_engine(tiny, max_num_seqs=16, max_prefill_chunk=16, num_pages=24)
     shapes = engine.warmup()
     before = compile_count()
-    rng = np.random.default_rng(2)
-    requests = _requests(rng, 300, [None] + list(tiny["adapters"]), max_tokens=(1, 6))
-    run_staggered(engine, requests, arrivals=rng.integers(0, 200, 300).tolist())
+    rng = np.random.default_rng(7)
+    names = [None] + list(tiny["adapters"])
+    requests = [(rng.integers(0, 97, rng.integers(1, 40)).tolist(), names[rng.integers(len(names))],
+                 SamplingParams(temperature=float(rng.choice([0.0, 0.8])), top_k=int(rng.integers(0, 20)),
+                                seed=int(rng.integers(0, 1000)), max_tokens=int(rng.integers(1, 12))))
+                for _ in range(60)]
+    assert max(len(p) for p, _, _ in requests) > 2 * 16  # some prompts take several chunks
+    done = run_staggered(engine, requests, arrivals=rng.integers(0, 20, 60).tolist())
+    assert len(done) == 60 and all(o.finish_reason in ("length", "stop") for o in done.values())
     assert compile_count() == before, "a request mix compiled something after warm-up"
-    assert len(engine.runner.shapes_run) == shapes
+    assert engine.preemptions > 0
+    assert len({B for _, B, _, _ in engine.runner.shapes_run}) >= 2  # several sequence buckets ran
+    assert len(engine.runner.shapes_run) <= shapes
 
 
 def test_no_leaks_after_2000_requests_with_cancellations(tiny):
