@@ -1,7 +1,8 @@
 """Attention over a KV cache, contiguous ([B, S, K, H] rows) or paged ([K, L, P, page_size, H] with page tables).
 
 The XLA path here is the reference and the CPU path: paged caches are gathered into per-sequence rows,
-then attended with the same masked softmax as the contiguous cache.
+then attended with the same masked softmax as the contiguous cache. On a GPU, paged steps run jlora's Mosaic GPU
+kernels (`pallas_kernels.attention`) or, as a fallback, JAX's deprecated Triton paged decode (`paged_backend`).
 """
 
 from __future__ import annotations
