@@ -78,26 +78,20 @@ _MOSAIC = ("mosaic", "interpret_mosaic")
 _TRITON = ("pallas", "interpret")
 
 
-def mosaic_fits(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype) -> bool:
-    """Whether jlora's Mosaic GPU kernels take these shapes: bf16/f16 pages, head_dim 64 or 128, pages of a multiple
-    of 8 tokens, and query heads per kv head dividing the 64-row tile."""
-    return (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and head_dim in (64, 128) and page_size % 8 == 0
-            and 64 % (num_heads // num_kv_heads) == 0)
-
-
 def paged_backend(config: ModelConfig, num_tokens: int, runtime: RuntimeConfig, *, num_heads: int | None = None,
                   num_kv_heads: int | None = None, page_size: int = 16, dtype=jnp.bfloat16) -> str:
     """The kernel that attends a paged step of `num_tokens` queries per row: `runtime.attention` (resolved by
     platform) where that kernel takes the step, else "xla".
 
-    The Mosaic kernels take decode and prefill steps of the shapes `mosaic_fits` allows; JAX's deprecated Pallas
+    The Mosaic kernels take decode and prefill steps of the shapes `pallas_kernels.attention.supports` allows; JAX's deprecated Pallas
     Triton kernel only decode steps (one query per row) without a sliding window. Head counts default to the
     config's (a tensor-parallel shard passes its local ones).
     """
     choice = runtime.resolved().attention
     heads, kv_heads = num_heads or config.num_heads, num_kv_heads or config.num_kv_heads
     if choice in _MOSAIC:
-        return choice if mosaic_fits(heads, kv_heads, config.head_dim, page_size, dtype) else "xla"
+        from pallas_kernels import attention as kernels
+        return choice if kernels.supports(heads, kv_heads, config.head_dim, page_size, dtype) else "xla"
     if choice in _TRITON:
         return choice if num_tokens == 1 and config.sliding_window is None else "xla"
     return "xla"

@@ -83,6 +83,14 @@ def validate_blocks(block_kv: int, page_size: int, stages: int) -> None:
     raise ValueError(f"stages must be >= 1, got {stages}")
 
 
+def supports(num_heads: int, num_kv_heads: int, head_dim: int, page_size: int, dtype) -> bool:
+  """Whether both kernels (decode and prefill) take these shapes: the checks `validate_decode` and
+  `validate_prefill` make, plus prefill's query heads per kv head dividing the 64-row tile."""
+  group = num_heads // num_kv_heads
+  return (any(jnp.dtype(dtype) == d for d in _DTYPES) and head_dim in _HEAD_DIMS and page_size % 8 == 0
+          and TILE_M % group == 0)
+
+
 def _validate_pages(q, k_pages, v_pages, page_table, sliding_window, q_heads_axis):
   heads, head_dim = q.shape[q_heads_axis], q.shape[-1]
   if k_pages.ndim != 4:
