@@ -80,8 +80,15 @@ class Tokenizer:
             json.dump(cfg, f, indent=2, ensure_ascii=False)
 
     @classmethod
-    def from_dir(cls, path: str) -> "Tokenizer":
-        """Reads tokenizer.json, tokenizer_config.json and, if present, generation_config.json."""
+    def from_dir(cls, path: str, chat_template: str | None = None) -> "Tokenizer":
+        """Reads tokenizer.json, tokenizer_config.json and, if present, chat_template.jinja and
+        generation_config.json.
+
+        The chat template is, as transformers picks it: `chat_template.jinja` (where transformers 5 saves it),
+        else tokenizer_config.json's "chat_template" (the older place; of several named templates, "default").
+        `chat_template`, if given, replaces both: a template file's path or the template text
+        (`load_chat_template`).
+        """
         tok_file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tok_file):
             raise ModelLoadError(f"{path!r} has no tokenizer.json")
@@ -90,9 +97,42 @@ class Tokenizer:
         gen = _read_json(os.path.join(path, "generation_config.json"))
         eos = gen.get("eos_token_id", [])
         extra = tuple(eos if isinstance(eos, list) else [eos]) + tuple(cfg.get("extra_eos_ids", ()))
+        if chat_template is not None:
+            template = load_chat_template(chat_template)
+        else:
+            template = _dir_chat_template(path, cfg.get("chat_template"))
         return cls(backend, bos_token=_token_str(cfg.get("bos_token")), eos_token=_token_str(cfg.get("eos_token")),
-                   chat_template=cfg.get("chat_template"), add_bos_token=bool(cfg.get("add_bos_token", False)),
+                   chat_template=template, add_bos_token=bool(cfg.get("add_bos_token", False)),
                    extra_eos_ids=extra)
+
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def load_chat_template(source: str) -> str:
+    """A chat template given by the user: the text of the file at `source`, or `source` itself when it reads as a
+    template (it holds "{", "}" or a newline; vLLM's `--chat-template` rule). Raises `ModelLoadError` naming the
+    path when `source` looks like a path to a file that is not there."""
+    if not isinstance(source, str) or not source:
+        raise ModelLoadError(f"chat_template must be a template file's path or the template text, got {source!r}")
+    if os.path.isfile(source):
+        with open(source, encoding="utf-8") as f:
+            return f.read()
+    if any(c in source for c in "{}\n"):
+        return source
+    raise ModelLoadError(f"chat template file {source!r} does not exist")
+
+
+def _dir_chat_template(path: str, config_template) -> str | None:
+    """The chat template of a model directory: its chat_template.jinja clobbers tokenizer_config.json's."""
+    jinja = os.path.join(path, CHAT_TEMPLATE_FILE)
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    if isinstance(config_template, list):  # named templates, [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in config_template if isinstance(t, dict)}
+        return named.get("default")
+    return config_template
 
 
 def _read_json(path: str) -> dict:
