@@ -12,6 +12,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from jlora.checkpoint import hub
 from jlora.checkpoint.gguf import convert_gguf
 from jlora.checkpoint.hf import load_hf_dir
 from jlora.checkpoint.orbax_store import restore_params, save_params
@@ -41,16 +42,20 @@ def default_gguf_path() -> str:
 
 
 def resolve_model_dir(model: str, progress: bool = True) -> str:
-    """An HF-layout directory for `model`: the default name, a .gguf file, or an HF directory."""
+    """An HF-layout directory for `model`: the default name, a .gguf file, an HF directory, or a hub id
+    (`org/name[@revision]`) found in the local Hugging Face hub cache. A directory that exists wins over a hub id
+    of the same spelling."""
     if model in ("default", DEFAULT_MODEL):
         gguf_path = default_gguf_path()
     elif model.endswith(".gguf") and os.path.isfile(model):
         gguf_path = model
     elif os.path.isdir(model):
         return model
+    elif hub.is_hub_name(model):
+        return hub.resolve_hub_model(model)
     else:
-        raise ModelLoadError(f"model {model!r} is neither {DEFAULT_MODEL!r}, a .gguf file nor a model directory "
-                             "(jlora never downloads models)")
+        raise ModelLoadError(f"model {model!r} is neither {DEFAULT_MODEL!r}, a .gguf file, a model directory nor "
+                             "a Hugging Face id (org/name) in the local hub cache (jlora never downloads models)")
     stat = os.stat(gguf_path)
     stem = os.path.splitext(os.path.basename(gguf_path))[0]
     out = os.path.join(cache_dir(), "converted", f"{stem}-{stat.st_size}")
@@ -95,17 +100,34 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def load_model(model: str = DEFAULT_MODEL, dtype=jnp.float32, progress: bool = True):
-    """(Llama, Tokenizer or None) for `model`."""
+def load_model(model: str = DEFAULT_MODEL, dtype=jnp.float32, progress: bool = True,
+               chat_template: str | None = None):
+    """Loads a base model; exported as `jlora.load_model`.
+
+    Args:
+      model: "smollm2-135m-instruct" (the default), a .gguf file, a Hugging Face directory, or a hub id
+        (`org/name`, `org/name@revision`) in the local hub cache (`$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+        `~/.cache/huggingface/hub`). Nothing is downloaded.
+      dtype: of the weights: a jnp dtype or its name ("float32", "bfloat16").
+      chat_template: a template file's path or the template text; replaces the model's own.
+
+    Returns:
+      (Llama, Tokenizer or None when the directory has no tokenizer.json). `Llama.params()` is the plain dict of
+      arrays that `jlora.model.forward` takes.
+    """
     from jlora.model.llama import Llama
     from jlora.tokenizer import Tokenizer
 
+    dtype = jnp.dtype(dtype)
     path = resolve_model_dir(model, progress)
+    has_tokenizer = os.path.isfile(os.path.join(path, "tokenizer.json"))
+    if chat_template is not None and not has_tokenizer:
+        raise ModelLoadError(f"model {model!r} has no tokenizer.json, so a chat template cannot be used")
+    tokenizer = Tokenizer.from_dir(path, chat_template=chat_template) if has_tokenizer else None
     if os.path.dirname(path) == os.path.join(cache_dir(), "converted"):
         config, params = load_converted(path, dtype)
     else:
         config, params = load_hf_dir(path, dtype)
-    tokenizer = Tokenizer.from_dir(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
     return Llama(config, params), tokenizer
 
 
