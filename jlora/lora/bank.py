@@ -59,6 +59,26 @@ class LoraBank:
     def num_slots(self) -> int:
         return sum(b.num_slots for b in self.buckets)
 
+    @classmethod
+    def from_peft(cls, config: ModelConfig, adapters, *, bank_config: LoraBankConfig | None = None,
+                  dtype=jnp.float32) -> tuple["LoraBank", dict[str, int]]:
+        """A bank holding PEFT adapter directories, one slot each: `jlora.lora.loader.bank_from_peft`.
+
+        Args:
+          config: the base model's (`jlora.load_model(...)[0].config`).
+          adapters: {name: PEFT directory}.
+          bank_config: buckets and slots; default: one slot per adapter in the smallest default rank bucket that
+            holds it.
+          dtype: the bank's (the base weights', usually).
+
+        Returns:
+          (bank, {name: global slot id}); pass ids as `forward`'s `lora_ids`, per row [B] or per token [B, T],
+          -1 for the base model alone.
+        """
+        from jlora.lora.loader import bank_from_peft  # loader builds on this module: imported on call, not at load
+
+        return bank_from_peft(config, adapters, bank_config=bank_config, dtype=dtype)
+
 
 def init_bank(config: ModelConfig, bank_config: LoraBankConfig, dtype=jnp.float32) -> LoraBank:
     """An all-zero bank (every slot empty)."""
