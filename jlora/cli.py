@@ -34,7 +34,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="default model name, a .gguf file, or a Hugging Face Llama-family directory")
+                   help="default model name, a .gguf file, a Hugging Face Llama-family directory, or org/name from "
+                        "the local Hugging Face hub cache (never downloaded)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--lora", action="append", type=_lora_arg, default=[], metavar="NAME=PATH",
                    help="register a PEFT adapter directory under NAME (repeatable)")
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--all-adapters", action="store_true",
                      help="run every prompt with the base model and with every registered adapter")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat template")
+    gen.add_argument("--chat-template", type=serve_cli.chat_template_file, default=None, metavar="FILE",
+                     help="a Jinja chat template file for --chat, instead of the model's own")
     gen.add_argument("--json", action="store_true", help="print one JSON object per output")
     _add_sampling(gen)
     _add_parallel(gen)
@@ -100,7 +103,7 @@ def cmd_generate(args) -> int:
         names = names * len(args.prompts) if len(names) == 1 else names
         rows = [(p, None if a == BASE else a) for p, a in zip(args.prompts, names)]
     t0 = time.perf_counter()
-    llm = LLM(args.model, adapters=loras, dtype=args.dtype, engine=engine)
+    llm = LLM(args.model, adapters=loras, dtype=args.dtype, engine=engine, chat_template=args.chat_template)
     t_load = time.perf_counter() - t0
     prompts = [p for p, _ in rows]
     if args.chat:

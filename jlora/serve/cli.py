@@ -33,6 +33,13 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def chat_template_file(text: str) -> str:
+    """An argparse type: the path of a chat template file that exists (`--chat-template`)."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"chat template file {text!r} does not exist")
+    return text
+
+
 def _modules(text: str) -> str:
     try:
         parse_lora_modules(text)
@@ -49,11 +56,14 @@ def register(sub) -> None:
                                    "/v1/models, adapter loading, /health, /metrics). SIGTERM drains in-flight "
                                    "requests, then exits.")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="default model name, a .gguf file, or a Hugging Face Llama-family directory "
-                        "(default: %(default)s)")
+                   help="default model name, a .gguf file, a Hugging Face Llama-family directory, or org/name from the "
+                        "local Hugging Face hub cache (default: %(default)s)")
     p.add_argument("--served-model-name", default=None,
                    help="the base model's name in the APIs (default: the --model name or directory name)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--chat-template", type=chat_template_file, default=None, metavar="FILE",
+                   help="a Jinja chat template for /v1/chat/completions and gRPC messages, instead of the model's "
+                        "own (chat_template.jinja, else tokenizer_config.json)")
     p.add_argument("--lora", action="append", type=_lora, default=[], metavar="NAME=PATH",
                    help="register a PEFT adapter directory under NAME at start-up (repeatable)")
     p.add_argument("--lora-root", action="append", default=[], metavar="DIR",
@@ -112,7 +122,7 @@ def config_from_args(args):
     from jlora.serve.server import ServeConfig
 
     return ServeConfig(model=args.model, served_model_name=args.served_model_name, dtype=args.dtype,
-                       runtime=RuntimeConfig.from_env(),
+                       chat_template=args.chat_template, runtime=RuntimeConfig.from_env(),
                        loras=tuple(args.lora), lora_roots=tuple(args.lora_root),
                        max_loras_per_batch=args.max_loras_per_batch, max_lora_rank=args.max_lora_rank,
                        lora_target_modules=parse_lora_modules(args.lora_target_modules),

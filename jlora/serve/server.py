@@ -60,6 +60,7 @@ class ServeConfig:
     allowed_hosts: tuple[str, ...] | None = None  # None: loopback names and `host` unless it is a wildcard
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
     runtime: RuntimeConfig = RuntimeConfig()  # kernel and layout switches (from the environment, by the CLI)
+    chat_template: str | None = None  # a template file's path or its text, instead of the model's own
 
     def __post_init__(self):
         if self.max_loras_per_batch < 1:
@@ -95,7 +96,8 @@ def build_engine(config: ServeConfig) -> Engine:
 
     from jlora.checkpoint.resolve import load_model
 
-    model, tokenizer = load_model(config.model, jnp.dtype(config.dtype), progress=True)
+    model, tokenizer = load_model(config.model, jnp.dtype(config.dtype), progress=True,
+                                  chat_template=config.chat_template)
     engine = Engine(model, tokenizer, config.engine_config(), donate_weights=True)
     for name, path in config.loras:
         engine.store.register(name, path)
