@@ -3,7 +3,8 @@
 Each step is either a prefill step (chunks of prompts, up to `max_num_batched_tokens`) or a decode step (one
 token for every running sequence, or up to `num_scheduler_steps` tokens in one call when pages allow: the host's
 work is then paid once for several tokens). Prefill goes first when there is waiting work. When pages run out during
-decode, the newest running sequence is preempted: its pages are freed and it is recomputed later from its tokens.
+decode, the newest running sequence is preempted: its pages are freed and it is recomputed later from its tokens
+(with prefix caching, from the first of its pages that is no longer cached).
 """
 
 from __future__ import annotations
@@ -108,12 +109,15 @@ class Scheduler:
                 break
             if admitting and not self.adapters_fit(self._adapters(self.running + seqs + [seq])):
                 break
-            # A chunk that reaches the end samples a token, so decode needs nothing more until then.
-            chunk = min(seq.remaining, budget, self.config.max_prefill_chunk)
+            # An admitted sequence starts after the longest cached prefix of its tokens (if prefix caching is on).
+            prefix = self.allocator.match(seq, lambda start: self._chunk(seq, start, budget)) if admitting else None
+            start = prefix.num_tokens if admitting else seq.num_computed
+            chunk = self._chunk(seq, start, budget)
             if seqs and not self.prefill_fits(len(seqs) + 1, max(chunks + [chunk])):
                 break  # the rest wait for the next step, in order
-            if not self.allocator.reserve(seq, seq.num_computed + chunk):
+            if not self.allocator.reserve(seq, start + chunk, prefix):
                 break
+            seq.num_computed = start
             seqs.append(seq)
             chunks.append(chunk)
             budget -= chunk
@@ -127,6 +131,11 @@ class Scheduler:
                 seq.order = self._order
                 self.running.append(seq)
         return ScheduledBatch("prefill", seqs, chunks)
+
+    def _chunk(self, seq: Sequence, start: int, budget: int) -> int:
+        """The prefill chunk of `seq` from token `start`. A chunk that reaches the end samples a token, so decode
+        needs nothing more until then."""
+        return min(seq.num_tokens - start, budget, self.config.max_prefill_chunk)
 
     def _schedule_decode(self) -> ScheduledBatch | None:
         preempted = []
@@ -155,6 +164,7 @@ class Scheduler:
             self._preempt(seq)
         elif seq in self.waiting:
             self.allocator.free(seq)
+            seq.num_computed = 0
 
     def _preempt(self, seq: Sequence) -> None:
         """Frees a sequence's pages; it goes back to the front of the queue and is recomputed from its tokens."""

@@ -7,6 +7,8 @@ import enum
 import time
 from typing import Any
 
+from jlora.engine.prefix_cache import BASE_SALT
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
@@ -39,6 +41,9 @@ class Sequence:
     want_logprobs: bool = False
     sampling_seed: int = 0  # the request's seed, or one drawn for it: sampling is reproducible per request
     order: int = 0  # admission order; the newest running sequence is preempted first
+    cache_salt: str = BASE_SALT  # names the weights its KV comes from (`prefix_cache`): base, or one registration
+    block_hashes: list[bytes] = dataclasses.field(default_factory=list)  # prefix-cache keys of its first blocks
+    num_cached_pages: int = 0  # its first pages that are committed to the prefix cache (or came from it)
 
     @property
     def token_ids(self) -> list[int]:
