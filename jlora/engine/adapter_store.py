@@ -3,7 +3,8 @@
 Every registration has an identity (`Registration.key`): the first registration of a name is keyed by the
 name itself, a replacement by `name#<n>`. Slots, host copies, loads and reference counts are all per identity,
 so replacing an adapter that running requests use leaves them on the old weights (dropped when the last of
-them finishes) while new requests get the new ones.
+them finishes) while new requests get the new ones. A key is reused once its registration is gone (unregister,
+then register the name again); `Registration.serial` never is, and it salts the prefix cache (`cache_salt`).
 
 Registration only reads `adapter_config.json` (unless eager), so thousands of adapters can be registered.
 Host copies are loaded by a thread pool, ahead of need for queued requests (prefetch). Device writes are
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlora.config import LoraBankConfig, ModelConfig
+from jlora.engine.prefix_cache import BASE_SALT
 from jlora.errors import AdapterError, AdapterPathError, CapacityError, UnknownAdapterError
 from jlora.lora.peft import NO_ADAPTER, LoraAdapter, load_adapter, read_spec
 from jlora.lora.slots import SlotTable
@@ -63,6 +65,7 @@ class Registration:
     key: str  # identity: never shared by two live registrations
     path: str  # resolved; never shown to clients
     bucket: int  # from the config until the weights are read, then the weights' own
+    serial: int  # unique among all registrations this store ever made: the weights' identity
 
 
 def check_path(path) -> None:
@@ -105,6 +108,7 @@ class AdapterStore:
         self.stats = StoreStats()
         self._loads: dict[str, concurrent.futures.Future] = {}
         self._generation = itertools.count(1)
+        self._serials = itertools.count(1)
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jlora-adapter")
 
     @property
@@ -171,7 +175,7 @@ class AdapterStore:
         name = prepared.name
         key = name if name not in self.entries else f"{name}#{next(self._generation)}"
         old = self.current.get(name)
-        self.entries[key] = Registration(name, key, prepared.path, prepared.bucket)
+        self.entries[key] = Registration(name, key, prepared.path, prepared.bucket, next(self._serials))
         self.current[name] = key
         if prepared.adapter is not None:
             self._host_put(key, prepared.adapter)
@@ -211,6 +215,12 @@ class AdapterStore:
         del self.entries[key]
 
     # -- references and residency -------------------------------------------------------------------------------
+
+    def cache_salt(self, key: str | None) -> str:
+        """The prefix-cache salt of a registration's KV (`jlora.engine.prefix_cache`): its serial, never reused, so a
+        replaced or re-registered adapter never meets pages that other weights computed. The base model's is its
+        own."""
+        return BASE_SALT if key is None else f"adapter:{self.entries[key].serial}"
 
     def acquire(self, name: str | None) -> str | None:
         """Takes a reference on the current registration of `name`; returns its identity (None for the base)."""

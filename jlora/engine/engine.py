@@ -22,6 +22,7 @@ from jlora.engine.block_manager import PageAllocator
 from jlora.engine.memory import MemoryPlan, plan_memory
 from jlora.engine.compiles import compile_count
 from jlora.engine.model_runner import ModelRunner
+from jlora.engine.prefix_cache import CacheStats, PrefixCache
 from jlora.engine.scheduler import Scheduler, SchedulerConfig
 from jlora.engine.sequence import Sequence, Status
 from jlora.errors import AdapterError, CapacityError, RequestError, UnknownAdapterError
@@ -55,6 +56,8 @@ class EngineConfig:
     num_scheduler_steps: int = 8
     tp: int = 1  # tensor-parallel degree: the "model" axis of the mesh
     dp: int = 1  # data-parallel degree: the "data" axis of the mesh; each replica gets num_pages / dp pages
+    # Share full KV pages between requests whose tokens and adapter registration match (`prefix_cache`).
+    enable_prefix_caching: bool = True
 
     def __post_init__(self):
         if self.tp < 1 or self.dp < 1:
@@ -101,7 +104,8 @@ class Engine:
         self.store = AdapterStore(model.config, self.plan.bank, roots=config.adapter_roots,
                                   max_cpu_loras=config.max_cpu_loras, dtype=dtype,
                                   layout=mesh.MeshBankLayout(sharded) if sharded else None)
-        self.allocator = PageAllocator(self.plan.num_pages, config.page_size, replicas=config.dp)
+        self.allocator = PageAllocator(self.plan.num_pages, config.page_size, replicas=config.dp,
+                                       cache=PrefixCache(config.dp) if config.enable_prefix_caching else None)
         runner_kw = dict(num_pages=self.plan.num_pages, page_size=config.page_size, max_model_len=self.max_model_len,
                          max_num_seqs=config.max_num_seqs, dtype=dtype, runtime=config.runtime,
                          num_logprobs=config.num_logprobs, donate_params=donate_weights,
@@ -156,7 +160,8 @@ class Engine:
             raise RequestError(f"request id {request_id!r} is already in use")
         key = self.store.acquire(adapter)
         seq = Sequence(request_id, ids, sampling, key, adapter_name=adapter, want_logprobs=logprobs,
-                       sampling_seed=sampling.seed if sampling.seed is not None else secrets.randbits(31))
+                       sampling_seed=sampling.seed if sampling.seed is not None else secrets.randbits(31),
+                       cache_salt=self.store.cache_salt(key))
         self.store.prefetch([key])
         self.requests[request_id] = seq
         self._text[request_id] = ""
@@ -240,6 +245,8 @@ class Engine:
                 continue
             try:
                 update = self._advance(seq, chunk, out, i, now)
+                if seq.request_id in self.requests:
+                    self.allocator.commit(seq)  # its pages filled by this step join the prefix cache
             except Exception as e:  # noqa: BLE001 - this request's outputs alone
                 log.exception("processing the outputs of %s failed", seq.request_id)
                 update = self._fail([seq], _cause("processing this request's output failed", e))[0]
@@ -390,7 +397,13 @@ class Engine:
                 "adapter_device_hits": st.device_hits, "adapter_device_misses": st.device_misses,
                 "adapter_host_hits": st.host_hits, "adapter_host_misses": st.host_misses,
                 "adapters_registered": len(self.store.current), "sequences": len(self.requests),
-                "adapter_refs": sum(self.store.refs.values())}
+                "adapter_refs": sum(self.store.refs.values()), **self._prefix_cache_metrics()}
+
+    def _prefix_cache_metrics(self) -> dict:
+        st = self.allocator.cache.stats if self.allocator.cache else CacheStats()
+        return {"prefix_cache_query_tokens": st.query_tokens, "prefix_cache_hit_tokens": st.hit_tokens,
+                "prefix_cache_hit_rate": st.hit_rate, "prefix_cache_evictions": st.evictions,
+                "prefix_cache_pages": self.allocator.num_cached}
 
 
 def _cause(what: str, error: BaseException) -> str:

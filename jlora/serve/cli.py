@@ -103,6 +103,9 @@ def register(sub) -> None:
     p.add_argument("--num-pages", type=_count, default=512,
                    help="KV-cache pages of --page-size tokens (default: %(default)s)")
     p.add_argument("--page-size", type=_count, default=16, help="tokens per KV page (default: %(default)s)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="share full KV pages between requests whose prompt prefix and adapter match "
+                        "(default: on)")
     p.add_argument("--tp", type=_count, default=1, help="tensor-parallel degree (default: %(default)s)")
     p.add_argument("--dp", type=_count, default=1,
                    help="data-parallel degree: tp x dp devices, each replica with its own KV pages "
@@ -129,6 +132,7 @@ def config_from_args(args):
                        max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
                        num_scheduler_steps=args.num_scheduler_steps,
                        max_model_len=args.max_model_len, num_pages=args.num_pages, page_size=args.page_size,
+                       enable_prefix_caching=args.enable_prefix_caching,
                        tp=args.tp, dp=args.dp, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                        warmup=args.warmup, drain_timeout_s=args.drain_timeout,
                        allow_any_lora_path=args.allow_any_lora_path,

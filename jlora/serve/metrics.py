@@ -15,13 +15,16 @@ GAUGES = (
     ("waiting", "jlora_queue_depth", "Requests waiting to be scheduled."),
     ("running", "jlora_running_sequences", "Sequences in the running batch."),
     ("in_flight", "jlora_requests_in_flight", "Requests accepted and not yet finished."),
-    ("free_pages", "jlora_kv_free_pages", "Free KV-cache pages."),
+    ("free_pages", "jlora_kv_free_pages", "KV-cache pages no sequence holds (free, or cached and reusable)."),
     ("pages_used", "jlora_kv_pages_used", "KV-cache pages held by sequences."),
     ("pages_total", "jlora_kv_pages_total", "KV-cache pages in the pool."),
     ("sequences", "jlora_engine_sequences", "Requests the engine holds (waiting, running or finishing)."),
     ("adapter_refs", "jlora_adapter_references", "Adapter references held by requests."),
     ("tokens_per_second", "jlora_generation_tokens_per_second", "Generated tokens per second, recent window."),
     ("adapters_registered", "jlora_adapters_registered", "Adapters registered."),
+    ("prefix_cache_hit_rate", "jlora_prefix_cache_hit_rate",
+     "Prompt tokens whose KV came from the prefix cache, over all prompt tokens admitted, since start."),
+    ("prefix_cache_pages", "jlora_prefix_cache_pages", "KV pages in the prefix cache (held or reusable)."),
 )
 COUNTERS = (
     ("tokens_generated", "jlora_generation_tokens", "Tokens generated."),
@@ -32,6 +35,9 @@ COUNTERS = (
     ("adapter_device_misses", "jlora_adapter_device_cache_misses", "Adapter lookups that had to write a slot."),
     ("adapter_host_hits", "jlora_adapter_host_cache_hits", "Adapter loads served from the host cache."),
     ("adapter_host_misses", "jlora_adapter_host_cache_misses", "Adapter loads read from disk."),
+    ("prefix_cache_query_tokens", "jlora_prefix_cache_query_tokens", "Prompt tokens admitted (recomputations too)."),
+    ("prefix_cache_hit_tokens", "jlora_prefix_cache_hit_tokens", "Admitted tokens whose KV the prefix cache held."),
+    ("prefix_cache_evictions", "jlora_prefix_cache_evictions", "Cached KV pages evicted for other tokens."),
 )
 
 

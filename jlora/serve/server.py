@@ -47,6 +47,7 @@ class ServeConfig:
     max_model_len: int | None = None
     num_pages: int = 512
     page_size: int = 16
+    enable_prefix_caching: bool = True
     tp: int = 1
     dp: int = 1
     host: str = "127.0.0.1"
@@ -77,6 +78,7 @@ class ServeConfig:
     def engine_config(self) -> EngineConfig:
         return EngineConfig(max_num_seqs=self.max_num_seqs, num_scheduler_steps=self.num_scheduler_steps,
                             num_pages=self.num_pages, page_size=self.page_size,
+                            enable_prefix_caching=self.enable_prefix_caching,
                             max_model_len=self.max_model_len, bank=self.bank(), max_cpu_loras=self.max_cpu_loras,
                             adapter_roots=tuple(self.lora_roots) or None, tp=self.tp, dp=self.dp,
                             runtime=self.runtime)
