@@ -24,15 +24,20 @@ def llm(tmp_path_factory):
     return llm
 
 
+_FORWARD = jax.jit(forward, static_argnames=("config",))  # one compile for the padded reference shape
+
+
 def _greedy_reference(llm, prompt, adapter, n):
     """Token-by-token greedy decoding by full re-forward, no cache reuse: an independent route."""
     ids = list(prompt)
     slot = -1 if adapter is None else llm.store.ensure_resident({adapter})[adapter]
+    L = 16  # one padded length, one compile: causal attention keeps the tail from touching position T - 1
+    assert len(ids) + n <= L, "the reference pads every sequence to L tokens"
     for _ in range(n):
         T = len(ids)
-        logits, _ = forward(llm.params, llm.store.bank, jnp.asarray([ids]), jnp.arange(T)[None],
-                            jnp.full((1, T), slot), KVCache.zeros(llm.config, 1, T), config=llm.config)
-        ids.append(int(jnp.argmax(logits[0, -1])))
+        logits, _ = _FORWARD(llm.params, llm.store.bank, jnp.asarray([ids + [0] * (L - T)]), jnp.arange(L)[None],
+                            jnp.full((1, L), slot), KVCache.zeros(llm.config, 1, L), config=llm.config)
+        ids.append(int(jnp.argmax(logits[0, T - 1])))
     return ids[len(prompt):]
 
 

@@ -94,10 +94,6 @@ def sandbox(tmp_path_factory):
         os.symlink(os.path.join(ROOT, name), d / name)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    # XLA's persistent compilation cache, empty at the start of each test run: examples that compile the same
-    # program (same model, bank and step shape) compile it once. Their outputs are checked all the same.
-    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax-cache")),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
     return Sandbox(str(d), env)
 
 

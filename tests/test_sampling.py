@@ -12,12 +12,15 @@ def _logits(seed, B=4, V=50):
 
 
 def _keys(seeds):
-    return jnp.stack([jax.random.key(s) for s in seeds])
+    return jax.vmap(jax.random.key)(jnp.asarray(list(seeds), jnp.uint32))
+
+
+_SAMPLE = jax.jit(sample)  # one program per batch size, not one dispatch per op
 
 
 def _draw(logits, temp, k, p, seeds):
     B = logits.shape[0]
-    return np.asarray(sample(logits, jnp.full((B,), temp, jnp.float32), jnp.full((B,), k, jnp.int32),
+    return np.asarray(_SAMPLE(logits, jnp.full((B,), temp, jnp.float32), jnp.full((B,), k, jnp.int32),
                              jnp.full((B,), p, jnp.float32), _keys(seeds)))
 
 
