@@ -9,7 +9,8 @@ from typing import Any
 
 from jlora.errors import ModelLoadError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +25,11 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a Llama-family decoder."""
+    """Shape and numerics of a Llama-family decoder.
+
+    The family's features are fields, so a config is a jit key: `qk_norm` is Qwen3's RMSNorm of each query and
+    key head (over head_dim, one weight shared by the heads) before RoPE.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -42,6 +47,7 @@ class ModelConfig:
     o_bias: bool = False
     sliding_window: int | None = None
     model_type: str = "llama"
+    qk_norm: bool = False
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -63,7 +69,10 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        """Builds a config from a Hugging Face `config.json` dict (Llama, Mistral, Qwen2, SmolLM)."""
+        """Builds a config from a Hugging Face `config.json` dict (Llama, Mistral, Qwen2, Qwen3, SmolLM).
+
+        Raises `ModelLoadError` naming any setting jlora does not implement, rather than computing something else.
+        """
         model_type = d.get("model_type", "llama")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ModelLoadError(f"unsupported model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
@@ -76,8 +85,9 @@ class ModelConfig:
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         attention_bias = bool(d.get("attention_bias", False))
         window = d.get("sliding_window")
-        if model_type == "qwen2" and not d.get("use_sliding_window", False):
+        if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
             window = None
+        window = _uniform_window(d, window, d["num_hidden_layers"])
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -95,6 +105,7 @@ class ModelConfig:
             o_bias=model_type != "qwen2" and attention_bias,
             sliding_window=window,
             model_type=model_type,
+            qk_norm=model_type == "qwen3",
         )
 
     @classmethod
@@ -103,7 +114,9 @@ class ModelConfig:
             return cls.from_hf_dict(json.load(f))
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The inverse of `from_hf_dict`, written next to converted checkpoints."""
+        """The inverse of `from_hf_dict`, written next to converted checkpoints (Llama, Mistral, Qwen2 only)."""
+        if self.model_type not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"to_hf_dict writes llama, mistral and qwen2 configs, not {self.model_type!r}")
         d = {
             "model_type": self.model_type,
             "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -121,6 +134,22 @@ class ModelConfig:
         if self.rope_scaling is not None:
             d["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
         return d
+
+
+def _uniform_window(d: dict[str, Any], window: int | None, num_layers: int) -> int | None:
+    """The sliding window of every layer, from `sliding_window` and transformers' per-layer `layer_types`
+    (absent: every layer slides when a window is set)."""
+    types = d.get("layer_types")
+    if window is None or not types:
+        return window
+    unknown = sorted(set(types) - set(LAYER_TYPES))
+    if unknown or len(types) != num_layers:
+        raise ModelLoadError(f"layer_types must be {num_layers} of {LAYER_TYPES}, got {types}")
+    if all(t == "full_attention" for t in types):
+        return None
+    if any(t == "full_attention" for t in types):
+        raise ModelLoadError(f"layer_types mixing sliding and full attention layers is not supported: {types}")
+    return window
 
 
 def _rope_theta(d: dict[str, Any]) -> float:

@@ -33,6 +33,9 @@ def parse_args(argv=None):
                    help="wanted top1-top2 logit margin at every greedy step; prompts are re-drawn until all "
                         "variants of a model clear it (default 0.02; the brief's floor is 1e-3)")
     p.add_argument("--max-tries", type=int, default=200, help="prompt draws per slot before taking the best")
+    p.add_argument("--models", default="",
+                   help="comma list of tiny models to regenerate (others, SmolLM2 and their manifest entries are "
+                        "kept as they are); default: all")
     p.add_argument("--check", action="store_true",
                    help="regenerate into a temporary folder and compare byte for byte with --out")
     return p.parse_args(argv)
@@ -146,10 +149,53 @@ def tiny_model_cases(mi, spec, out, args, manifest):
     save_npz(os.path.join(out, "logits", f"{spec.name}.npz"), arrays)
 
 
+def selected_models(args):
+    from golden import tiny
+    if not args.models:
+        return tiny.MODELS
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = sorted(set(names) - {s.name for s in tiny.MODELS})
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; known: {[s.name for s in tiny.MODELS]}")
+    return [s for s in tiny.MODELS if s.name in names]
+
+
+def regenerate_some(out: str, args, specs) -> None:
+    """Rewrites the files and manifest entries of `specs` only; everything else stays byte for byte."""
+    from golden import tiny
+    from golden.fileio import load_json, reset_dir, save_json
+
+    path = os.path.join(out, "manifest.json")
+    manifest = load_json(path)
+    names = {s.name for s in specs}
+    for name in names:
+        for rel in (f"models/{name}", f"adapters/{name}"):
+            reset_dir(os.path.join(out, rel))
+        manifest["models"].pop(name, None)
+        manifest["adapters"] = {k: v for k, v in manifest["adapters"].items() if v["model"] not in names}
+    kept = [c for c in manifest["cases"] if c["model"] not in names]
+    manifest["cases"] = []
+    manifest["versions"] = versions()
+    for mi, spec in enumerate(tiny.MODELS):
+        if spec.name in names:
+            t0 = time.time()
+            log(f"model {spec.name} ({spec.arch})")
+            tiny_model_cases(mi, spec, out, args, manifest)
+            log(f"  done in {time.time() - t0:.1f}s")
+    new = manifest["cases"]
+    order = [s.name for s in tiny.MODELS]
+    manifest["cases"] = sorted(kept + new, key=lambda c: order.index(c["model"]))  # stable: case order kept
+    manifest["min_margin_overall"] = min(c["min_margin"] for c in manifest["cases"])
+    save_json(path, manifest)
+
+
 def generate(out: str, args) -> None:
     from golden import tiny
     from golden.fileio import load_json, reset_dir, save_json
 
+    specs = selected_models(args)
+    if args.models:
+        return regenerate_some(out, args, specs)
     old_manifest = os.path.join(out, "manifest.json")
     old_gguf = load_json(old_manifest).get("gguf_smollm2") if args.skip_gguf and os.path.exists(old_manifest) else None
     os.makedirs(out, exist_ok=True)
@@ -193,7 +239,10 @@ def main(argv=None) -> int:
     start = time.time()
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
-            if args.skip_gguf:
+            if args.models:  # the rest of the tree as it is; only the named models are regenerated
+                import shutil
+                shutil.copytree(args.out, tmp, dirs_exist_ok=True)
+            elif args.skip_gguf:
                 import shutil
                 src = os.path.join(args.out, "gguf_smollm2")
                 if os.path.isdir(src):

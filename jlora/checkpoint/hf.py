@@ -77,6 +77,9 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig, dtype=jn
                 layers["b_qkv"][i, qkv_off[j]:qkv_off[j + 1]] = take(p + f"self_attn.{proj}_proj.bias")
         if config.o_bias:
             layers["b_o"][i] = take(p + "self_attn.o_proj.bias")
+        if config.qk_norm:
+            layers["q_norm"][i] = take(p + "self_attn.q_norm.weight")
+            layers["k_norm"][i] = take(p + "self_attn.k_norm.weight")
     params = {"embed": take("model.embed_tokens.weight"), "layers": layers, "final_norm": take("model.norm.weight")}
     if not config.tie_word_embeddings:
         params["lm_head"] = take("lm_head.weight").T

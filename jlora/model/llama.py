@@ -1,4 +1,4 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) as a Flax NNX module over a pure forward.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM) as a Flax NNX module over a pure forward.
 
 Layers are stacked on a leading [L] axis and run with `lax.scan`, so a model compiles once per shape,
 whatever its depth; on GPU the engine splits them into per-layer arrays first (`split_layers`), which a Python
@@ -33,6 +33,8 @@ def param_shapes(config: ModelConfig) -> Params:
         layers["b_qkv"] = (L, qkv)
     if config.o_bias:
         layers["b_o"] = (L, D)
+    if config.qk_norm:
+        layers["q_norm"] = layers["k_norm"] = (L, config.head_dim)
     shapes = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
     if not config.tie_word_embeddings:
         shapes["lm_head"] = (D, V)
@@ -107,8 +109,12 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
     x = rms_norm(h, layer["attn_norm"], config.rms_norm_eps).reshape(B * T, D)
     qkv = project(x, layer["w_qkv"], "qkv", layer.get("b_qkv"))  # [B*T, (N + 2K) * H]
     q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
-    q = rope.apply_rope(q.reshape(B, T, N, H), positions, inv_freq)
-    k = rope.apply_rope(k.reshape(B, T, K, H), positions, inv_freq)
+    q, k = q.reshape(B, T, N, H), k.reshape(B, T, K, H)
+    if config.qk_norm:  # per head, over head_dim, before RoPE (Qwen3)
+        q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
+        k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
+    q = rope.apply_rope(q, positions, inv_freq)
+    k = rope.apply_rope(k, positions, inv_freq)
     attn, cache_k, cache_v = attention.attend(q, k, v.reshape(B, T, K, H), cache_k, cache_v, positions, page_table,
                                               config, layer_index, runtime)
     attn = attn.reshape(B * T, N * H)

@@ -42,6 +42,8 @@ _LAYER_AXES = {
     "b_qkv": ("layers", "heads"),
     "w_o": ("layers", "heads", "embed"),  # row-parallel
     "b_o": ("layers", "embed"),  # added after the all-reduce
+    "q_norm": ("layers", "head_dim"),  # one weight per head_dim feature, shared by every head: replicated
+    "k_norm": ("layers", "head_dim"),
     "w_gate_up": ("layers", "embed", "mlp"),  # [L, D, 2F], shard-major gate|up
     "w_down": ("layers", "mlp", "embed"),  # row-parallel
 }

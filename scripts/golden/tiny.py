@@ -13,13 +13,17 @@ COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, interm
               vocab_size=256, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
               pad_token_id=0, hidden_act="silu")
 
+# The newer families are smaller still (hidden 32, vocab 128), to keep the fixtures small.
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=128,
+             max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
 LINEAR_STD, EMBED_STD, BIAS_STD, NORM_STD, LORA_STD = 0.15, 0.2, 0.1, 0.1, 0.08
 
 
 @dataclass
 class ModelSpec:
     name: str
-    arch: str  # LlamaForCausalLM | Qwen2ForCausalLM | MistralForCausalLM
+    arch: str  # a transformers *ForCausalLM class name
     seed: int
     config: dict
     max_shard_size: str | None = None  # set: saved as model-0000x-of-0000y.safetensors + index
@@ -52,6 +56,9 @@ MODELS = [
     ModelSpec("mistral", "MistralForCausalLM", 1004, dict(
         COMMON, num_key_value_heads=2, tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=1000000.0,
         sliding_window=8), notes="GQA 4/2, untied, sliding_window=8 (active: prompts of 9 and 16 tokens exceed it)"),
+    ModelSpec("qwen3", "Qwen3ForCausalLM", 1005, dict(
+        SMALL, hidden_act="silu", num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, rms_norm_eps=1e-6,
+        rope_theta=1000000.0), notes="q/k RMSNorm per head before RoPE, head_dim 16 != hidden/heads, GQA 4/2, tied"),
 ]
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -73,6 +80,11 @@ ADAPTERS = {
     "qwen2": [
         AdapterSpec("down_r3", 3, 5.0, ["down_proj"]),
         AdapterSpec("alllinear_r12", 12, 6.0, "all-linear"),
+    ],
+    "qwen3": [
+        AdapterSpec("qk_r4", 4, 8.0, ["q_proj", "k_proj"]),
+        AdapterSpec("all_r8_rslora_patterns", 8, 16.0, "all-linear", use_rslora=True,
+                    rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 4}),
     ],
     "mistral": [
         AdapterSpec("qv_r2", 2, 8.0, ["q_proj", "v_proj"]),

@@ -40,21 +40,25 @@ def reference(entry):
     return np.load(fixture(entry["file"]))[entry["key"]]
 
 
-PAD_T = max(len(c["prompt_ids"]) for c in CASES)  # every batch padded to one length: one compile per model and B
+# Every batch of a model is padded to one shape, [its number of cases, the longest prompt]: one compile per model.
+PAD_T = max(len(c["prompt_ids"]) for c in CASES)
+PAD_B = {name: sum(c["model"] == name for c in CASES) for name in MANIFEST["models"]}
 
 
 def logits_for(name, rows):
-    """Logits of a right-padded batch of (prompt_ids, adapter) rows, one forward (padding: position -1)."""
+    """Logits of a right-padded batch of (prompt_ids, adapter) rows, one forward. Padding (position -1, no adapter)
+    fills the batch up to PAD_B rows; it is neither cached nor attended, so a single row is computed alone."""
     config, params, bank, slot_of = model(name)
-    T = max([PAD_T] + [len(p) for p, _ in rows])
-    tokens = np.zeros((len(rows), T), np.int32)
-    positions = np.full((len(rows), T), -1, np.int32)
-    for i, (p, _) in enumerate(rows):
+    B, T = max(PAD_B[name], len(rows)), max([PAD_T] + [len(p) for p, _ in rows])
+    tokens = np.zeros((B, T), np.int32)
+    positions = np.full((B, T), -1, np.int32)
+    ids = np.full(B, -1, np.int32)  # one adapter per row
+    for i, (p, a) in enumerate(rows):
         tokens[i, :len(p)], positions[i, :len(p)] = p, np.arange(len(p))
-    ids = np.array([-1 if a is None else slot_of[a] for _, a in rows], np.int32)  # one adapter per row
+        ids[i] = -1 if a is None else slot_of[a]
     logits, _ = fwd(params, bank, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(ids),
-                    KVCache.zeros(config, len(rows), T), config=config)
-    return np.asarray(logits)
+                    KVCache.zeros(config, B, T), config=config)
+    return np.asarray(logits)[:len(rows)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
@@ -80,7 +84,10 @@ def test_fixtures_cover_the_issue():
     assert {m for a in adapters for m in a["effective"]} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                             "up_proj", "down_proj"}
     assert any(a["use_rslora"] for a in adapters) and any(a["rank_pattern"] for a in adapters)
-    assert {c["model"] for c in CASES} == {"llama_tied", "llama_gqa", "qwen2", "mistral"}
+    assert {c["model"] for c in CASES} == {"llama_tied", "llama_gqa", "qwen2", "mistral", "qwen3"}
+    # Each family's fixture exercises its features, as jlora reads them from the checkpoint's config.json.
+    qwen3 = model("qwen3")[0]
+    assert qwen3.qk_norm and qwen3.head_dim * qwen3.num_heads != qwen3.hidden_size and qwen3.tie_word_embeddings
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST["models"]))

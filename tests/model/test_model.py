@@ -2,6 +2,8 @@
 
 import dataclasses
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ from helpers import TINY, rel_err, write_adapter, write_model
 
 from jlora.checkpoint.hf import load_hf_dir, params_from_hf, read_tensors
 from jlora.config import LoraBankConfig, ModelConfig, RopeScaling, RuntimeConfig
+from jlora.errors import ModelLoadError
 from jlora.lora.peft import read_spec
 from jlora.lora.loader import bank_from_peft
 from jlora.model import KVCache, forward, init_params, param_shapes
@@ -201,3 +204,33 @@ def test_runtime_config_is_part_of_the_jit_key(monkeypatch):
     assert RuntimeConfig.from_env().lora_backend == "reference"
     with pytest.raises(dataclasses.FrozenInstanceError):
         xla_rt.lora_backend = "reference"
+
+
+QWEN3_CONFIG = os.path.join(os.path.dirname(__file__), "..", "fixtures", "models", "qwen3", "config.json")
+
+
+@pytest.mark.parametrize("change,named", [
+    ({"model_type": "falcon"}, "'falcon'"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}}, "'yarn'"),
+    ({"hidden_act": "relu"}, "'relu'"),
+    ({"use_sliding_window": True, "sliding_window": 4, "layer_types": ["sliding_attention", "banded"]}, "'banded'"),
+])
+def test_unsupported_config_features_are_refused_by_name(change, named):
+    with open(QWEN3_CONFIG) as f:
+        d = {**json.load(f), **change}
+    with pytest.raises(ModelLoadError, match=named):
+        ModelConfig.from_hf_dict(d)
+
+
+def test_qwen3_config_reads_its_features():
+    with open(QWEN3_CONFIG) as f:
+        d = json.load(f)
+    config = ModelConfig.from_hf_dict(d)
+    assert config.qk_norm and not config.qkv_bias and config.sliding_window is None
+    # transformers keeps Qwen3's window off unless use_sliding_window; then layer_types (here all full) say which
+    # layers slide.
+    slid = ModelConfig.from_hf_dict({**d, "use_sliding_window": True, "sliding_window": 4,
+                                     "layer_types": ["sliding_attention"] * 2})
+    assert slid.sliding_window == 4
+    assert ModelConfig.from_hf_dict({**d, "use_sliding_window": True, "sliding_window": 4}).sliding_window is None
+    assert ModelConfig.from_hf_dict({**d, "attention_bias": True}).o_bias
