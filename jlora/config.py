@@ -9,7 +9,7 @@ from typing import Any
 
 from jlora.errors import ModelLoadError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -69,7 +69,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        """Builds a config from a Hugging Face `config.json` dict (Llama, Mistral, Qwen2, Qwen3, SmolLM).
+        """Builds a config from a Hugging Face `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM).
 
         Raises `ModelLoadError` naming any setting jlora does not implement, rather than computing something else.
         """
@@ -83,6 +83,9 @@ class ModelConfig:
             raise ModelLoadError(f"hidden_act {act!r} is not supported (only silu)")
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        partial = (d.get("rope_parameters") or {}).get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
+        if partial != 1.0:
+            raise ModelLoadError(f"partial_rotary_factor {partial} is not supported (RoPE over the whole head only)")
         attention_bias = bool(d.get("attention_bias", False))
         window = d.get("sliding_window")
         if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
@@ -178,6 +181,16 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # Fused groups: projections that share an input share one shrink.
 LORA_GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
                "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+# Checkpoints that store a group as one linear (Phi-3): PEFT adapters of such a model target the fused module.
+FUSED_MODULES = {"qkv_proj": "qkv", "gate_up_proj": "gate_up"}
+FUSED_CHECKPOINTS = ("phi3",)
+
+
+def model_lora_modules(config: "ModelConfig") -> tuple[str, ...]:
+    """The module names a PEFT adapter of this base model targets: its checkpoint's linears."""
+    if config.model_type in FUSED_CHECKPOINTS:
+        return ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    return LORA_MODULES
 ALL_LINEAR = "all-linear"
 _SHORT = {m.removesuffix("_proj"): m for m in LORA_MODULES}  # "q" -> "q_proj", ...
 

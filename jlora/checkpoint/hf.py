@@ -1,4 +1,5 @@
-"""Loads and saves Hugging Face Llama-family directories (config.json + safetensors, sharded or not)."""
+"""Loads and saves Hugging Face Llama-family directories (config.json + safetensors, sharded or not); Phi-3's fused
+qkv_proj and gate_up_proj load as jlora's fused weights."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jlora.config import ModelConfig
+from jlora.config import FUSED_CHECKPOINTS, ModelConfig
 from jlora.errors import ModelLoadError
 from jlora.model.llama import Params, param_shapes
 
@@ -20,6 +21,9 @@ _LAYER_KEYS = {  # HF suffix -> (our key, slice index within a fused weight, or 
     "self_attn.o_proj": ("w_o", None), "mlp.gate_proj": ("w_gate_up", 0), "mlp.up_proj": ("w_gate_up", 1),
     "mlp.down_proj": ("w_down", None),
 }
+# Phi-3 stores q|k|v and gate|up fused, in jlora's order: each is the whole fused weight, transposed.
+_FUSED_LAYER_KEYS = {"self_attn.qkv_proj": ("w_qkv", None), "self_attn.o_proj": ("w_o", None),
+                     "mlp.gate_up_proj": ("w_gate_up", None), "mlp.down_proj": ("w_down", None)}
 
 
 def _weight_files(path: str) -> list[str]:
@@ -53,6 +57,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig, dtype=jn
     qkv_off = (0, config.q_dim, config.q_dim + config.kv_dim, config.q_dim + 2 * config.kv_dim)
     f = config.intermediate_size
     seen = set()
+    keys = _FUSED_LAYER_KEYS if config.model_type in FUSED_CHECKPOINTS else _LAYER_KEYS
 
     def take(name):
         if name not in tensors:
@@ -64,14 +69,14 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig, dtype=jn
         p = f"model.layers.{i}."
         layers["attn_norm"][i] = take(p + "input_layernorm.weight")
         layers["mlp_norm"][i] = take(p + "post_attention_layernorm.weight")
-        for suffix, (key, j) in _LAYER_KEYS.items():
+        for suffix, (key, j) in keys.items():
             w = take(p + suffix + ".weight").T
-            if key == "w_qkv":
-                layers[key][i, :, qkv_off[j]:qkv_off[j + 1]] = w
-            elif key == "w_gate_up":
-                layers[key][i, :, j * f:(j + 1) * f] = w
-            else:
+            if j is None:
                 layers[key][i] = w
+            elif key == "w_qkv":
+                layers[key][i, :, qkv_off[j]:qkv_off[j + 1]] = w
+            else:
+                layers[key][i, :, j * f:(j + 1) * f] = w
         if config.qkv_bias:
             for j, proj in enumerate("qkv"):
                 layers["b_qkv"][i, qkv_off[j]:qkv_off[j + 1]] = take(p + f"self_attn.{proj}_proj.bias")

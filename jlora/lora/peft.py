@@ -12,7 +12,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from jlora.config import LORA_GROUPS, LORA_MODULES, LoraBankConfig, ModelConfig
+from jlora.config import FUSED_MODULES, LORA_GROUPS, LORA_MODULES, LoraBankConfig, ModelConfig, model_lora_modules
 from jlora.errors import AdapterError, AdapterPathError
 from jlora.lora.bank import group_dims
 
@@ -21,7 +21,9 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 _PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)"
                   r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+# module -> (group, slice of the group); a fused checkpoint module (Phi-3's qkv_proj) is the whole group (None).
 _MODULE_OF = {m: (g, i) for g, ms in LORA_GROUPS.items() for i, m in enumerate(ms)}
+_MODULE_OF.update({m: (g, None) for m, g in FUSED_MODULES.items()})
 MAX_CONFIG_BYTES = 1 << 20
 MAX_HEADER_BYTES = 16 << 20  # an 8B model's all-linear adapter has a header of well under 1 MiB
 # One message for a missing directory, a file, and a directory without a config: a load request cannot probe
@@ -134,9 +136,10 @@ def read_spec(path: str, roots=None) -> AdapterSpec:
     if isinstance(targets, list):
         # PEFT may save full paths ("model.layers.0.mlp.down_proj"); the module is the last component.
         targets = [str(t).rsplit(".", 1)[-1] for t in targets]
-        unknown = sorted(set(targets) - set(LORA_MODULES))
+        unknown = sorted(set(targets) - set(_MODULE_OF))
         if unknown:
-            raise AdapterError(f"unknown target modules {unknown}; supported: {list(LORA_MODULES)} or 'all-linear'")
+            raise AdapterError(f"unknown target modules {unknown}; supported: {list(LORA_MODULES)}, "
+                               f"{list(FUSED_MODULES)} (Phi-3) or 'all-linear'")
         targets = tuple(sorted(set(targets)))
     elif not isinstance(targets, str):
         raise AdapterError(f"target_modules must be a list or a string, got {targets!r}")
@@ -199,17 +202,22 @@ def _read_weights(path: str, config: ModelConfig, bank_config: LoraBankConfig, s
             raise AdapterError(f"the adapter has only {pickled[0]} (a pickle); jlora never unpickles "
                                f"files: re-save it with safe_serialization=True to get {WEIGHTS_FILE}")
         raise AdapterError(f"the adapter has no {WEIGHTS_FILE}")
-    dims = group_dims(config)
-    for key, (_, shape) in read_header(weights).items():
+    modules = model_lora_modules(config)
+    header = read_header(weights)
+    for key in header:  # names first: an adapter of another family fails on its modules, not on a shape
         m = _KEY.match(key)
         if m is None or m.group(2) not in _MODULE_OF:
-            raise AdapterError(f"unexpected tensor {key[:100]!r}: only lora_A/lora_B of {list(LORA_MODULES)} "
+            raise AdapterError(f"unexpected tensor {key[:100]!r}: only lora_A/lora_B of {list(modules)} "
                                "are supported")
-        layer, module, side = int(m.group(1)), m.group(2), m.group(3)
+        if m.group(2) not in modules:
+            raise AdapterError(f"{m.group(2)} is not a module of this {config.model_type} base model: its "
+                               f"adapters target {list(modules)}")
+    for key, (_, shape) in header.items():
+        layer, module, side = _KEY.match(key).group(1, 2, 3)
+        layer = int(layer)
         if layer >= config.num_layers:
             raise AdapterError(f"{key}: layer {layer} does not exist in a base model of {config.num_layers} layers")
-        group, j = _MODULE_OF[module]
-        d_in, d_out = dims[group][0], dims[group][1][j]
+        d_in, d_out = _module_dims(config, module)
         r, _ = spec.rank_alpha(_module_name(layer, module))
         want = (r, d_in) if side == "A" else (d_out, r)
         if shape != want:
@@ -222,6 +230,19 @@ def _read_weights(path: str, config: ModelConfig, bank_config: LoraBankConfig, s
         return load_file(weights)
     except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise AdapterError(f"{WEIGHTS_FILE} is not a readable safetensors file: {str(e)[:200]}") from None
+
+
+def _covers(module: str, jlora_module: str) -> bool:
+    """Whether an adapter's `module` (jlora's or a fused checkpoint module) changes `jlora_module`."""
+    group, j = _MODULE_OF[module]
+    return module == jlora_module or (j is None and jlora_module in LORA_GROUPS[group])
+
+
+def _module_dims(config: ModelConfig, module: str) -> tuple[int, int]:
+    """(d_in, d_out) of one module; a fused module's d_out is its group's summed."""
+    group, j = _MODULE_OF[module]
+    d_in, d_outs = group_dims(config)[group]
+    return d_in, sum(d_outs) if j is None else d_outs[j]
 
 
 def _module_name(layer: int, module: str) -> str:
@@ -253,8 +274,7 @@ def load_adapter(path: str, config: ModelConfig, bank_config: LoraBankConfig, na
         where = f"layer {layer} {module}"
         if set(ab) != {"A", "B"}:
             raise AdapterError(f"{where}: lora_A and lora_B must both be present")
-        group, j = _MODULE_OF[module]
-        d_in, d_out = dims[group][0], dims[group][1][j]
+        d_in, d_out = _module_dims(config, module)
         a, b = ab["A"], ab["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[1] != d_in or b.shape[0] != d_out or a.shape[0] != b.shape[1]:
             raise AdapterError(f"{where}: shape mismatch with the base model: lora_A {a.shape}, lora_B {b.shape}; "
@@ -277,19 +297,24 @@ def load_adapter(path: str, config: ModelConfig, bank_config: LoraBankConfig, na
     out_a, out_b = {}, {}
     for group in bank_config.groups:
         d_in, d_outs = dims[group]
-        if not any(module == m for _, module in pairs for m in LORA_GROUPS[group]):
+        if not any(_MODULE_OF[module][0] == group for _, module in pairs):
             out_a[group] = out_b[group] = None
             continue
         a_full = np.zeros((L, d_in, len(d_outs) * bucket), dtype)
         b_full = [np.zeros((L, bucket, d), dtype) for d in d_outs]
-        for j, module in enumerate(LORA_GROUPS[group]):
-            for layer in range(L):
-                if (layer, module) not in pairs:
-                    continue
-                r, scale, _ = ranks[(layer, module)]
-                a_full[layer, :, j * bucket:j * bucket + r] = pairs[(layer, module)]["A"].astype(np.float32).T
-                b_full[j][layer, :r, :] = pairs[(layer, module)]["B"].astype(np.float32).T * scale
+        offsets = np.cumsum((0,) + d_outs)
+        for (layer, module), ab in pairs.items():
+            g, slice_j = _MODULE_OF[module]
+            if g != group:
+                continue
+            r, scale, _ = ranks[(layer, module)]
+            a, b = ab["A"].astype(np.float32).T, ab["B"].astype(np.float32).T * scale  # [d_in, r], [r, d_out]
+            # A fused module's delta x A B splits exactly by output columns: every slice gets the whole A and
+            # its own columns of B (the shrink then runs A once per slice).
+            for j in range(len(d_outs)) if slice_j is None else (slice_j,):
+                a_full[layer, :, j * bucket:j * bucket + r] = a
+                b_full[j][layer, :r, :] = b if slice_j is not None else b[:, offsets[j]:offsets[j + 1]]
         out_a[group], out_b[group] = a_full, tuple(b_full)
-    targets = tuple(m for m in LORA_MODULES if any(mod == m for _, mod in pairs))
+    targets = tuple(m for m in LORA_MODULES if any(_covers(mod, m) for _, mod in pairs))
     return LoraAdapter(name=name or os.path.basename(os.path.normpath(path)), path=path, rank=rank, bucket=bucket,
                        targets=targets, a=out_a, b=out_b)

@@ -1,4 +1,5 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM) as a Flax NNX module over a pure forward.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM) as a Flax NNX module over a
+pure forward.
 
 Layers are stacked on a leading [L] axis and run with `lax.scan`, so a model compiles once per shape,
 whatever its depth; on GPU the engine splits them into per-layer arrays first (`split_layers`), which a Python

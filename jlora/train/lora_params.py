@@ -13,7 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jlora.config import LORA_GROUPS, LORA_MODULES, ModelConfig, parse_lora_modules
+from jlora.config import FUSED_CHECKPOINTS, FUSED_MODULES, LORA_GROUPS, LORA_MODULES, ModelConfig, parse_lora_modules
 from jlora.lora.bank import BucketBank, LoraBank, group_dims
 
 TrainableLora = dict[str, dict[str, jax.Array]]
@@ -41,6 +41,9 @@ def init_lora(config: ModelConfig, targets: tuple[str, ...], rank: int, key: jax
     """
     if rank <= 0:
         raise ValueError(f"rank must be positive, got {rank}")
+    if config.model_type in FUSED_CHECKPOINTS:  # PEFT's Phi-3 has no q_proj..., so the export could not load
+        raise ValueError(f"training LoRA on a {config.model_type} base is not supported: its PEFT adapters target "
+                         f"fused modules {list(FUSED_MODULES)}, which jlora train does not export")
     dims = module_dims(config)
     L = config.num_layers
     keys = jax.random.split(key, len(targets))

@@ -59,6 +59,11 @@ MODELS = [
     ModelSpec("qwen3", "Qwen3ForCausalLM", 1005, dict(
         SMALL, hidden_act="silu", num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, rms_norm_eps=1e-6,
         rope_theta=1000000.0), notes="q/k RMSNorm per head before RoPE, head_dim 16 != hidden/heads, GQA 4/2, tied"),
+    ModelSpec("phi3", "Phi3ForCausalLM", 1006, dict(
+        SMALL, hidden_act="silu", num_key_value_heads=2, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        rope_theta=10000.0, sliding_window=6, original_max_position_embeddings=256),
+        notes="fused qkv_proj and gate_up_proj, GQA 4/2, untied, sliding_window=6 (active on the 9- and 16-token "
+              "prompts)"),
 ]
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -85,6 +90,11 @@ ADAPTERS = {
         AdapterSpec("qk_r4", 4, 8.0, ["q_proj", "k_proj"]),
         AdapterSpec("all_r8_rslora_patterns", 8, 16.0, "all-linear", use_rslora=True,
                     rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 4}),
+    ],
+    "phi3": [
+        AdapterSpec("qkv_o_r6", 6, 12.0, ["qkv_proj", "o_proj"]),
+        AdapterSpec("alllinear_r16_patterns", 16, 8.0, "all-linear", use_rslora=True,
+                    rank_pattern={"qkv_proj": 3, "down_proj": 32}, alpha_pattern={"gate_up_proj": 24}),
     ],
     "mistral": [
         AdapterSpec("qv_r2", 2, 8.0, ["q_proj", "v_proj"]),

@@ -151,3 +151,18 @@ def test_slot_write_does_not_recompile(tmp_path):
     assert bank_lib._write_slot._cache_size() == before
     assert set(store.slots.resident) == {keys[0], keys[1]}
     store.close()
+
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures")
+
+
+@pytest.mark.parametrize("base,adapter,module", [
+    ("phi3", "llama_gqa/q_r1", "q_proj"),  # Phi-3 has no q_proj: its adapters target the fused qkv_proj
+    ("qwen3", "phi3/qkv_o_r6", "qkv_proj"),  # and a split-projection model has no qkv_proj
+])
+def test_adapter_modules_the_base_lacks_are_refused_by_name(base, adapter, module):
+    from jlora.config import ModelConfig
+    from jlora.lora.peft import load_adapter
+    config = ModelConfig.from_json(os.path.join(FIXTURES, "models", base, "config.json"))
+    with pytest.raises(AdapterError, match=f"{module} is not a module of this {base} base model"):
+        load_adapter(os.path.join(FIXTURES, "adapters", adapter), config, BANK)

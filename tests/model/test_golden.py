@@ -42,7 +42,8 @@ def reference(entry):
 
 # Every batch of a model is padded to one shape, [its number of cases, the longest prompt]: one compile per model.
 PAD_T = max(len(c["prompt_ids"]) for c in CASES)
-PAD_B = {name: sum(c["model"] == name for c in CASES) for name in MANIFEST["models"]}
+CASES_OF = {name: [c for c in CASES if c["model"] == name] for name in MANIFEST["models"]}
+PAD_B = {name: len(cases) for name, cases in CASES_OF.items()}
 
 
 def logits_for(name, rows):
@@ -82,12 +83,17 @@ def test_fixtures_cover_the_issue():
     ranks = {r["r"] for a in adapters for r in a["effective"].values()}
     assert {1, 3, 8, 12, 64} <= ranks
     assert {m for a in adapters for m in a["effective"]} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                            "up_proj", "down_proj"}
+                                                            "up_proj", "down_proj", "qkv_proj", "gate_up_proj"}
     assert any(a["use_rslora"] for a in adapters) and any(a["rank_pattern"] for a in adapters)
-    assert {c["model"] for c in CASES} == {"llama_tied", "llama_gqa", "qwen2", "mistral", "qwen3"}
+    assert {c["model"] for c in CASES} == {"llama_tied", "llama_gqa", "qwen2", "mistral", "qwen3", "phi3"}
     # Each family's fixture exercises its features, as jlora reads them from the checkpoint's config.json.
     qwen3 = model("qwen3")[0]
     assert qwen3.qk_norm and qwen3.head_dim * qwen3.num_heads != qwen3.hidden_size and qwen3.tie_word_embeddings
+    phi3 = MANIFEST["models"]["phi3"]
+    assert model("phi3")[0].sliding_window == 6 < len(CASES_OF["phi3"][-1]["prompt_ids"])
+    phi3_adapters = [a for a in adapters if a["model"] == "phi3"]
+    assert {m for a in phi3_adapters for m in a["effective"]} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert phi3["architecture"] == "Phi3ForCausalLM" and any(a["rank_pattern"].get("qkv_proj") for a in phi3_adapters)
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST["models"]))

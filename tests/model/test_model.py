@@ -213,6 +213,8 @@ QWEN3_CONFIG = os.path.join(os.path.dirname(__file__), "..", "fixtures", "models
     ({"model_type": "falcon"}, "'falcon'"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}}, "'yarn'"),
     ({"hidden_act": "relu"}, "'relu'"),
+    ({"partial_rotary_factor": 0.75}, "partial_rotary_factor 0.75"),  # Phi-4-mini's
+    ({"model_type": "phi3", "rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "'longrope'"),
     ({"use_sliding_window": True, "sliding_window": 4, "layer_types": ["sliding_attention", "banded"]}, "'banded'"),
 ])
 def test_unsupported_config_features_are_refused_by_name(change, named):

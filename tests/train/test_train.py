@@ -119,3 +119,12 @@ def test_cli_trains_and_writes_peft_dir(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit, match="warmup_steps"):
         cli.main(["train", "--model", model, "--data", data, "--output", str(out), "--steps", "2",
                   "--warmup-steps", "2", "--quiet"])
+
+
+def test_training_a_fused_checkpoint_family_is_refused():
+    import dataclasses
+
+    from jlora.train.lora_params import init_lora
+    phi3 = dataclasses.replace(TINY, model_type="phi3")
+    with pytest.raises(ValueError, match="phi3 base is not supported.*qkv_proj"):
+        init_lora(phi3, ("q_proj",), 4, jax.random.key(0))
