@@ -58,6 +58,10 @@ class EngineConfig:
     dp: int = 1  # data-parallel degree: the "data" axis of the mesh; each replica gets num_pages / dp pages
     # Share full KV pages between requests whose tokens and adapter registration match (`prefix_cache`).
     enable_prefix_caching: bool = True
+    # Admission order when more requests wait than fit: "fifo", or "affinity" (requests whose adapter is resident or
+    # running go first; none waits more than `lora_affinity_max_wait_s` beyond FIFO; `scheduler.py`).
+    lora_scheduling: str = "fifo"
+    lora_affinity_max_wait_s: float = 2.0
 
     def __post_init__(self):
         if self.tp < 1 or self.dp < 1:
@@ -116,8 +120,10 @@ class Engine:
         else:
             self.runner = mesh.MeshRunner(model.config, model.params(), model=sharded, **runner_kw)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                                                   config.max_prefill_chunk, config.num_scheduler_steps),
-                                   self.allocator, self.store.fits, self.runner.prefill_fits)
+                                                   config.max_prefill_chunk, config.num_scheduler_steps,
+                                                   config.lora_scheduling, config.lora_affinity_max_wait_s),
+                                   self.allocator, self.store.fits, self.runner.prefill_fits,
+                                   adapter_resident=lambda key: self.store.slots.slot(key) is not None)
         self.requests: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._text: dict[str, str] = {}  # the text so far (cut at a stop string)

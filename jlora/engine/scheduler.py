@@ -5,12 +5,18 @@ token for every running sequence, or up to `num_scheduler_steps` tokens in one c
 work is then paid once for several tokens). Prefill goes first when there is waiting work. When pages run out during
 decode, the newest running sequence is preempted: its pages are freed and it is recomputed later from its tokens
 (with prefix caching, from the first of its pages that is no longer cached).
+
+Admission is FIFO by default. With `lora_scheduling="affinity"`, waiting requests whose adapter is already on the
+device or in the running batch go first, and a request whose adapter cannot join the batch now is passed over instead
+of stalling the queue behind it; a request that has waited `affinity_max_wait_s` goes first again and nothing passes it,
+so affinity delays no request by more than that bound beyond where FIFO would have admitted it.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 from typing import Callable
 
 from jlora.engine.block_manager import PageAllocator
@@ -23,11 +29,21 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_prefill_chunk: int = 512  # longest chunk of one prompt per step, so long prompts are chunked
     num_scheduler_steps: int = 1  # most decode tokens per sequence in one step
+    lora_scheduling: str = "fifo"  # "fifo", or "affinity": admit requests whose adapters are resident first
+    affinity_max_wait_s: float = 2.0  # with "affinity": a request waiting this long is admitted in FIFO order
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 1:
-                raise ValueError(f"SchedulerConfig.{f.name} must be >= 1, got {getattr(self, f.name)}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_prefill_chunk", "num_scheduler_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lora_scheduling not in LORA_SCHEDULING:
+            raise ValueError(f"lora_scheduling must be one of {', '.join(LORA_SCHEDULING)}, "
+                             f"got {self.lora_scheduling!r}")
+        if not self.affinity_max_wait_s >= 0:
+            raise ValueError(f"affinity_max_wait_s must be >= 0, got {self.affinity_max_wait_s}")
+
+
+LORA_SCHEDULING = ("fifo", "affinity")
 
 
 @dataclasses.dataclass
@@ -52,13 +68,17 @@ class Scheduler:
       adapters_fit: callback(set of adapter names) -> whether they can all be resident at once.
       prefill_fits: callback(sequences, longest chunk) -> whether a prefill step of that shape may run (the
         runner bounds its padded rows, `ModelRunner.prefill_fits`).
+      adapter_resident: callback(adapter) -> whether it is on the device now (used by affinity admission).
+      clock: seconds, on the clock of `Sequence.arrival_time`.
     """
 
     def __init__(self, config: SchedulerConfig, allocator: PageAllocator,
                  adapters_fit: Callable[[set[str]], bool] = lambda names: True,
-                 prefill_fits: Callable[[int, int], bool] = lambda num_seqs, longest: True):
+                 prefill_fits: Callable[[int, int], bool] = lambda num_seqs, longest: True,
+                 adapter_resident: Callable[[str], bool] = lambda name: False,
+                 clock: Callable[[], float] = time.perf_counter):
         self.config, self.allocator, self.adapters_fit = config, allocator, adapters_fit
-        self.prefill_fits = prefill_fits
+        self.prefill_fits, self.adapter_resident, self.clock = prefill_fits, adapter_resident, clock
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self._order = 0
@@ -99,7 +119,9 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         seqs, chunks = [], []
         # Sequences already running but not fully prefilled continue first, then waiting ones are admitted.
-        candidates = [s for s in self.running if s.remaining > 1] + list(self.waiting)
+        affinity = self.config.lora_scheduling == "affinity"
+        waiting = self._affinity_order() if affinity else list(self.waiting)
+        candidates = [s for s in self.running if s.remaining > 1] + waiting
         for seq in candidates:
             if budget <= 0 or len(seqs) >= self.config.max_num_seqs:
                 break
@@ -108,6 +130,8 @@ class Scheduler:
             if admitting and len(self.running) + waiting_in_batch >= self.config.max_num_seqs:
                 break
             if admitting and not self.adapters_fit(self._adapters(self.running + seqs + [seq])):
+                if affinity and not self._overdue(seq):
+                    continue  # its adapter must wait for a slot; requests behind it may still join
                 break
             # An admitted sequence starts after the longest cached prefix of its tokens (if prefix caching is on).
             prefix = self.allocator.match(seq, lambda start: self._chunk(seq, start, budget)) if admitting else None
@@ -131,6 +155,20 @@ class Scheduler:
                 seq.order = self._order
                 self.running.append(seq)
         return ScheduledBatch("prefill", seqs, chunks)
+
+    def _overdue(self, seq: Sequence) -> bool:
+        return self.clock() - seq.arrival_time >= self.config.affinity_max_wait_s
+
+    def _affinity_order(self) -> list[Sequence]:
+        """Waiting sequences: overdue ones first, then those whose adapter is resident, in the batch or none, then
+        the rest; in queue order within each group."""
+        hot = self._adapters(self.running)
+
+        def group(seq: Sequence) -> int:
+            if self._overdue(seq):
+                return 0
+            return 1 if seq.adapter is None or seq.adapter in hot or self.adapter_resident(seq.adapter) else 2
+        return sorted(self.waiting, key=group)  # sorted() is stable: queue order within a group
 
     def _chunk(self, seq: Sequence, start: int, budget: int) -> int:
         """The prefill chunk of `seq` from token `start`. A chunk that reaches the end samples a token, so decode

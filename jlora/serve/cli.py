@@ -106,6 +106,13 @@ def register(sub) -> None:
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share full KV pages between requests whose prompt prefix and adapter match "
                         "(default: on)")
+    p.add_argument("--lora-scheduling", choices=("fifo", "affinity"), default="fifo",
+                   help="admission order when more requests wait than fit: 'fifo', or 'affinity': requests whose "
+                        "adapter is on the device or running go first, so steps carry fewer distinct adapters "
+                        "(default: %(default)s)")
+    p.add_argument("--lora-affinity-max-wait", type=float, default=2.0, metavar="SECONDS",
+                   help="with --lora-scheduling affinity: a request waiting this long is admitted in FIFO order "
+                        "and nothing passes it (default: %(default)s)")
     p.add_argument("--tp", type=_count, default=1, help="tensor-parallel degree (default: %(default)s)")
     p.add_argument("--dp", type=_count, default=1,
                    help="data-parallel degree: tp x dp devices, each replica with its own KV pages "
@@ -133,6 +140,7 @@ def config_from_args(args):
                        num_scheduler_steps=args.num_scheduler_steps,
                        max_model_len=args.max_model_len, num_pages=args.num_pages, page_size=args.page_size,
                        enable_prefix_caching=args.enable_prefix_caching,
+                       lora_scheduling=args.lora_scheduling, lora_affinity_max_wait_s=args.lora_affinity_max_wait,
                        tp=args.tp, dp=args.dp, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                        warmup=args.warmup, drain_timeout_s=args.drain_timeout,
                        allow_any_lora_path=args.allow_any_lora_path,

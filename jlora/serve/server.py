@@ -48,6 +48,8 @@ class ServeConfig:
     num_pages: int = 512
     page_size: int = 16
     enable_prefix_caching: bool = True
+    lora_scheduling: str = "fifo"  # or "affinity" (EngineConfig.lora_scheduling)
+    lora_affinity_max_wait_s: float = 2.0
     tp: int = 1
     dp: int = 1
     host: str = "127.0.0.1"
@@ -79,7 +81,8 @@ class ServeConfig:
         return EngineConfig(max_num_seqs=self.max_num_seqs, num_scheduler_steps=self.num_scheduler_steps,
                             num_pages=self.num_pages, page_size=self.page_size,
                             enable_prefix_caching=self.enable_prefix_caching,
-                            max_model_len=self.max_model_len, bank=self.bank(), max_cpu_loras=self.max_cpu_loras,
+                            lora_scheduling=self.lora_scheduling,
+                            lora_affinity_max_wait_s=self.lora_affinity_max_wait_s, max_model_len=self.max_model_len, bank=self.bank(), max_cpu_loras=self.max_cpu_loras,
                             adapter_roots=tuple(self.lora_roots) or None, tp=self.tp, dp=self.dp,
                             runtime=self.runtime)
 
