@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from jlora import distributed
+from jlora import compile_cache, distributed
 from jlora.errors import JloraError
 from jlora.serve import cli as serve_cli
 from jlora.train import cli as train_cli
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object per output")
     _add_sampling(gen)
     _add_parallel(gen)
+    compile_cache.add_args(gen)
     train_cli.register(sub)
     serve_cli.register(sub)
     return parser
@@ -91,6 +92,7 @@ def cmd_generate(args) -> int:
     from jlora.generate import LLM
 
     distributed.initialize_from_args(args)
+    compile_cache.configure_from_args(args)
     engine = EngineConfig(tp=args.tp, dp=args.dp, runtime=RuntimeConfig.from_env())
     sampling = _sampling(args)
     loras = dict(args.lora)

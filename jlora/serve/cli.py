@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from jlora import distributed
+from jlora import compile_cache, distributed
 from jlora.checkpoint.resolve import DEFAULT_MODEL
 from jlora.config import RuntimeConfig, parse_lora_modules
 
@@ -124,6 +124,7 @@ def register(sub) -> None:
                    help="compile every step shape before serving (slow on a CPU; no compiles while serving)")
     p.add_argument("--drain-timeout", type=float, default=600.0,
                    help="seconds SIGTERM waits for in-flight requests before aborting them (default: %(default)s)")
+    compile_cache.add_args(p)
     g = p.add_argument_group("multi-process (process 0 serves and schedules; the others follow its steps)")
     distributed.add_args(g)
 
@@ -194,6 +195,7 @@ def follow(config) -> int:
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     distributed.initialize_from_args(args)
+    compile_cache.configure_from_args(args)
     config = config_from_args(args)
     code = asyncio.run(serve(config)) if distributed.is_scheduler() else follow(config)
     distributed.shutdown()
