@@ -9,7 +9,9 @@ from typing import Any
 
 from jlora.errors import ModelLoadError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
+GEMMA_TYPES = ("gemma2",)
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
@@ -27,8 +29,16 @@ class RopeScaling:
 class ModelConfig:
     """Shape and numerics of a Llama-family decoder.
 
-    The family's features are fields, so a config is a jit key: `qk_norm` is Qwen3's RMSNorm of each query and
-    key head (over head_dim, one weight shared by the heads) before RoPE.
+    The family's features are fields, so a config is a jit key:
+      qk_norm: RMSNorm of each query and key head (over head_dim, one weight shared by the heads) before RoPE (Qwen3).
+      norm_unit_offset: every RMSNorm scales by (1 + weight) (Gemma).
+      post_norms: RMSNorms of the attention and MLP outputs before their residual adds (Gemma's sandwich norms:
+        `post_attn_norm`, `post_mlp_norm`; `mlp_norm` is then the pre-feedforward norm).
+      embed_scale: embeddings times sqrt(hidden_size) (Gemma).
+      hidden_act: the gate's activation, one of ACTIVATIONS (Gemma's GeGLU: "gelu_pytorch_tanh").
+      query_pre_attn_scalar: attention scores scale by its -1/2 power instead of head_dim's (Gemma).
+      attn_logit_softcap, final_logit_softcap: cap * tanh(x / cap) of attention scores, of output logits (Gemma 2).
+      sliding_layers: which layers use `sliding_window` (the others attend globally); None: all of them.
     """
 
     vocab_size: int
@@ -48,6 +58,14 @@ class ModelConfig:
     sliding_window: int | None = None
     model_type: str = "llama"
     qk_norm: bool = False
+    norm_unit_offset: bool = False
+    post_norms: bool = False
+    embed_scale: bool = False
+    hidden_act: str = "silu"
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    sliding_layers: tuple[bool, ...] | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -58,6 +76,21 @@ class ModelConfig:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"ModelConfig.hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap", "final_logit_softcap"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"ModelConfig.{name} must be positive or None, got {getattr(self, name)}")
+        if self.sliding_layers is not None:
+            object.__setattr__(self, "sliding_layers", tuple(bool(s) for s in self.sliding_layers))
+            if len(self.sliding_layers) != self.num_layers or self.sliding_window is None:
+                raise ValueError(f"sliding_layers needs a sliding_window and one entry per layer "
+                                 f"({self.num_layers}), got {self.sliding_layers}")
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor of q . k in the attention scores."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def q_dim(self) -> int:
@@ -69,7 +102,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        """Builds a config from a Hugging Face `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM).
+        """Builds a config from a Hugging Face `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2,
+        SmolLM).
 
         Raises `ModelLoadError` naming any setting jlora does not implement, rather than computing something else.
         """
@@ -78,9 +112,13 @@ class ModelConfig:
             raise ModelLoadError(f"unsupported model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
         if d.get("mlp_bias"):
             raise ModelLoadError("mlp_bias=True is not supported")
-        act = d.get("hidden_act", "silu")
-        if act != "silu":
-            raise ModelLoadError(f"hidden_act {act!r} is not supported (only silu)")
+        gemma = model_type in GEMMA_TYPES
+        act = (d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh") if gemma else \
+            d.get("hidden_act", "silu")
+        if d.get("use_bidirectional_attention"):
+            raise ModelLoadError("use_bidirectional_attention=True is not supported (causal attention only)")
+        if act not in ACTIVATIONS:
+            raise ModelLoadError(f"hidden_act {act!r} is not supported (only {list(ACTIVATIONS)})")
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         partial = (d.get("rope_parameters") or {}).get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))
@@ -90,7 +128,7 @@ class ModelConfig:
         window = d.get("sliding_window")
         if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
             window = None
-        window = _uniform_window(d, window, d["num_hidden_layers"])
+        window, sliding_layers = _layer_windows(d, window, d["num_hidden_layers"])
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -103,12 +141,20 @@ class ModelConfig:
             rope_theta=_rope_theta(d),
             rope_scaling=_rope_scaling(d.get("rope_scaling") or d.get("rope_parameters")),
             max_position_embeddings=d.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
             qkv_bias=model_type == "qwen2" or attention_bias,
             o_bias=model_type != "qwen2" and attention_bias,
             sliding_window=window,
             model_type=model_type,
             qk_norm=model_type == "qwen3",
+            norm_unit_offset=gemma,
+            post_norms=gemma,
+            embed_scale=gemma,
+            hidden_act=act,
+            query_pre_attn_scalar=_positive(d, "query_pre_attn_scalar") if gemma else None,
+            attn_logit_softcap=_positive(d, "attn_logit_softcapping"),
+            final_logit_softcap=_positive(d, "final_logit_softcapping"),
+            sliding_layers=sliding_layers,
         )
 
     @classmethod
@@ -139,20 +185,28 @@ class ModelConfig:
         return d
 
 
-def _uniform_window(d: dict[str, Any], window: int | None, num_layers: int) -> int | None:
-    """The sliding window of every layer, from `sliding_window` and transformers' per-layer `layer_types`
-    (absent: every layer slides when a window is set)."""
+def _layer_windows(d: dict[str, Any], window: int | None, num_layers: int):
+    """(sliding_window, sliding_layers) from `sliding_window` and transformers' per-layer `layer_types` (absent:
+    every layer slides when a window is set). Uniform patterns give sliding_layers None (one window or none)."""
     types = d.get("layer_types")
     if window is None or not types:
-        return window
+        return window, None
     unknown = sorted(set(types) - set(LAYER_TYPES))
     if unknown or len(types) != num_layers:
         raise ModelLoadError(f"layer_types must be {num_layers} of {LAYER_TYPES}, got {types}")
-    if all(t == "full_attention" for t in types):
+    sliding = tuple(t == "sliding_attention" for t in types)
+    if not any(sliding):
+        return None, None
+    return window, None if all(sliding) else sliding
+
+
+def _positive(d: dict[str, Any], key: str) -> float | None:
+    value = d.get(key)
+    if value is None:
         return None
-    if any(t == "full_attention" for t in types):
-        raise ModelLoadError(f"layer_types mixing sliding and full attention layers is not supported: {types}")
-    return window
+    if not isinstance(value, (int, float)) or value <= 0:
+        raise ModelLoadError(f"{key} must be a positive number, got {value!r}")
+    return float(value)
 
 
 def _rope_theta(d: dict[str, Any]) -> float:

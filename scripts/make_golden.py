@@ -93,7 +93,7 @@ def tiny_model_cases(mi, spec, out, args, manifest):
         "dir": model_rel, "architecture": spec.arch, "model_type": variants["base"].config.model_type,
         "sharded": bool(spec.max_shard_size), "files": sorted(os.listdir(model_dir)), "notes": spec.notes,
         "init": f"seed {spec.seed}: linears N(0,{tiny.LINEAR_STD}), embeddings N(0,{tiny.EMBED_STD}), "
-                f"biases N(0,{tiny.BIAS_STD}), norms 1+N(0,{tiny.NORM_STD})"}
+                f"biases N(0,{tiny.BIAS_STD}), norms {spec.norm_center:g}+N(0,{tiny.NORM_STD})"}
     for ai, aspec in enumerate(tiny.ADAPTERS.get(spec.name, [])):
         rel = f"adapters/{spec.name}/{aspec.name}"
         adir = os.path.join(out, rel)

@@ -21,6 +21,8 @@ _LAYER_KEYS = {  # HF suffix -> (our key, slice index within a fused weight, or 
     "self_attn.o_proj": ("w_o", None), "mlp.gate_proj": ("w_gate_up", 0), "mlp.up_proj": ("w_gate_up", 1),
     "mlp.down_proj": ("w_down", None),
 }
+_POST_NORMS = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
+               "mlp_norm": "pre_feedforward_layernorm", "post_mlp_norm": "post_feedforward_layernorm"}
 # Phi-3 stores q|k|v and gate|up fused, in jlora's order: each is the whole fused weight, transposed.
 _FUSED_LAYER_KEYS = {"self_attn.qkv_proj": ("w_qkv", None), "self_attn.o_proj": ("w_o", None),
                      "mlp.gate_up_proj": ("w_gate_up", None), "mlp.down_proj": ("w_down", None)}
@@ -65,10 +67,12 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig, dtype=jn
         seen.add(name)
         return tensors[name]
 
+    # Gemma's post_attention_layernorm norms the attention output; its MLP input norm is pre_feedforward_layernorm.
+    norms = _POST_NORMS if config.post_norms else {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
-        layers["attn_norm"][i] = take(p + "input_layernorm.weight")
-        layers["mlp_norm"][i] = take(p + "post_attention_layernorm.weight")
+        for key, name in norms.items():
+            layers[key][i] = take(p + name + ".weight")
         for suffix, (key, j) in keys.items():
             w = take(p + suffix + ".weight").T
             if j is None:

@@ -13,17 +13,22 @@ import jax
 import jax.numpy as jnp
 
 from jlora.config import ModelConfig, RuntimeConfig
-from jlora.model import kv_cache
+from jlora.model import blocks, kv_cache
 
 _NEG = -1e30
 
 
-def attend_rows(q, cache_k, cache_v, positions, config: ModelConfig):
+def attend_rows(q, cache_k, cache_v, positions, config: ModelConfig, sliding=None):
     """Causal attention of new queries over whole cache rows.
+
+    Semantics: softmax_j(cap(q . k_j * scale) masked) @ v, with scale `config.attn_scale`, cap the attention
+    soft-cap (if any), and keys j <= the query's position, inside `config.sliding_window` when this layer slides.
 
     Args:
       q: [B, T, N, H] queries; cache_k, cache_v: [B, S, K, H]; positions: [B, T] (negative: padding).
         N and K may be a tensor-parallel shard's local head counts.
+      sliding: bool scalar (may be traced): whether this layer uses the window (`config.sliding_layers`); None
+        when every layer does.
     Returns:
       [B, T, N * H].
     """
@@ -32,12 +37,14 @@ def attend_rows(q, cache_k, cache_v, positions, config: ModelConfig):
     q = q.reshape(B, T, K, N // K, H)
     # Operands stay in the cache dtype (no upcast copy of the whole cache); products accumulate in fp32.
     scores = jnp.einsum("btkgh,bskh->bkgts", q, cache_k, preferred_element_type=jnp.float32)
-    scores = scores * (H ** -0.5)
+    scores = scores * (H ** -0.5 if config.query_pre_attn_scalar is None else config.attn_scale)
+    scores = blocks.soft_cap(scores, config.attn_logit_softcap)
     key_pos = jnp.arange(cache_k.shape[1])
     qpos = positions[:, None, None, :, None]  # [B, 1, 1, T, 1]
     mask = (key_pos <= qpos) & (qpos >= 0)
     if config.sliding_window is not None:
-        mask &= key_pos > qpos - config.sliding_window
+        window = key_pos > qpos - config.sliding_window
+        mask &= window if sliding is None else window | ~sliding
     probs = jax.nn.softmax(jnp.where(mask, scores, _NEG), axis=-1)
     out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(cache_v.dtype), cache_v, preferred_element_type=jnp.float32)
     return out.reshape(B, T, N * H).astype(q.dtype)
@@ -84,10 +91,13 @@ def paged_backend(config: ModelConfig, num_tokens: int, runtime: RuntimeConfig, 
     platform) where that kernel takes the step, else "xla".
 
     The Mosaic kernels take decode and prefill steps of the shapes `pallas_kernels.attention.supports` allows; JAX's deprecated Pallas
-    Triton kernel only decode steps (one query per row) without a sliding window. Head counts default to the
-    config's (a tensor-parallel shard passes its local ones).
+    Triton kernel only decode steps (one query per row) without a sliding window. Neither soft-caps scores, and
+    both take one static window for every layer: soft-capped or per-layer-sliding models (Gemma 2) run on XLA.
+    Head counts default to the config's (a tensor-parallel shard passes its local ones).
     """
     choice = runtime.resolved().attention
+    if config.attn_logit_softcap is not None or config.sliding_layers is not None:
+        return "xla"
     heads, kv_heads = num_heads or config.num_heads, num_kv_heads or config.num_kv_heads
     if choice in _MOSAIC:
         from pallas_kernels import attention as kernels
@@ -112,7 +122,8 @@ def decode_partitions(batch: int, kv_heads: int, max_pages: int, programs: int) 
     return k_splits, math.gcd(max_pages // k_splits, 8)
 
 
-def paged_decode(q, cache_k, cache_v, positions, page_table, layer, *, programs: int, interpret: bool = False):
+def paged_decode(q, cache_k, cache_v, positions, page_table, layer, *, programs: int, interpret: bool = False,
+                 scale: float | None = None):
     """One query per row over paged K/V with JAX's Pallas GPU kernel, reading the pool in place.
 
     The pool [K, L, P, page_size, H] folds (for free) into [K, L * P, page_size, H]: layer `layer`'s page p is
@@ -120,6 +131,7 @@ def paged_decode(q, cache_k, cache_v, positions, page_table, layer, *, programs:
 
     Args:
       q: [B, 1, N, H]; positions: [B, 1] (the new token's, already written); page_table: [B, max_pages].
+      scale: the score scale (None: H ** -0.5), folded into q.
     Returns:
       [B, 1, N * H].
     """
@@ -131,18 +143,20 @@ def paged_decode(q, cache_k, cache_v, positions, page_table, layer, *, programs:
     k_splits, per_block = decode_partitions(B, K, M, programs)
     lengths = jnp.maximum(positions[:, 0] + 1, 1).astype(jnp.int32)  # padding rows read one harmless token
     out = kernel.paged_attention(
-        (q[:, 0] * H ** -0.5).astype(cache_k.dtype), cache_k.reshape(K, L * P, ps, H),
+        (q[:, 0] * (H ** -0.5 if scale is None else scale)).astype(cache_k.dtype), cache_k.reshape(K, L * P, ps, H),
         cache_v.reshape(K, L * P, ps, H), (page_table + layer * P).astype(jnp.int32), lengths,
         k_splits=k_splits, pages_per_compute_block=per_block, interpret=interpret)
     return out.reshape(B, 1, N * H).astype(q.dtype)
 
 
-def mosaic_attend(q, cache_k, cache_v, positions, page_table, layer, sliding_window, interpret: bool = False):
+def mosaic_attend(q, cache_k, cache_v, positions, page_table, layer, sliding_window, interpret: bool = False,
+                  sm_scale: float | None = None):
     """Attention of a paged step with jlora's Mosaic GPU kernels, reading the pool in place (pages of layer `layer`
     are pages layer * P + p of the pool folded to [K, L * P, page_size, H]). The step's keys are already written.
 
     Args:
       q: [B, T, N, H]; positions: [B, T] (negative: padding); page_table: [B, max_pages].
+      sm_scale: the score scale (None: H ** -0.5).
     Returns:
       [B, T, N * H]: decode steps (T = 1) through `paged_decode_attention`, longer ones `paged_prefill_attention`.
     """
@@ -156,36 +170,37 @@ def mosaic_attend(q, cache_k, cache_v, positions, page_table, layer, sliding_win
     if T == 1:
         lengths = jnp.where(positions[:, 0] >= 0, positions[:, 0] + 1, 0).astype(jnp.int32)  # 0: a padding row
         out = kernels.paged_decode_attention(q[:, 0], pages_k, pages_v, lengths, table,
-                                             sliding_window=sliding_window, interpret=interpret)
+                                             sliding_window=sliding_window, sm_scale=sm_scale, interpret=interpret)
     else:
         out = kernels.paged_prefill_attention(q, pages_k, pages_v, positions.astype(jnp.int32), table,
-                                              sliding_window=sliding_window, interpret=interpret)
+                                              sliding_window=sliding_window, sm_scale=sm_scale, interpret=interpret)
     return out.reshape(B, T, N * H)
 
 
 def attend(q, k, v, cache_k, cache_v, positions, page_table, config: ModelConfig, layer=None,
-           runtime: RuntimeConfig = RuntimeConfig()):
+           runtime: RuntimeConfig = RuntimeConfig(), sliding=None):
     """Writes this step's keys/values, then attends. Returns (out [B, T, N*H], cache_k, cache_v).
 
     With `page_table` None the cache is contiguous ([B, S, K, H], one layer's), else paged: every layer's
     pages [K, L, P, page_size, H], of which `layer` is read and written. Paged steps use the kernel
     `paged_backend` picks by `runtime` (jlora's Mosaic GPU kernels on a GPU); everything else is the XLA path.
+    `sliding` says whether this layer slides (see `attend_rows`).
     """
     if page_table is None:
         cache_k, cache_v = kv_cache.write(cache_k, cache_v, k, v, positions)
-        return attend_rows(q, cache_k, cache_v, positions, config), cache_k, cache_v
+        return attend_rows(q, cache_k, cache_v, positions, config, sliding), cache_k, cache_v
     cache_k, cache_v = paged_write(cache_k, cache_v, k, v, positions, page_table, layer)
     K, _, _, ps, _ = cache_k.shape
     backend = paged_backend(config, q.shape[1], runtime, num_heads=q.shape[2], num_kv_heads=K, page_size=ps,
                             dtype=cache_k.dtype)
     if backend in _MOSAIC:
         out = mosaic_attend(q, cache_k, cache_v, positions, page_table, layer, config.sliding_window,
-                            interpret=backend == "interpret_mosaic")
+                            interpret=backend == "interpret_mosaic", sm_scale=None if config.query_pre_attn_scalar is None else config.attn_scale)
         return out, cache_k, cache_v
     if backend in _TRITON:
         out = paged_decode(q, cache_k, cache_v, positions, page_table, layer, interpret=backend == "interpret",
-                           programs=runtime.decode_attention_programs)
+                           programs=runtime.decode_attention_programs, scale=None if config.query_pre_attn_scalar is None else config.attn_scale)
         return out, cache_k, cache_v
     out = attend_rows(q, paged_rows(cache_k, page_table, layer), paged_rows(cache_v, page_table, layer), positions,
-                      config)
+                      config, sliding)
     return out, cache_k, cache_v

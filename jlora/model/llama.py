@@ -1,5 +1,5 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, SmolLM) as a Flax NNX module over a
-pure forward.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, SmolLM) as a Flax NNX module
+over a pure forward.
 
 Layers are stacked on a leading [L] axis and run with `lax.scan`, so a model compiles once per shape,
 whatever its depth; on GPU the engine splits them into per-layer arrays first (`split_layers`), which a Python
@@ -18,7 +18,7 @@ from flax import nnx
 from jlora.config import ModelConfig, RuntimeConfig
 from jlora.lora.bank import LoraBank
 from jlora.lora.ops import LoraBatch, lora_project, make_lora_batch
-from jlora.model import attention, rope
+from jlora.model import attention, blocks, rope
 from jlora.model.kv_cache import KVCache
 
 Params = dict[str, Any]
@@ -36,6 +36,8 @@ def param_shapes(config: ModelConfig) -> Params:
         layers["b_o"] = (L, D)
     if config.qk_norm:
         layers["q_norm"] = layers["k_norm"] = (L, config.head_dim)
+    if config.post_norms:
+        layers["post_attn_norm"] = layers["post_mlp_norm"] = (L, D)
     shapes = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
     if not config.tie_word_embeddings:
         shapes["lm_head"] = (D, V)
@@ -56,10 +58,7 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32, std: flo
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return weight * xf.astype(x.dtype)
+rms_norm = blocks.rms_norm
 
 
 def _identity(y):
@@ -92,39 +91,47 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
     # place; adding it after the kernel took one more elementwise kernel per projection (H100 decode profile).
     fold_residual = runtime.fold_residual and reduce is _identity
 
-    def project(x2d, w, group, bias=None, residual=None):
+    def project(x2d, w, group, bias=None, residual=None, row=False):
         """x2d @ w + LoRA delta (+ bias). Row-parallel projections (o, down) pass the residual stream [B*T, d_out]
-        and get it added, after the tensor-parallel reduce when there is one."""
+        and get it added, after the tensor-parallel reduce when there is one; or `row` alone: reduced, no residual
+        (a post-norm comes between them)."""
         y = x2d @ w
         fold = residual is not None and fold_residual
         if fold:
             y = y + residual
         if lora_bank is not None:
             y = lora_project(x2d, y, group, lora_bank, lora_batch, runtime, layer_index)
-        if residual is not None:
+        if residual is not None or row:
             y = reduce(y)  # the identity when folded
         if bias is not None:
             y = y + bias
         return y if fold or residual is None else residual + y
 
-    x = rms_norm(h, layer["attn_norm"], config.rms_norm_eps).reshape(B * T, D)
+    def row_out(x2d, w, group, bias, post_norm):
+        """h + the row-parallel projection of x2d, through the post-norm first if the family has one: [B, T, D]."""
+        if not config.post_norms:
+            return project(x2d, w, group, bias, residual=h.reshape(B * T, D)).reshape(B, T, D)
+        return h + blocks.norm(project(x2d, w, group, bias, row=True).reshape(B, T, D), layer[post_norm], config)
+
+    # Which layers slide comes from a static pattern indexed by the (traced) layer index: one program for all.
+    sliding = None if config.sliding_layers is None else jnp.asarray(config.sliding_layers)[layer_index]
+    x = blocks.norm(h, layer["attn_norm"], config).reshape(B * T, D)
     qkv = project(x, layer["w_qkv"], "qkv", layer.get("b_qkv"))  # [B*T, (N + 2K) * H]
     q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
     q, k = q.reshape(B, T, N, H), k.reshape(B, T, K, H)
     if config.qk_norm:  # per head, over head_dim, before RoPE (Qwen3)
-        q = rms_norm(q, layer["q_norm"], config.rms_norm_eps)
-        k = rms_norm(k, layer["k_norm"], config.rms_norm_eps)
+        q = blocks.norm(q, layer["q_norm"], config)
+        k = blocks.norm(k, layer["k_norm"], config)
     q = rope.apply_rope(q, positions, inv_freq)
     k = rope.apply_rope(k, positions, inv_freq)
     attn, cache_k, cache_v = attention.attend(q, k, v.reshape(B, T, K, H), cache_k, cache_v, positions, page_table,
-                                              config, layer_index, runtime)
-    attn = attn.reshape(B * T, N * H)
-    h = project(attn, layer["w_o"], "o", layer.get("b_o"), residual=h.reshape(B * T, D)).reshape(B, T, D)
+                                              config, layer_index, runtime, sliding=sliding)
+    h = row_out(attn.reshape(B * T, N * H), layer["w_o"], "o", layer.get("b_o"), "post_attn_norm")
 
-    x = rms_norm(h, layer["mlp_norm"], config.rms_norm_eps).reshape(B * T, D)
+    x = blocks.norm(h, layer["mlp_norm"], config).reshape(B * T, D)
     gate, up = jnp.split(project(x, layer["w_gate_up"], "gate_up"), 2, axis=-1)
-    h = project(jax.nn.silu(gate) * up, layer["w_down"], "down", residual=h.reshape(B * T, D))
-    return h.reshape(B, T, D), cache_k, cache_v
+    h = row_out(blocks.activation(gate, config.hidden_act) * up, layer["w_down"], "down", None, "post_mlp_norm")
+    return h, cache_k, cache_v
 
 
 def split_layers_enabled(runtime: RuntimeConfig = RuntimeConfig()) -> bool:
@@ -236,7 +243,7 @@ def forward(params: Params, lora_bank: LoraBank | None, tokens: jax.Array, posit
       (logits [B, T, V] or [B, V] float32, the updated cache).
     """
     B, T = tokens.shape
-    h = jnp.take(params["embed"], tokens, axis=0)
+    h = blocks.scale_embeddings(jnp.take(params["embed"], tokens, axis=0), config)
     lora_batch: LoraBatch | None = None
     if lora_bank is not None:
         ids = lora_ids if lora_ids is not None else jnp.full((B, T), -1, jnp.int32)
@@ -248,13 +255,13 @@ def forward(params: Params, lora_bank: LoraBank | None, tokens: jax.Array, posit
                                     config, runtime=runtime, page_table=page_table)
     if logit_index is not None:
         h = jnp.take_along_axis(h, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-    h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
+    h = blocks.norm(h, params["final_norm"], config)
     # A tied head is used as stored ([V, D]): no transposed copy of the embedding per step.
     if config.tie_word_embeddings:
         logits = jnp.einsum("...d,vd->...v", h, params["embed"], preferred_element_type=jnp.float32)
     else:
         logits = jnp.einsum("...d,dv->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
-    return logits, KVCache(k=new_k, v=new_v)
+    return blocks.soft_cap(logits, config.final_logit_softcap), KVCache(k=new_k, v=new_v)
 
 
 class Llama(nnx.Module):

@@ -32,12 +32,15 @@ from jlora.config import ModelConfig, RuntimeConfig
 from jlora.lora.bank import BucketBank, LoraBank
 from jlora.lora.ops import make_lora_batch
 from jlora.model.kv_cache import KVCache
-from jlora.model.llama import Params, decoder_stack, rms_norm, split_layers
+from jlora.model import blocks
+from jlora.model.llama import Params, decoder_stack, split_layers
 
 # Logical axes of every placed (shard-major) parameter.
 _LAYER_AXES = {
     "attn_norm": ("layers", "embed"),
     "mlp_norm": ("layers", "embed"),
+    "post_attn_norm": ("layers", "embed"),  # applied to the reduced (whole) outputs: replicated
+    "post_mlp_norm": ("layers", "embed"),
     "w_qkv": ("layers", "embed", "heads"),  # [L, D, (N + 2K') H], shard-major q|k|v
     "b_qkv": ("layers", "heads"),
     "w_o": ("layers", "heads", "embed"),  # row-parallel
@@ -233,7 +236,7 @@ def sharded_forward(params: Params, lora_bank: LoraBank | None, tokens: jax.Arra
     def shard(a):
         p, tok = a["params"], a["tokens"]
         b, t = tok.shape
-        h = _embed_lookup(p["embed"], tok, model_axis)
+        h = blocks.scale_embeddings(_embed_lookup(p["embed"], tok, model_axis), config)
         bank, lora_batch = a.get("bank"), None
         if bank is not None:
             lora_batch = make_lora_batch(bank, a["lora_ids"].reshape(b * t).astype(jnp.int32),
@@ -243,9 +246,10 @@ def sharded_forward(params: Params, lora_bank: LoraBank | None, tokens: jax.Arra
                                 config, runtime=runtime, reduce=lambda y: jax.lax.psum(y, model_axis), **paging)
         if "logit_index" in a:
             h = jnp.take_along_axis(h, a["logit_index"][:, None, None].astype(jnp.int32), axis=1)[:, 0]
-        h = rms_norm(h, p["final_norm"], config.rms_norm_eps)
+        h = blocks.norm(h, p["final_norm"], config)
         head = p["embed"].T if tied else p["lm_head"]  # [D, V_pad / tp]
         logits = jnp.matmul(h.astype(jnp.float32), head.astype(jnp.float32))
+        logits = blocks.soft_cap(logits, config.final_logit_softcap)
         return jax.lax.all_gather(logits, model_axis, axis=logits.ndim - 1, tiled=True), KVCache(k=k, v=v)
 
     out_specs = (sharding.spec("batch", *[None] * (1 if logit_index is not None else 2)),  # [B, (T,) V_pad]

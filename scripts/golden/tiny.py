@@ -27,6 +27,7 @@ class ModelSpec:
     seed: int
     config: dict
     max_shard_size: str | None = None  # set: saved as model-0000x-of-0000y.safetensors + index
+    norm_center: float = 1.0  # norm weights are norm_center + N(0, NORM_STD); Gemma scales by 1 + weight: 0
     notes: str = ""
 
 
@@ -64,6 +65,14 @@ MODELS = [
         rope_theta=10000.0, sliding_window=6, original_max_position_embeddings=256),
         notes="fused qkv_proj and gate_up_proj, GQA 4/2, untied, sliding_window=6 (active on the 9- and 16-token "
               "prompts)"),
+    ModelSpec("gemma2", "Gemma2ForCausalLM", 1007, dict(
+        SMALL, hidden_activation="gelu_pytorch_tanh", num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+        tie_word_embeddings=True, rms_norm_eps=1e-6, rope_theta=10000.0, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"], attn_logit_softcapping=1.0,
+        final_logit_softcapping=2.0), norm_center=0.0,
+        notes="soft-capped attention (1.0) and final logits (2.0), layer 0 slides (window 4), layer 1 is global, "
+              "GeGLU, embeddings times sqrt(32), (1 + w) RMSNorms before and after attention and MLP, "
+              "query_pre_attn_scalar 24 != head_dim 16, tied"),
 ]
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -96,6 +105,11 @@ ADAPTERS = {
         AdapterSpec("alllinear_r16_patterns", 16, 8.0, "all-linear", use_rslora=True,
                     rank_pattern={"qkv_proj": 3, "down_proj": 32}, alpha_pattern={"gate_up_proj": 24}),
     ],
+    "gemma2": [
+        AdapterSpec("qv_r4", 4, 8.0, ["q_proj", "v_proj"]),
+        AdapterSpec("all_r8_rslora_patterns", 8, 16.0, "all-linear", use_rslora=True,
+                    rank_pattern={"o_proj": 2, "up_proj": 12}, alpha_pattern={"gate_proj": 4}),
+    ],
     "mistral": [
         AdapterSpec("qv_r2", 2, 8.0, ["q_proj", "v_proj"]),
         AdapterSpec("all_r16_rslora_patterns", 16, 8.0, ALL7, use_rslora=True,
@@ -110,14 +124,14 @@ def _cls(arch):
 
 
 @torch.no_grad()
-def randomize_(model, seed: int) -> None:
+def randomize_(model, seed: int, norm_center: float = 1.0) -> None:
     """Larger-than-default random weights so logits are O(1): linears N(0, .15), embeddings N(0, .2),
-    biases N(0, .1), norm weights 1 + N(0, .1). Iterates named_parameters (tied weights once)."""
+    biases N(0, .1), norm weights norm_center + N(0, .1). Iterates named_parameters (tied weights once)."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
         if name.endswith("norm.weight"):
-            p.copy_(1.0 + NORM_STD * noise)
+            p.copy_(norm_center + NORM_STD * noise)
         elif name.endswith(".bias"):
             p.copy_(BIAS_STD * noise)
         elif "embed_tokens" in name:
@@ -132,7 +146,7 @@ def build_model(spec: ModelSpec, out_dir: str) -> None:
     torch.manual_seed(spec.seed)
     config = config_cls(**spec.config, attn_implementation="eager", dtype="float32")
     model = model_cls(config).to(torch.float32).eval()
-    randomize_(model, spec.seed)
+    randomize_(model, spec.seed, spec.norm_center)
     kw = {"max_shard_size": spec.max_shard_size} if spec.max_shard_size else {}
     model.save_pretrained(out_dir, **kw)
     names = sorted(os.listdir(out_dir))

@@ -85,7 +85,8 @@ def test_fixtures_cover_the_issue():
     assert {m for a in adapters for m in a["effective"]} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                             "up_proj", "down_proj", "qkv_proj", "gate_up_proj"}
     assert any(a["use_rslora"] for a in adapters) and any(a["rank_pattern"] for a in adapters)
-    assert {c["model"] for c in CASES} == {"llama_tied", "llama_gqa", "qwen2", "mistral", "qwen3", "phi3"}
+    assert {c["model"] for c in CASES} == {"llama_tied", "llama_gqa", "qwen2", "mistral", "qwen3", "phi3",
+                                             "gemma2"}
     # Each family's fixture exercises its features, as jlora reads them from the checkpoint's config.json.
     qwen3 = model("qwen3")[0]
     assert qwen3.qk_norm and qwen3.head_dim * qwen3.num_heads != qwen3.hidden_size and qwen3.tie_word_embeddings
@@ -94,6 +95,11 @@ def test_fixtures_cover_the_issue():
     phi3_adapters = [a for a in adapters if a["model"] == "phi3"]
     assert {m for a in phi3_adapters for m in a["effective"]} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
     assert phi3["architecture"] == "Phi3ForCausalLM" and any(a["rank_pattern"].get("qkv_proj") for a in phi3_adapters)
+    gemma2 = model("gemma2")[0]
+    assert gemma2.sliding_layers == (True, False) and gemma2.sliding_window < len(CASES_OF["gemma2"][-1]["prompt_ids"])
+    assert gemma2.attn_logit_softcap and gemma2.final_logit_softcap and gemma2.hidden_act == "gelu_pytorch_tanh"
+    assert gemma2.embed_scale and gemma2.norm_unit_offset and gemma2.post_norms
+    assert gemma2.query_pre_attn_scalar != gemma2.head_dim
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST["models"]))

@@ -224,6 +224,23 @@ def test_unsupported_config_features_are_refused_by_name(change, named):
         ModelConfig.from_hf_dict(d)
 
 
+def test_gemma2_config_reads_its_features():
+    with open(os.path.join(os.path.dirname(QWEN3_CONFIG), "..", "gemma2", "config.json")) as f:
+        d = json.load(f)
+    config = ModelConfig.from_hf_dict(d)
+    assert (config.sliding_window, config.sliding_layers) == (4, (True, False))
+    assert (config.attn_logit_softcap, config.final_logit_softcap, config.attn_scale) == (1.0, 2.0, 24 ** -0.5)
+    assert config.hidden_act == "gelu_pytorch_tanh" and config.tie_word_embeddings and config.post_norms
+    # Uniform layer_types need no per-layer pattern: one window, or none.
+    assert ModelConfig.from_hf_dict({**d, "layer_types": ["sliding_attention"] * 2}).sliding_layers is None
+    assert ModelConfig.from_hf_dict({**d, "layer_types": ["full_attention"] * 2}).sliding_window is None
+    for bad, named in (({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+                       ({"attn_logit_softcapping": -1}, "attn_logit_softcapping"),
+                       ({"hidden_activation": "gelu"}, "'gelu'")):
+        with pytest.raises(ModelLoadError, match=named):
+            ModelConfig.from_hf_dict({**d, **bad})
+
+
 def test_qwen3_config_reads_its_features():
     with open(QWEN3_CONFIG) as f:
         d = json.load(f)

@@ -68,6 +68,19 @@ def test_paged_backend_choice():
         RuntimeConfig.from_env({"JLORA_ATTENTION": "flash"})
 
 
+def test_soft_capped_and_per_layer_sliding_models_attend_on_xla():
+    """The GPU kernels take neither attention soft-capping nor a window that differs by layer (Gemma 2): such steps
+    run on XLA, whose output the golden tests check against transformers through the engine."""
+    heads = dict(num_heads=32, num_kv_heads=8)
+    big = dataclasses.replace(TINY, num_heads=32, num_kv_heads=8, head_dim=128, query_pre_attn_scalar=144.0)
+    capped = dataclasses.replace(big, attn_logit_softcap=50.0)
+    alternating = dataclasses.replace(big, sliding_window=64, sliding_layers=(True, False))
+    for runtime in (RuntimeConfig(attention="mosaic"), RuntimeConfig(attention="pallas")):
+        assert attention.paged_backend(big, 1, runtime, **heads) != "xla"  # a query scale alone the kernels take
+        assert attention.paged_backend(capped, 1, runtime, **heads) == "xla"
+        assert attention.paged_backend(alternating, 1, runtime, **heads) == "xla"
+
+
 def test_decode_partitions():
     # Large batches are not split and read 8 pages per block; small ones split until there are programs enough.
     assert attention.decode_partitions(64, 8, 32, 512) == (1, 8)
