@@ -16,7 +16,7 @@ import time
 import jax.numpy as jnp
 
 from jlora.config import LoraBankConfig, RuntimeConfig
-from jlora.engine import mesh
+from jlora.engine import memory, mesh
 from jlora.engine.adapter_store import AdapterStore
 from jlora.engine.block_manager import PageAllocator
 from jlora.engine.memory import MemoryPlan, plan_memory
@@ -45,6 +45,9 @@ class EngineConfig:
     max_model_len: int | None = None
     memory_bytes: int | None = None
     adapter_memory_fraction: float = 0.1
+    # Instead of memory_bytes: fill this fraction of JAX's memory pool on the device (`memory.device_memory_limit`)
+    # with the weights, a bound on a step's activations, and KV pages + adapter slots (one device; GPU or TPU).
+    memory_pool_fraction: float | None = None
     bank: LoraBankConfig = LoraBankConfig()
     max_cpu_loras: int = 64
     adapter_roots: tuple[str, ...] | None = None
@@ -68,6 +71,12 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.tp and .dp must be >= 1, got tp={self.tp}, dp={self.dp}")
         if self.num_scheduler_steps < 1:
             raise ValueError(f"EngineConfig.num_scheduler_steps must be >= 1, got {self.num_scheduler_steps}")
+        if self.memory_pool_fraction is not None:
+            if not 0 < self.memory_pool_fraction <= 1:
+                raise ValueError(f"EngineConfig.memory_pool_fraction must be in (0, 1], got {self.memory_pool_fraction}")
+            if self.memory_bytes is not None or self.tp * self.dp > 1:
+                raise ValueError("EngineConfig.memory_pool_fraction sizes one device and replaces memory_bytes: "
+                                 "with tp, dp or memory_bytes set, size the engine by num_pages or memory_bytes")
 
 
 @dataclasses.dataclass
@@ -99,6 +108,8 @@ class Engine:
         dtype = model.dtype
         self.max_model_len = min(config.max_model_len or model.config.max_position_embeddings,
                                  model.config.max_position_embeddings)
+        if config.memory_pool_fraction is not None:
+            config = self.config = memory.fill_pool(model.config, model.params(), config, dtype)
         self.plan: MemoryPlan = plan_memory(model.config, config, dtype)
         sharded = mesh.sharded_model(model.config, config.tp, config.dp) if config.tp * config.dp > 1 else None
         if config.dp > 1:  # each data replica owns an equal block of pages

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
+import jax
 import jax.numpy as jnp
 
 from jlora.config import LoraBankConfig, ModelConfig
 from jlora.lora.bank import group_dims
+
+log = logging.getLogger("jlora.engine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,3 +55,52 @@ def plan_memory(config: ModelConfig, engine_config, dtype) -> MemoryPlan:
         num_pages = max(1, int((engine_config.memory_bytes - used) // pb))
     bank_bytes = sum(slot_bytes(config, b, dtype, bank.groups) * s for b, s in bank.active)
     return MemoryPlan(num_pages=num_pages, page_bytes=pb, bank=bank, bank_bytes=bank_bytes)
+
+
+def device_memory_limit() -> int | None:
+    """Bytes of JAX's memory pool on the first local device (its `bytes_limit`), or None where the device reports
+    none (the CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def activation_bytes(config: ModelConfig, engine_config, dtype) -> int:
+    """A bound on one step's memory beyond the weights, the KV pages and the bank: the token activations of the
+    largest step, a float32 logits row (and its sampling temporaries) per sequence, and the scores of a dense prefill
+    attention chunk over the whole context (the XLA path; the Mosaic kernels need far less)."""
+    item = jnp.dtype(dtype).itemsize
+    T = engine_config.max_num_batched_tokens
+    per_token = 4 * config.hidden_size + config.q_dim + 2 * config.kv_dim + 2 * config.intermediate_size
+    tokens = 2 * T * per_token * item  # the step's activations, with room for one layer's temporaries
+    rows = max(engine_config.max_num_seqs, engine_config.max_num_batched_tokens // engine_config.max_prefill_chunk)
+    logits = 3 * rows * config.vocab_size * 4
+    S = engine_config.max_model_len or config.max_position_embeddings
+    scores = min(engine_config.max_prefill_chunk, T) * S * config.num_heads * 4
+    return tokens + logits + scores
+
+
+def budget_from_limit(limit: int, weight_bytes: int, reserve: int, utilization: float) -> int:
+    """Bytes left for KV pages and adapter slots: `utilization` of the pool, less the weights and the step's
+    activations. Raises ValueError, with the figures, when nothing is left."""
+    budget = int(limit * utilization) - weight_bytes - reserve
+    if budget <= 0:
+        raise ValueError(f"no memory is left for the KV cache: {utilization:.0%} of the device's {limit / 2**30:.2f} "
+                         f"GiB pool, less {weight_bytes / 2**30:.2f} GiB of weights and {reserve / 2**30:.2f} GiB "
+                         "for a step's activations; raise the utilization or lower max_num_batched_tokens")
+    return budget
+
+
+def fill_pool(config: ModelConfig, params, engine_config, dtype):
+    """`engine_config` with `memory_pool_fraction` resolved into `memory_bytes`: what that share of the device's pool
+    leaves after the weights (`params`, on the device) and a step's activations (`activation_bytes`). Logs the split."""
+    limit = device_memory_limit()
+    if limit is None:
+        raise ValueError(f"memory_pool_fraction needs a device that reports its memory (GPU or TPU); the "
+                         f"{jax.default_backend()} backend reports none: set num_pages or memory_bytes")
+    weights = sum(x.nbytes for x in jax.tree.leaves(params))
+    reserve = activation_bytes(config, engine_config, dtype)
+    budget = budget_from_limit(limit, weights, reserve, engine_config.memory_pool_fraction)
+    log.info("memory: %.0f%% of the %.2f GiB pool: weights %.2f GiB, a step's activations (bound) %.2f GiB, KV "
+             "pages and adapter slots %.2f GiB", 100 * engine_config.memory_pool_fraction, limit / 2**30,
+             weights / 2**30, reserve / 2**30, budget / 2**30)
+    return dataclasses.replace(engine_config, memory_bytes=budget, memory_pool_fraction=None)  # resolved

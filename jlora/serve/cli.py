@@ -14,6 +14,18 @@ from jlora.checkpoint.resolve import DEFAULT_MODEL
 from jlora.config import RuntimeConfig, parse_lora_modules
 
 
+POOL_ENV = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")  # JAX's share of GPU memory
+
+
+def pool_fraction(utilization: float | None) -> float | None:
+    """The share of JAX's pool that `utilization` of the device is: all of it when the pool was sized to it, else
+    utilization / the pool's share from the environment."""
+    if utilization is None:
+        return None
+    pool = next((float(os.environ[v]) for v in POOL_ENV if os.environ.get(v)), utilization)
+    return min(1.0, utilization / pool)
+
+
 def _lora(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep or not name or not path:
@@ -25,6 +37,16 @@ def _count(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return int(text)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
 
 
 def _port(text: str) -> int:
@@ -100,8 +122,12 @@ def register(sub) -> None:
                         "for all of them, and output streams in bursts of up to this many tokens (default: %(default)s)")
     p.add_argument("--max-model-len", type=_count, default=None,
                    help="longest prompt + output in tokens (default: the model's context length)")
-    p.add_argument("--num-pages", type=_count, default=512,
-                   help="KV-cache pages of --page-size tokens (default: %(default)s)")
+    p.add_argument("--num-pages", type=_count, default=None,
+                   help="KV-cache pages of --page-size tokens (default: 512, unless --gpu-memory-utilization)")
+    p.add_argument("--gpu-memory-utilization", type=_fraction, default=None, metavar="FRACTION",
+                   help="the share of the device's memory jlora may use: JAX's pool takes it (XLA_CLIENT_MEM_FRACTION "
+                        "unless set) and the KV pages and adapter slots fill what the weights and a step's "
+                        "activations leave; the split is logged at start-up (one device, GPU or TPU)")
     p.add_argument("--page-size", type=_count, default=16, help="tokens per KV page (default: %(default)s)")
     p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="share full KV pages between requests whose prompt prefix and adapter match "
@@ -140,6 +166,7 @@ def config_from_args(args):
                        max_cpu_loras=args.max_cpu_loras, max_num_seqs=args.max_num_seqs,
                        num_scheduler_steps=args.num_scheduler_steps,
                        max_model_len=args.max_model_len, num_pages=args.num_pages, page_size=args.page_size,
+                       memory_pool_fraction=pool_fraction(args.gpu_memory_utilization),
                        enable_prefix_caching=args.enable_prefix_caching,
                        lora_scheduling=args.lora_scheduling, lora_affinity_max_wait_s=args.lora_affinity_max_wait,
                        tp=args.tp, dp=args.dp, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
@@ -194,6 +221,8 @@ def follow(config) -> int:
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.gpu_memory_utilization and not any(os.environ.get(v) for v in POOL_ENV):
+        os.environ["XLA_CLIENT_MEM_FRACTION"] = str(args.gpu_memory_utilization)  # JAX's pool, before it starts
     distributed.initialize_from_args(args)
     compile_cache.configure_from_args(args)
     config = config_from_args(args)

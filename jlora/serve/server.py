@@ -45,7 +45,8 @@ class ServeConfig:
     max_num_seqs: int = 64
     num_scheduler_steps: int = 8
     max_model_len: int | None = None
-    num_pages: int = 512
+    num_pages: int | None = None  # 512 unless gpu_memory_utilization
+    memory_pool_fraction: float | None = None  # fill this share of JAX's pool (EngineConfig); pages take what is left
     page_size: int = 16
     enable_prefix_caching: bool = True
     lora_scheduling: str = "fifo"  # or "affinity" (EngineConfig.lora_scheduling)
@@ -66,6 +67,8 @@ class ServeConfig:
     chat_template: str | None = None  # a template file's path or its text, instead of the model's own
 
     def __post_init__(self):
+        if self.memory_pool_fraction is not None and self.num_pages is not None:
+            raise ValueError("give --num-pages or --gpu-memory-utilization, not both")
         if self.max_loras_per_batch < 1:
             raise ValueError(f"max_loras_per_batch must be >= 1, got {self.max_loras_per_batch}")
         if self.max_lora_rank < DEFAULT_RANK_BUCKETS[0]:
@@ -79,7 +82,8 @@ class ServeConfig:
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(max_num_seqs=self.max_num_seqs, num_scheduler_steps=self.num_scheduler_steps,
-                            num_pages=self.num_pages, page_size=self.page_size,
+                            num_pages=self.num_pages or 512, page_size=self.page_size,
+                            memory_pool_fraction=self.memory_pool_fraction,
                             enable_prefix_caching=self.enable_prefix_caching,
                             lora_scheduling=self.lora_scheduling,
                             lora_affinity_max_wait_s=self.lora_affinity_max_wait_s, max_model_len=self.max_model_len, bank=self.bank(), max_cpu_loras=self.max_cpu_loras,
