@@ -9,20 +9,22 @@ from typing import Any
 
 from jlora.errors import ModelLoadError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
-GEMMA_TYPES = ("gemma2",)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+GEMMA_TYPES = ("gemma2", "gemma3_text")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3 style frequency scaling (`rope_type == "llama3"`)."""
+    """RoPE frequency scaling: Llama 3 style (`rope_type == "llama3"`), or "linear" (every frequency / factor; the
+    llama3 fields unused)."""
 
     factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    low_freq_factor: float = 0.0
+    high_freq_factor: float = 0.0
+    original_max_position_embeddings: int = 0
+    rope_type: str = "llama3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +41,8 @@ class ModelConfig:
       query_pre_attn_scalar: attention scores scale by its -1/2 power instead of head_dim's (Gemma).
       attn_logit_softcap, final_logit_softcap: cap * tanh(x / cap) of attention scores, of output logits (Gemma 2).
       sliding_layers: which layers use `sliding_window` (the others attend globally); None: all of them.
+      rope_local_theta: the RoPE base of sliding layers, unscaled (Gemma 3); `rope_theta` and `rope_scaling` are
+        then the global layers'. Needs `sliding_layers`.
     """
 
     vocab_size: int
@@ -66,6 +70,7 @@ class ModelConfig:
     attn_logit_softcap: float | None = None
     final_logit_softcap: float | None = None
     sliding_layers: tuple[bool, ...] | None = None
+    rope_local_theta: float | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -86,6 +91,8 @@ class ModelConfig:
             if len(self.sliding_layers) != self.num_layers or self.sliding_window is None:
                 raise ValueError(f"sliding_layers needs a sliding_window and one entry per layer "
                                  f"({self.num_layers}), got {self.sliding_layers}")
+        if self.rope_local_theta is not None and self.sliding_layers is None:
+            raise ValueError("rope_local_theta needs sliding_layers (a uniform model has one RoPE base)")
 
     @property
     def attn_scale(self) -> float:
@@ -103,7 +110,7 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         """Builds a config from a Hugging Face `config.json` dict (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2,
-        SmolLM).
+        Gemma 3 text, SmolLM).
 
         Raises `ModelLoadError` naming any setting jlora does not implement, rather than computing something else.
         """
@@ -129,6 +136,14 @@ class ModelConfig:
         if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
             window = None
         window, sliding_layers = _layer_windows(d, window, d["num_hidden_layers"])
+        rope_theta, rope_scaling, local_theta = _rope_theta(d), d.get("rope_scaling") or d.get("rope_parameters"), None
+        if model_type == "gemma3_text":  # RoPE per layer type: {"full_attention": {...}, "sliding_attention": {...}}
+            full, local = _gemma3_rope(d)
+            rope_theta, rope_scaling = float(full.get("rope_theta", 1e6)), full
+            if window is not None and sliding_layers is None:  # every layer slides: the local RoPE for all
+                rope_theta, rope_scaling = float(local.get("rope_theta", 1e4)), None
+            elif sliding_layers is not None:
+                local_theta = float(local.get("rope_theta", 1e4))
         return cls(
             vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"],
@@ -138,15 +153,15 @@ class ModelConfig:
             num_kv_heads=d.get("num_key_value_heads") or heads,
             head_dim=head_dim,
             rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=_rope_theta(d),
-            rope_scaling=_rope_scaling(d.get("rope_scaling") or d.get("rope_parameters")),
+            rope_theta=rope_theta,
+            rope_scaling=_rope_scaling(rope_scaling),
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
             qkv_bias=model_type == "qwen2" or attention_bias,
             o_bias=model_type != "qwen2" and attention_bias,
             sliding_window=window,
             model_type=model_type,
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
             norm_unit_offset=gemma,
             post_norms=gemma,
             embed_scale=gemma,
@@ -155,6 +170,7 @@ class ModelConfig:
             attn_logit_softcap=_positive(d, "attn_logit_softcapping"),
             final_logit_softcap=_positive(d, "final_logit_softcapping"),
             sliding_layers=sliding_layers,
+            rope_local_theta=local_theta,
         )
 
     @classmethod
@@ -209,6 +225,20 @@ def _positive(d: dict[str, Any], key: str) -> float | None:
     return float(value)
 
 
+def _gemma3_rope(d: dict[str, Any]) -> tuple[dict, dict]:
+    """Gemma 3's (global, local) RoPE parameters; the local layers' must be unscaled."""
+    params = d.get("rope_parameters") or {}
+    full = dict(params.get("full_attention") or {})
+    if d.get("rope_scaling"):
+        full.update(d["rope_scaling"])
+    full.setdefault("rope_theta", d.get("rope_theta") or 1e6)
+    local = dict(params.get("sliding_attention") or {})
+    local.setdefault("rope_theta", d.get("rope_local_base_freq") or 1e4)
+    if local.get("rope_type", "default") != "default":
+        raise ModelLoadError(f"rope scaling {local['rope_type']!r} of the sliding layers is not supported")
+    return full, local
+
+
 def _rope_theta(d: dict[str, Any]) -> float:
     params = d.get("rope_parameters") or {}
     return float(d.get("rope_theta") or params.get("rope_theta") or 10000.0)
@@ -220,8 +250,10 @@ def _rope_scaling(s: dict[str, Any] | None) -> RopeScaling | None:
     kind = s.get("rope_type", s.get("type"))
     if kind in (None, "default"):
         return None
+    if kind == "linear":
+        return RopeScaling(factor=float(s["factor"]), rope_type="linear")
     if kind != "llama3":
-        raise ModelLoadError(f"rope scaling {kind!r} is not supported (only llama3)")
+        raise ModelLoadError(f"rope scaling {kind!r} is not supported (only llama3 and linear)")
     return RopeScaling(
         factor=float(s["factor"]),
         low_freq_factor=float(s["low_freq_factor"]),

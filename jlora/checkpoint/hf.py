@@ -21,6 +21,7 @@ _LAYER_KEYS = {  # HF suffix -> (our key, slice index within a fused weight, or 
     "self_attn.o_proj": ("w_o", None), "mlp.gate_proj": ("w_gate_up", 0), "mlp.up_proj": ("w_gate_up", 1),
     "mlp.down_proj": ("w_down", None),
 }
+_NORMS = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 _POST_NORMS = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
                "mlp_norm": "pre_feedforward_layernorm", "post_mlp_norm": "post_feedforward_layernorm"}
 # Phi-3 stores q|k|v and gate|up fused, in jlora's order: each is the whole fused weight, transposed.
@@ -68,7 +69,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig, dtype=jn
         return tensors[name]
 
     # Gemma's post_attention_layernorm norms the attention output; its MLP input norm is pre_feedforward_layernorm.
-    norms = _POST_NORMS if config.post_norms else {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    norms = _POST_NORMS if config.post_norms else _NORMS
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
         for key, name in norms.items():

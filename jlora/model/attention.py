@@ -191,15 +191,16 @@ def attend(q, k, v, cache_k, cache_v, positions, page_table, config: ModelConfig
         return attend_rows(q, cache_k, cache_v, positions, config, sliding), cache_k, cache_v
     cache_k, cache_v = paged_write(cache_k, cache_v, k, v, positions, page_table, layer)
     K, _, _, ps, _ = cache_k.shape
+    scale = None if config.query_pre_attn_scalar is None else config.attn_scale  # None: the kernels' H ** -0.5
     backend = paged_backend(config, q.shape[1], runtime, num_heads=q.shape[2], num_kv_heads=K, page_size=ps,
                             dtype=cache_k.dtype)
     if backend in _MOSAIC:
         out = mosaic_attend(q, cache_k, cache_v, positions, page_table, layer, config.sliding_window,
-                            interpret=backend == "interpret_mosaic", sm_scale=None if config.query_pre_attn_scalar is None else config.attn_scale)
+                            interpret=backend == "interpret_mosaic", sm_scale=scale)
         return out, cache_k, cache_v
     if backend in _TRITON:
         out = paged_decode(q, cache_k, cache_v, positions, page_table, layer, interpret=backend == "interpret",
-                           programs=runtime.decode_attention_programs, scale=None if config.query_pre_attn_scalar is None else config.attn_scale)
+                           programs=runtime.decode_attention_programs, scale=scale)
         return out, cache_k, cache_v
     out = attend_rows(q, paged_rows(cache_k, page_table, layer), paged_rows(cache_v, page_table, layer), positions,
                       config, sliding)

@@ -1,5 +1,5 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, SmolLM) as a Flax NNX module
-over a pure forward.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3 text, SmolLM) as a
+Flax NNX module over a pure forward.
 
 Layers are stacked on a leading [L] axis and run with `lax.scan`, so a model compiles once per shape,
 whatever its depth; on GPU the engine splits them into per-layer arrays first (`split_layers`), which a Python
@@ -122,6 +122,8 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
     if config.qk_norm:  # per head, over head_dim, before RoPE (Qwen3)
         q = blocks.norm(q, layer["q_norm"], config)
         k = blocks.norm(k, layer["k_norm"], config)
+    if config.rope_local_theta is not None:  # Gemma 3: sliding layers rotate with their own base
+        inv_freq = jnp.where(sliding, rope.inverse_frequencies(config, local=True), inv_freq)
     q = rope.apply_rope(q, positions, inv_freq)
     k = rope.apply_rope(k, positions, inv_freq)
     attn, cache_k, cache_v = attention.attend(q, k, v.reshape(B, T, K, H), cache_k, cache_v, positions, page_table,

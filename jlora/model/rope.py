@@ -1,4 +1,4 @@
-"""Rotary position embeddings, Hugging Face layout (rotate-half), with Llama 3 frequency scaling."""
+"""Rotary position embeddings, Hugging Face layout (rotate-half), with Llama 3 and linear frequency scaling."""
 
 from __future__ import annotations
 
@@ -10,13 +10,17 @@ import numpy as np
 from jlora.config import ModelConfig
 
 
-def inverse_frequencies(config: ModelConfig) -> np.ndarray:
-    """The per-pair inverse frequencies, [head_dim // 2] float32 (host constant)."""
+def inverse_frequencies(config: ModelConfig, local: bool = False) -> np.ndarray:
+    """The per-pair inverse frequencies, [head_dim // 2] float32 (host constant); with `local`, those of the sliding
+    layers (`config.rope_local_theta`, unscaled)."""
     hd = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
-    s = config.rope_scaling
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
+    s = None if local else config.rope_scaling
     if s is None:
         return inv.astype(np.float32)
+    if s.rope_type == "linear":
+        return (inv / s.factor).astype(np.float32)
     old = s.original_max_position_embeddings
     low_wavelen = old / s.low_freq_factor
     high_wavelen = old / s.high_freq_factor

@@ -27,6 +27,7 @@ class ModelSpec:
     seed: int
     config: dict
     max_shard_size: str | None = None  # set: saved as model-0000x-of-0000y.safetensors + index
+    config_class: str = ""  # default: the class name with ForCausalLM -> Config
     norm_center: float = 1.0  # norm weights are norm_center + N(0, NORM_STD); Gemma scales by 1 + weight: 0
     notes: str = ""
 
@@ -73,6 +74,15 @@ MODELS = [
         notes="soft-capped attention (1.0) and final logits (2.0), layer 0 slides (window 4), layer 1 is global, "
               "GeGLU, embeddings times sqrt(32), (1 + w) RMSNorms before and after attention and MLP, "
               "query_pre_attn_scalar 24 != head_dim 16, tied"),
+    ModelSpec("gemma3", "Gemma3ForCausalLM", 1008, dict(
+        SMALL, hidden_activation="gelu_pytorch_tanh", num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+        tie_word_embeddings=True, rms_norm_eps=1e-6, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}), norm_center=0.0,
+        config_class="Gemma3TextConfig",
+        notes="Gemma3ForCausalLM (gemma3_text): (1 + w) q/k norms, layer 0 slides (window 4, rope_theta 1e4), layer 1 "
+              "is global (rope_theta 1e6, linear scaling x4), no soft-capping, GeGLU, scaled embeddings, sandwich "
+              "norms, query_pre_attn_scalar 24, tied"),
 ]
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -110,6 +120,10 @@ ADAPTERS = {
         AdapterSpec("all_r8_rslora_patterns", 8, 16.0, "all-linear", use_rslora=True,
                     rank_pattern={"o_proj": 2, "up_proj": 12}, alpha_pattern={"gate_proj": 4}),
     ],
+    "gemma3": [
+        AdapterSpec("k_o_r3", 3, 6.0, ["k_proj", "o_proj"]),
+        AdapterSpec("all_r12_patterns", 12, 24.0, "all-linear", rank_pattern={"q_proj": 6}, alpha_pattern={"down_proj": 6}),
+    ],
     "mistral": [
         AdapterSpec("qv_r2", 2, 8.0, ["q_proj", "v_proj"]),
         AdapterSpec("all_r16_rslora_patterns", 16, 8.0, ALL7, use_rslora=True,
@@ -118,9 +132,9 @@ ADAPTERS = {
 }
 
 
-def _cls(arch):
+def _cls(arch, config_class=""):
     import transformers
-    return getattr(transformers, arch), getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    return getattr(transformers, arch), getattr(transformers, config_class or arch.replace("ForCausalLM", "Config"))
 
 
 @torch.no_grad()
@@ -142,7 +156,7 @@ def randomize_(model, seed: int, norm_center: float = 1.0) -> None:
 
 def build_model(spec: ModelSpec, out_dir: str) -> None:
     """Random-init the model and save it (fp32 safetensors + config.json)."""
-    model_cls, config_cls = _cls(spec.arch)
+    model_cls, config_cls = _cls(spec.arch, spec.config_class)
     torch.manual_seed(spec.seed)
     config = config_cls(**spec.config, attn_implementation="eager", dtype="float32")
     model = model_cls(config).to(torch.float32).eval()

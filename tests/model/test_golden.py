@@ -86,7 +86,7 @@ def test_fixtures_cover_the_issue():
                                                             "up_proj", "down_proj", "qkv_proj", "gate_up_proj"}
     assert any(a["use_rslora"] for a in adapters) and any(a["rank_pattern"] for a in adapters)
     assert {c["model"] for c in CASES} == {"llama_tied", "llama_gqa", "qwen2", "mistral", "qwen3", "phi3",
-                                             "gemma2"}
+                                             "gemma2", "gemma3"}
     # Each family's fixture exercises its features, as jlora reads them from the checkpoint's config.json.
     qwen3 = model("qwen3")[0]
     assert qwen3.qk_norm and qwen3.head_dim * qwen3.num_heads != qwen3.hidden_size and qwen3.tie_word_embeddings
@@ -100,6 +100,10 @@ def test_fixtures_cover_the_issue():
     assert gemma2.attn_logit_softcap and gemma2.final_logit_softcap and gemma2.hidden_act == "gelu_pytorch_tanh"
     assert gemma2.embed_scale and gemma2.norm_unit_offset and gemma2.post_norms
     assert gemma2.query_pre_attn_scalar != gemma2.head_dim
+    gemma3 = model("gemma3")[0]
+    assert gemma3.qk_norm and gemma3.norm_unit_offset and gemma3.sliding_layers == (True, False)
+    assert (gemma3.rope_local_theta, gemma3.rope_theta, gemma3.rope_scaling.rope_type) == (1e4, 1e6, "linear")
+    assert gemma3.attn_logit_softcap is None and gemma3.final_logit_softcap is None
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST["models"]))

@@ -241,6 +241,21 @@ def test_gemma2_config_reads_its_features():
             ModelConfig.from_hf_dict({**d, **bad})
 
 
+def test_gemma3_config_reads_its_rope_per_layer_type():
+    with open(os.path.join(os.path.dirname(QWEN3_CONFIG), "..", "gemma3", "config.json")) as f:
+        d = json.load(f)
+    config = ModelConfig.from_hf_dict(d)
+    assert config.qk_norm and config.norm_unit_offset and config.attn_logit_softcap is None
+    assert (config.rope_theta, config.rope_local_theta, config.rope_scaling.factor) == (1e6, 1e4, 4.0)
+    slid = ModelConfig.from_hf_dict({**d, "layer_types": ["sliding_attention"] * 2})  # every layer local
+    assert (slid.rope_theta, slid.rope_scaling, slid.rope_local_theta) == (1e4, None, None)
+    yarn = {**d["rope_parameters"], "sliding_attention": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}
+    with pytest.raises(ModelLoadError, match="'yarn' of the sliding layers"):
+        ModelConfig.from_hf_dict({**d, "rope_parameters": yarn})
+    with pytest.raises(ModelLoadError, match="'gemma3'"):  # the multimodal config: its text model is gemma3_text
+        ModelConfig.from_hf_dict({**d, "model_type": "gemma3"})
+
+
 def test_qwen3_config_reads_its_features():
     with open(QWEN3_CONFIG) as f:
         d = json.load(f)
