@@ -345,7 +345,8 @@ class LoraBankConfig:
         raise ValueError(f"rank {rank} is above the largest bucket {self.max_rank}")
 
 
-LORA_BACKENDS = ("auto", "xla", "reference", "interpret", "triton", "mosaic", "interpret_mosaic")
+LORA_BACKENDS = ("auto", "xla", "reference", "interpret", "triton", "mosaic", "interpret_mosaic", "mosaic_gpu",
+                 "interpret_mosaic_gpu")
 ATTENTION_BACKENDS = ("auto", "xla", "mosaic", "interpret_mosaic", "pallas", "interpret")
 LAYER_LOOPS = ("auto", "scan", "split")
 DECODE_EXPANDS = ("gather", "triton")
@@ -362,7 +363,8 @@ class RuntimeConfig:
 
     Attributes:
       lora_backend: the LoRA kernels: "auto" (Pallas Triton on GPU, Pallas Mosaic on TPU, dense XLA elsewhere),
-        "xla", "reference" (the per-token gather oracle), "triton", "mosaic", or "interpret" / "interpret_mosaic"
+        "xla", "reference" (the per-token gather oracle), "triton", "mosaic", "mosaic_gpu" (the Pallas Mosaic GPU
+        kernels; not the GPU default until measured), or "interpret" / "interpret_mosaic" / "interpret_mosaic_gpu"
         (the Pallas kernels in interpret mode, for tests on the CPU).
       attention: paged attention: "auto" ("mosaic" on GPU, else "xla"); "mosaic" (jlora's Pallas Mosaic GPU decode
         and prefill kernels, `pallas_kernels.attention`), "pallas" (JAX's deprecated Pallas Triton paged decode

@@ -6,8 +6,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import metadata, mosaic_lora, reference, triton_lora, tuning, xla
-from pallas_kernels.backend import BACKENDS, resolve_backend
+from pallas_kernels import metadata, mosaic_gpu_lora, mosaic_lora, reference, triton_lora, tuning, xla
+from pallas_kernels.backend import BACKENDS, MOSAIC_GPU, resolve_backend
 
 __all__ = ["BACKENDS", "lora_expand", "lora_shrink", "lora_shrink_expand", "resolve_backend"]
 
@@ -78,7 +78,16 @@ def _check_meta(meta, slot_ids, backend: str):
                      f"{slot_ids.shape[0]}")
   if backend in ("mosaic", "interpret_mosaic") and not meta.aligned:
     raise ValueError("meta must be built with aligned=True (or backend=...) for the Mosaic kernel")
+  if backend in MOSAIC_GPU and (not meta.aligned or meta.block_t != mosaic_gpu_lora.TILE_M):
+    raise ValueError(f"meta must be built with aligned=True and block_t={mosaic_gpu_lora.TILE_M} "
+                     f"(or backend={backend!r}) for the Mosaic GPU kernels")
   return meta
+
+
+def _triton_fallback(backend: str) -> str:
+  """The Triton-backend kernels that take the calls the Mosaic GPU kernels do not (float32, ranks or widths that
+  miss wgmma's tiles), in the same mode."""
+  return "interpret" if backend == "interpret_mosaic_gpu" else "triton"
 
 
 def lora_shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, *, meta=None,
@@ -93,7 +102,7 @@ def lora_shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, *, meta=None,
     slot_ids: [T] int32 in [-1, S); runs of equal ids are segments (fastest when sorted).
     meta: `segment_metadata(slot_ids)`, computed once per step; built here if None.
     backend: None or "auto" (by platform), "xla", "reference", "interpret", "triton", "mosaic",
-      "interpret_mosaic".
+      "interpret_mosaic", "mosaic_gpu", "interpret_mosaic_gpu".
     layer: optional int32 scalar (may be traced). If given, `a` is a stacked [L, S, d_in, R] bank and layer
       `layer` is used. The kernels then read it in place, where slicing a layer out inside a scan would copy
       that layer's every slot before each call.
@@ -108,6 +117,10 @@ def lora_shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, *, meta=None,
   if backend == "xla":
     return xla.xla_lora_shrink(x, _layer_of(a, layer), slot_ids)
   meta = _check_meta(meta, slot_ids, backend)
+  if backend in MOSAIC_GPU:
+    if mosaic_gpu_lora.shrink_supported(x.dtype, a.dtype, x.shape[1], a.shape[-1]):
+      return mosaic_gpu_lora.shrink(x, a, meta, layer, interpret=backend == "interpret_mosaic_gpu")
+    backend = _triton_fallback(backend)
   if backend in ("triton", "interpret"):
     return triton_lora.shrink(x, a, slot_ids, meta, layer, interpret=backend == "interpret")
   return mosaic_lora.shrink(x, a, slot_ids, meta, layer, interpret=backend == "interpret_mosaic")
@@ -144,6 +157,8 @@ def lora_expand(y: jax.Array, v: jax.Array, b_slices: Sequence[jax.Array], slot_
   if backend == "xla":
     return xla.xla_lora_expand(y, v, tuple(_layer_of(b, layer) for b in b_slices), slot_ids)
   meta = _check_meta(meta, slot_ids, backend)
+  if backend in MOSAIC_GPU:
+    return _mosaic_gpu_expand(y, v, b_slices, slot_ids, meta, layer, backend, decode_expand)
   if backend in ("triton", "interpret"):
     return _triton_expand(y, v, b_slices, slot_ids, meta, layer, backend, decode_expand)
   if any(b.shape[-1] % 128 for b in b_slices):
@@ -181,3 +196,14 @@ def _triton_expand(y, v, b_slices, slot_ids, meta, layer, backend: str, decode_e
   if variant == "gather":
     return xla.gather_lora_expand(y, v, b_slices, slot_ids, layer)
   return triton_lora.expand(y, v, b_slices, meta, layer, interpret=backend == "interpret")
+
+
+def _mosaic_gpu_expand(y, v, b_slices, slot_ids, meta, layer, backend: str, decode_expand: str):
+  """The Mosaic GPU expand; decode-sized steps take `decode_expand`'s variant as on Triton ("triton" there meaning
+  the tiled kernel), and shapes the Mosaic kernel does not take the Triton-backend kernel."""
+  if tuning.gpu_expand_variant(y.shape[0], decode_expand) == "gather":
+    return xla.gather_lora_expand(y, v, b_slices, slot_ids, layer)
+  dims = tuple(b.shape[-1] for b in b_slices)
+  if mosaic_gpu_lora.expand_supported(tuple(b.dtype for b in b_slices), v.shape[1] // len(b_slices), dims):
+    return mosaic_gpu_lora.expand(y, v, b_slices, meta, layer, interpret=backend == "interpret_mosaic_gpu")
+  return triton_lora.expand(y, v, b_slices, meta, layer, interpret=_triton_fallback(backend) == "interpret")

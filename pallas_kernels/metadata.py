@@ -59,8 +59,8 @@ def segment_metadata(slot_ids: jax.Array, *, block_t: int | None = None, aligned
   Args:
     slot_ids: [T] int32 in [-1, S). Need not be sorted; sorted ids give the fewest tiles.
     block_t: tokens per tile; default from `tuning.block_t(T, backend)`.
-    aligned: if True, tiles also break at multiples of block_t (needed by the TPU kernel). Default: True
-      for the Mosaic backend, else False (tiles start at segment starts, so they are fuller).
+    aligned: if True, tiles also break at multiples of block_t (needed by the Mosaic TPU and GPU kernels).
+      Default: True for those backends, else False (tiles start at segment starts, so they are fuller).
     max_segments: optional static bound on the number of segments (runs), which shrinks the tables.
       Sorted ids over S slots have at most 2*S+1 runs. Default T (always safe).
     backend: as in `lora_shrink`; picks the defaults above.
@@ -75,7 +75,7 @@ def segment_metadata(slot_ids: jax.Array, *, block_t: int | None = None, aligned
   if block_t is None:
     block_t = tuning.block_t(num_tokens, resolved)
   if aligned is None:
-    aligned = resolved in ("mosaic", "interpret_mosaic")
+    aligned = resolved in ("mosaic", "interpret_mosaic", "mosaic_gpu", "interpret_mosaic_gpu")
   if block_t < 1:
     raise ValueError(f"block_t must be >= 1, got {block_t}")
   m = max_num_tiles(num_tokens, block_t, max_segments)

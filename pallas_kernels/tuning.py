@@ -38,6 +38,8 @@ def block_t(num_tokens: int, backend: str) -> int:
     if num_tokens <= 512:
       return num_tokens  # a block as tall as the whole array is always legal
     return preferred  # the Mosaic wrapper pads the rows (engines pad T to buckets anyway)
+  if backend in ("mosaic_gpu", "interpret_mosaic_gpu"):
+    return 64  # wgmma's M: a tile is a slot's rows of one 64-row block (aligned tables)
   # Triton: 16-token tiles measured best on the H100 for decode and for T=8192 (shrink 34.6 us at d=4096,
   # r=16, 128 adapters); A and B re-reads per tile are served from L2. 32-token tiles (with a 4-way split shrink)
   # made expands over many short segments 10-50% slower at T >= 1024.

@@ -1,0 +1,165 @@
+"""The Mosaic GPU shrink and expand (interpret mode on the CPU) against the float32 references, on fresh random inputs.
+
+Set JLORA_MOSAIC_GPU_BACKEND=mosaic_gpu on a Hopper GPU to run the same tests against the compiled kernels.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from conftest import POPULARITY, assert_close, popularity_ids
+from pallas_kernels import dispatch, mosaic_gpu_lora, triton_lora, xla
+from test_lora_ops import SLOTS, make_group, rel_err_np
+
+BACKEND = os.environ.get("JLORA_MOSAIC_GPU_BACKEND", "interpret_mosaic_gpu")
+
+
+@pytest.fixture
+def mosaic_only(monkeypatch):
+  """Fails any call that would leave the Mosaic kernels for the Triton ones or XLA's gather expand."""
+  def refuse(*args, **kwargs):
+    raise AssertionError("left the Mosaic GPU kernels")
+
+  for module, name in ((triton_lora, "shrink"), (triton_lora, "expand"), (xla, "gather_lora_expand")):
+    monkeypatch.setattr(module, name, refuse)
+
+
+def _group(x, a, bs, y, ids, layer=None, decode_expand="triton"):
+  meta = pk.segment_metadata(ids, backend=BACKEND)
+  v = pk.lora_shrink(x, a, ids, meta=meta, backend=BACKEND, layer=layer)
+  return v, pk.lora_expand(y, v, bs, ids, meta=meta, backend=BACKEND, layer=layer, decode_expand=decode_expand)
+
+
+def close(out, ref, dtype, what):
+  """conftest's dtype-aware check; float16 (10 mantissa bits against bfloat16's 7) gets its own tolerance."""
+  if jnp.dtype(dtype) != jnp.float16:
+    return assert_close(out, ref, dtype, what)
+  out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+  assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 2e-3, what
+  np.testing.assert_allclose(out, ref, rtol=2e-3, atol=5e-3 * np.abs(ref).max(), err_msg=what)
+
+
+def check(ids, dtype=jnp.bfloat16, d_in=128, rank=16, dims=(128,), seed=0):
+  """shrink (fp32 tolerance: it accumulates in fp32 whatever the inputs) and expand (y's dtype) against the
+  references; rows of slot -1 exactly 0 and exactly y."""
+  ids = jnp.asarray(ids, jnp.int32)
+  x, a, bs, y = make_group(jax.random.key(seed), ids.shape[0], d_in, rank, dims, dtype)
+  v, out = jax.jit(_group)(x, a, bs, y, ids)
+  assert v.dtype == jnp.float32 and v.shape == (ids.shape[0], rank * len(dims))
+  assert_close(v, pk.ref_lora_shrink(x, a, ids), jnp.float32, "shrink")
+  assert out.dtype == y.dtype and out.shape == y.shape
+  close(out, pk.ref_lora_expand(y, v, bs, ids), dtype, "expand")
+  off = np.asarray(ids) < 0
+  np.testing.assert_array_equal(np.asarray(v)[off], 0.0)
+  np.testing.assert_array_equal(np.asarray(out, np.float32)[off], np.asarray(y, np.float32)[off])
+  if not off.all():
+    assert rel_err_np(out, y) > 1e-2, "the delta is negligible: the check would pass on y"
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 133])
+def test_popularity_and_odd_token_counts(mosaic_only, tokens):
+  """Every popularity at T = 1, 7 and 133 (three 64-row blocks, the last partial), with a slot -1 token."""
+  rng = np.random.default_rng(tokens)
+  for i, kind in enumerate(POPULARITY):
+    ids = popularity_ids(rng, tokens, SLOTS, kind)
+    if tokens > 1:
+      ids[i % tokens] = -1
+    check(ids, seed=i)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16bit_dtypes(mosaic_only, dtype):
+  rng = np.random.default_rng(1)
+  check(popularity_ids(rng, 70, SLOTS, "uniform"), dtype=dtype, seed=1)
+
+
+@pytest.mark.parametrize("rank", [16, 32, 64, 128])
+def test_rank_buckets(mosaic_only, rank):
+  rng = np.random.default_rng(rank)
+  check(popularity_ids(rng, 48, SLOTS, "zipf"), rank=rank, seed=rank)
+
+
+def test_fused_unequal_widths_and_minus_one_rows(mosaic_only):
+  """qkv under GQA: one shrink to 3r, three B's of widths 256, 128, 64; runs of -1 inside and at the end."""
+  rng = np.random.default_rng(3)
+  ids = popularity_ids(rng, 90, SLOTS, "uniform")
+  ids[5:9] = -1
+  ids[80:] = -1
+  check(ids, d_in=256, dims=(256, 128, 64), seed=3)
+  check(np.full(20, -1, np.int32), dims=(256, 128, 64), d_in=256, seed=4)
+
+
+@pytest.mark.parametrize("dtype,rank", [(jnp.float32, 16), (jnp.bfloat16, 8)])
+def test_shapes_outside_wgmma_take_the_triton_kernels(monkeypatch, dtype, rank):
+  """float32 (TF32 on the tensor cores) and rank 8 (under wgmma's 32-byte tile) run the Triton-backend kernels, in
+  the same mode, and never the Mosaic ones."""
+  def refuse(*args, **kwargs):
+    raise AssertionError("the Mosaic kernel took a shape it does not support")
+
+  monkeypatch.setattr(mosaic_gpu_lora, "shrink", refuse)
+  monkeypatch.setattr(mosaic_gpu_lora, "expand", refuse)
+  rng = np.random.default_rng(8)
+  check(popularity_ids(rng, 40, SLOTS, "skewed"), dtype=dtype, rank=rank, seed=8)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_stacked_bank_at_a_traced_layer(mosaic_only, layer):
+  """layer= on stacked [L, S, ...] banks, a traced index, equals the call on that layer's slice."""
+  num_layers, tokens = 3, 37
+  groups = [make_group(k, tokens, 128, 16, (128, 64), jnp.bfloat16)
+            for k in jax.random.split(jax.random.key(layer + 10), num_layers)]
+  a = jnp.stack([g[1] for g in groups])
+  bs = tuple(jnp.stack([g[2][j] for g in groups]) for j in range(2))
+  x, y = groups[0][0], groups[0][3]
+  ids = jnp.asarray(popularity_ids(np.random.default_rng(layer), tokens, SLOTS, "uniform")).at[:3].set(-1)
+  v, out = jax.jit(_group)(x, a, bs, y, ids, jnp.int32(layer))
+  v_ref = pk.ref_lora_shrink(x, a[layer], ids)
+  assert_close(v, v_ref, jnp.float32, "stacked shrink")
+  assert_close(out, pk.ref_lora_expand(y, v, tuple(b[layer] for b in bs), ids), jnp.bfloat16, "stacked expand")
+  other = pk.ref_lora_shrink(x, a[(layer + 1) % num_layers], ids)
+  assert np.linalg.norm(np.asarray(v - other)) > 0.1 * np.linalg.norm(np.asarray(v_ref)), "read the wrong layer"
+
+
+@pytest.mark.parametrize("decode_expand", ["triton", "gather"])
+def test_model_call_lora_shrink_expand(monkeypatch, decode_expand):
+  """The model's call on a stacked bank: the tiled Mosaic expand, or XLA's gather-einsum for a decode-sized step
+  (`decode_expand`); the shrink is the Mosaic one either way."""
+  monkeypatch.setattr(triton_lora, "shrink", lambda *a, **k: (_ for _ in ()).throw(AssertionError("triton")))
+  tokens = 24
+  groups = [make_group(k, tokens, 256, 16, (128, 64), jnp.bfloat16) for k in jax.random.split(jax.random.key(7), 2)]
+  a = jnp.stack([g[1] for g in groups])
+  bs = tuple(jnp.stack([g[2][j] for g in groups]) for j in range(2))
+  x, y = groups[0][0], groups[0][3]
+  ids = jnp.asarray(popularity_ids(np.random.default_rng(3), tokens, SLOTS, "zipf")).at[-2:].set(-1)
+  out = jax.jit(lambda x, y, ids, i: pk.lora_shrink_expand(x, y, a, bs, ids, backend=BACKEND, layer=i,
+                                                           decode_expand=decode_expand))(x, y, ids, jnp.int32(1))
+  b1 = tuple(b[1] for b in bs)
+  want = pk.ref_lora_expand(y, pk.ref_lora_shrink(x, a[1], ids), b1, ids)
+  assert out.dtype == y.dtype
+  assert_close(out, want, jnp.bfloat16, "model call")
+  assert rel_err_np(want, y) > 1e-2
+  np.testing.assert_array_equal(np.asarray(out[-2:], np.float32), np.asarray(y[-2:], np.float32))
+
+
+def test_block_bounds_hand_checked():
+  """Row block b's tiles are entries [bounds[b], bounds[b+1]); a block of only -1 rows has none."""
+  ids = np.concatenate([np.full(70, 2), np.full(58, -1), np.full(10, 0), np.full(5, 4)]).astype(np.int32)
+  meta = pk.segment_metadata(jnp.asarray(ids), backend=BACKEND)
+  assert meta.block_t == 64 and meta.aligned
+  bounds = np.asarray(mosaic_gpu_lora.block_bounds(meta, 3))
+  # tiles: [0, 64) slot 2 | [64, 70) slot 2 | block 1 has no tiles | [128, 138) slot 0, [138, 143) slot 4
+  np.testing.assert_array_equal(bounds, [0, 1, 2, 4])
+  np.testing.assert_array_equal(np.asarray(meta.tile_lo)[:4], [0, 64, 128, 138])
+
+
+def test_meta_of_another_backend_is_refused():
+  x, a, _, _ = make_group(jax.random.key(0), 16, 128, 16, (128,), jnp.bfloat16)
+  ids = jnp.zeros((16,), jnp.int32)
+  with pytest.raises(ValueError, match="block_t=64"):
+    pk.lora_shrink(x, a, ids, meta=pk.segment_metadata(ids, backend="interpret"), backend=BACKEND)
+  assert dispatch.resolve_backend(BACKEND) == BACKEND
