@@ -175,9 +175,19 @@ def lora_shrink_expand(x: jax.Array, y: jax.Array, a: jax.Array, b_slices: Seque
   Same semantics, arguments and result as the two calls. On the Triton path the shrink's per-program partial sums
   over d_in go straight to the expand, which adds them up: one launch fewer than the two public ops. (A one-launch
   decode kernel, a program per tile doing both, measured 1.3-2x slower on the H100: too little parallelism.)
+  On Mosaic GPU, decode-sized steps hand the shrink's split-K partial sums to XLA's gather expand likewise.
   """
   b_slices = tuple(b_slices)
   backend = resolve_backend(backend)
+  if backend in MOSAIC_GPU and _mosaic_gpu_partials(x, a, y, decode_expand):
+    # Decode-sized: the Mosaic shrink's split-K partial sums go straight to XLA's gather expand, which adds them.
+    _validate_shrink(x, _per_layer(a, layer, "a"), slot_ids)
+    _validate_expand(y, jax.ShapeDtypeStruct((x.shape[0], a.shape[-1]), jnp.float32),
+                     _per_layer_slices(b_slices, layer), slot_ids)
+    meta = _check_meta(meta, slot_ids, backend)
+    partials = mosaic_gpu_lora.shrink(x, a, meta, layer, interpret=backend == "interpret_mosaic_gpu",
+                                      sum_splits=False)
+    return xla.gather_lora_expand(y, partials, b_slices, slot_ids, layer)
   if backend not in ("triton", "interpret"):
     v = lora_shrink(x, a, slot_ids, meta=meta, backend=backend, layer=layer)
     return lora_expand(y, v, b_slices, slot_ids, meta=meta, backend=backend, layer=layer,
@@ -196,6 +206,12 @@ def _triton_expand(y, v, b_slices, slot_ids, meta, layer, backend: str, decode_e
   if variant == "gather":
     return xla.gather_lora_expand(y, v, b_slices, slot_ids, layer)
   return triton_lora.expand(y, v, b_slices, meta, layer, interpret=backend == "interpret")
+
+
+def _mosaic_gpu_partials(x, a, y, decode_expand: str) -> bool:
+  """Whether the Mosaic shrink runs and the expand is XLA's gather-einsum (decode-sized steps by default)."""
+  return (tuning.gpu_expand_variant(y.shape[0], decode_expand) == "gather"
+          and mosaic_gpu_lora.shrink_supported(x.dtype, a.dtype, x.shape[1], a.shape[-1]))
 
 
 def _mosaic_gpu_expand(y, v, b_slices, slot_ids, meta, layer, backend: str, decode_expand: str):

@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import stacked
+from pallas_kernels import stacked, tuning
 from pallas_kernels.metadata import SegmentMetadata
 
 TILE_M = 64          # rows of a row block: wgmma's M, and the tile table's block_t for this backend
@@ -93,7 +93,7 @@ def block_bounds(meta: SegmentMetadata, num_blocks: int) -> jax.Array:
   i = jnp.arange(meta.max_tiles, dtype=jnp.int32)
   lo = jnp.where(i < meta.num_tiles[0], meta.tile_lo, jnp.iinfo(jnp.int32).max)
   edges = jnp.arange(num_blocks + 1, dtype=jnp.int32) * TILE_M
-  return jnp.searchsorted(lo, edges, side="left").astype(jnp.int32)
+  return jnp.searchsorted(lo, edges, side="left", method="compare_all").astype(jnp.int32)
 
 
 def _pad_rows(arr: jax.Array, rows: int) -> jax.Array:
@@ -115,6 +115,7 @@ def _shrink_kernel(bounds_ref, lo_ref, hi_ref, slot_ref, layer_ref, x_ref, a_ref
                    k_steps, num_slots, stages, transforms):
   rb = lax.axis_index("rows")
   cb = lax.axis_index("cols")
+  split = lax.axis_index("split")  # this program's share of d_in: K steps [split * k_steps, (split + 1) * k_steps)
   rows = rb * TILE_M + plgpu.broadcasted_iota(jnp.int32, (TILE_M, bn), 0, layout=plgpu.Layout.WGMMA)
 
   def tile(i, out):
@@ -125,8 +126,10 @@ def _shrink_kernel(bounds_ref, lo_ref, hi_ref, slot_ref, layer_ref, x_ref, a_ref
           lambda _, x_smem, a_smem: plgpu.wgmma(acc_ref, x_smem, a_smem),
           grid=(k_steps,),
           in_specs=[
-              plgpu.BlockSpec((TILE_M, bk), lambda k: (rb, k), transforms=transforms, delay_release=1),
-              plgpu.BlockSpec((bk, bn), lambda k: (k, cb), transforms=transforms, delay_release=1),
+              plgpu.BlockSpec((TILE_M, bk), lambda k: (rb, split * k_steps + k), transforms=transforms,
+                              delay_release=1),
+              plgpu.BlockSpec((bk, bn), lambda k: (split * k_steps + k, cb), transforms=transforms,
+                              delay_release=1),
           ],
           max_concurrent_steps=stages,
       )(x_ref, a_ref.at[w])
@@ -139,15 +142,24 @@ def _shrink_kernel(bounds_ref, lo_ref, hi_ref, slot_ref, layer_ref, x_ref, a_ref
   out = lax.fori_loop(bounds_ref[rb], bounds_ref[rb + 1], tile, zeros)
   o_smem[...] = out
   plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(o_smem, o_ref.at[pl.ds(rb * TILE_M, TILE_M), pl.ds(cb * bn, bn)])
+  plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, pl.ds(rb * TILE_M, TILE_M), pl.ds(cb * bn, bn)])
   plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "stages"))
+def _divisor_at_most(n: int, most: int) -> int:
+  return max(d for d in range(1, min(n, most) + 1) if n % d == 0)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "stages", "k_splits", "sum_splits"))
 def shrink(x: jax.Array, a: jax.Array, meta: SegmentMetadata, layer=None, *, interpret: bool = False,
-           stages: int = 3) -> jax.Array:
+           stages: int = 3, k_splits: int | None = None, sum_splits: bool = True) -> jax.Array:
   """Mosaic GPU segmented shrink. Semantics and shapes as `dispatch.lora_shrink` (only shapes that
-  `shrink_supported` takes); returns [T, R] float32."""
+  `shrink_supported` takes); returns [T, R] float32.
+
+  k_splits programs share each row block's d_in (None: `tuning.mosaic_gpu_shrink_splits`; rounded down to a
+  divisor of d_in / 64); their partial sums are added up here, or with sum_splits=False returned as [K, T, R]
+  (every row written: 0 for slot -1) for `xla.gather_lora_expand`, which adds them up itself.
+  """
   _check_meta(meta)
   num_tokens, d_in = x.shape
   (a,), layer_arr, num_slots = stacked.in_place((a,), layer)
@@ -158,18 +170,25 @@ def shrink(x: jax.Array, a: jax.Array, meta: SegmentMetadata, layer=None, *, int
   bk = 128 // itemsize  # 64 elements per K step
   num_blocks = pl.cdiv(num_tokens, TILE_M)
   padded = num_blocks * TILE_M
-  kernel = functools.partial(_shrink_kernel, bk=bk, bn=bn, k_steps=d_in // bk, num_slots=num_slots,
+  k_total = d_in // bk
+  if k_splits is None:
+    k_splits = tuning.mosaic_gpu_shrink_splits(num_tokens, d_in)
+  splits = _divisor_at_most(k_total, max(1, k_splits))
+  kernel = functools.partial(_shrink_kernel, bk=bk, bn=bn, k_steps=k_total // splits, num_slots=num_slots,
                              stages=max(2, stages), transforms=_transforms(swizzle, itemsize))
   out = plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct((padded, rank), jnp.float32),
+      out_type=jax.ShapeDtypeStruct((splits, padded, rank), jnp.float32),
       scratch_types=(plgpu.SMEM((TILE_M, bn), jnp.float32),),
-      grid=(num_blocks, rank // bn),
-      grid_names=("rows", "cols"),
+      grid=(num_blocks, rank // bn, splits),
+      grid_names=("rows", "cols", "split"),
       interpret=_params(interpret),
   )(block_bounds(meta, num_blocks), meta.tile_lo, meta.tile_hi, meta.tile_slot, layer_arr,
     _pad_rows(x, padded), a)
-  return out[:num_tokens]
+  out = out[:, :num_tokens]
+  if not sum_splits:
+    return out
+  return out[0] if splits == 1 else jnp.sum(out, axis=0)
 
 
 def _expand_kernel(bounds_ref, lo_ref, hi_ref, slot_ref, layer_ref, v_ref, *refs, bn, rank, dims, col_starts,

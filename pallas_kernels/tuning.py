@@ -66,6 +66,14 @@ def gpu_shrink_blocks(num_tokens: int, d_in: int, rank: int, itemsize: int = 2) 
   return GpuShrinkBlocks(block_k=128, k_splits=1, num_warps=4, num_stages=3)
 
 
+def mosaic_gpu_shrink_splits(num_tokens: int, d_in: int) -> int:
+  """Programs per row block that share the Mosaic GPU shrink's d_in. A first guess copied from the Triton
+  tiling's H100 measurements (decode-sized steps have one or a few row blocks); not yet measured on Mosaic."""
+  if d_in < 2048:
+    return 1
+  return 16 if num_tokens <= 256 else 4 if num_tokens <= 4096 else 1
+
+
 def gpu_expand_blocks(num_tokens: int, d_out: int, rank: int, itemsize: int = 2) -> GpuExpandBlocks:
   # H100: bn=128 with 4 warps was best or within 5% at T=256 and T=8192 for one expand alone; in the model's decode
   # groups (shrink + expand over the stacked bank) bn=256 was 3-10% faster (decode_group_sweep_h100.json).

@@ -10,6 +10,7 @@ Pallas kernels, XLA gather-einsum and `jax.lax.ragged_dot`, timed by `kernel_tim
   python3 scripts/bench_kernels.py --tune         # also try alternative block sizes on key shapes
   python3 scripts/bench_kernels.py --tune-mid     # also sweep shrink tilings at 1024-4096 tokens
   python3 scripts/bench_kernels.py --tune-decode  # ... and at decode-sized steps (T <= 256)
+  python3 scripts/bench_kernels.py --compare mosaic_gpu  # the Mosaic GPU kernels beside (the GPU default)
 
 At T <= 256 the public expand runs XLA's gather-einsum (`tuning.DECODE_EXPAND`), so the tiled Triton expand is timed
 beside it ("tiled"). Every run records the launch floor: the per-call time of a one-program Pallas kernel and of
@@ -36,6 +37,10 @@ _TRIVIAL = {"pjit", "jit", "closed_call", "convert_element_type", "reshape", "sq
             "concatenate"}
 
 
+# A Pallas launch: pallas_call (Triton, TPU Mosaic), mpmd_map / core_map (`plgpu.kernel`, Mosaic GPU).
+_KERNELS = {"pallas_call", "mpmd_map", "core_map"}
+
+
 def count_ops(jaxpr) -> dict:
   """Counts the pallas_call ops and other non-trivial ops one run of a closed jaxpr executes: nested calls where
   they are used, scan bodies times their length, the larger branch of a cond."""
@@ -46,7 +51,7 @@ def count_ops(jaxpr) -> dict:
       name = eqn.primitive.name
       subs = [v for v in eqn.params.values() if hasattr(v, "jaxpr") or hasattr(v, "eqns")]
       subs += [b for v in eqn.params.values() if isinstance(v, tuple) for b in v if hasattr(b, "jaxpr")]
-      if name == "pallas_call":
+      if name in _KERNELS:
         counts["pallas_call"] += 1
       elif subs:
         inner = [walk(s.jaxpr if hasattr(s, "jaxpr") else s) for s in subs]
@@ -189,6 +194,9 @@ def main() -> None:
   p.add_argument("--tune-mid", action="store_true", help="also sweep shrink tilings at 1024-4096 tokens")
   p.add_argument("--tune-decode", action="store_true", help="also sweep shrink tilings at decode-sized steps")
   p.add_argument("--backend", default=None, help="kernel backend (default: by platform)")
+  p.add_argument("--compare", default=None,
+                 help="comma-separated kernel backends timed beside --backend in every case, as pallas_<name>_us "
+                      "(default on GPU: mosaic_gpu, the Mosaic GPU kernels beside the Triton ones; 'none': none)")
   p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "benchmarks",
                                                "results", "kernels_h100.json"))
   p.add_argument("--ranks", default=None, help="comma-separated ranks to keep from the sweep")
@@ -199,6 +207,7 @@ def main() -> None:
                  help="skip ragged_dot above this many tokens (it is very slow)")
   args = p.parse_args()
   backend = pk.resolve_backend(args.backend)
+  compare = _compare_backends(args.compare, backend)
   dev = jax.devices()[0]
   start = time.perf_counter()
   copy_bw = copy_bandwidth(1 << 22) if args.smoke else copy_bandwidth()
@@ -206,8 +215,10 @@ def main() -> None:
         f"copy roofline {copy_bw / 1e12:.2f} TB/s (read+write)", flush=True)
   result = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
             "backend": backend, "dtype": "bfloat16", "copy_bandwidth_GBps": copy_bw / 1e9,
-            "command": "python3 " + " ".join(sys.argv)}
+            "compare_backends": list(compare), "command": "python3 " + " ".join(sys.argv)}
   result["launches_per_decode_step"] = launches_per_decode_step(backend)
+  for other in compare:
+    result[f"launches_per_decode_step_{other}"] = launches_per_decode_step(other)
   result["cases"] = []
   print("launches per decode step (Llama-3-8B shapes, L=32):",
         json.dumps(result["launches_per_decode_step"]), flush=True)
@@ -232,7 +243,7 @@ def main() -> None:
       print(f"stopping: --max-seconds {args.max_seconds} reached", flush=True)
       result["stopped_early"] = True
       break
-    row = time_case(c, backend, copy_bw, args.skip_ragged_above)
+    row = time_case(c, backend, copy_bw, args.skip_ragged_above, compare)
     rows.append(row)
 
     def f(v, w, p=1):
@@ -242,10 +253,23 @@ def main() -> None:
           f"{f(row['gather_einsum_us'], 9)} {f(row['speedup_vs_gather_einsum'], 5, 2)} | "
           f"{f(row['ragged_dot_us'], 9)} {f(row['speedup_vs_ragged_dot'], 6, 1)}"
           + (f" | tiled {row['pallas_tiled_us']:.1f} us, x{row['tiled_speedup_vs_gather_einsum']:.2f}"
-             if row.get("pallas_tiled_us") else ""), flush=True)
+             if row.get("pallas_tiled_us") else "")
+          + "".join(f" | {o} {f(row[f'pallas_{o}_us'], 1)} us, x{f(row[f'pallas_{o}_speedup'], 1, 2)}"
+                    for o in compare), flush=True)
     _write(args.out, result)
   _write(args.out, result)
   print(f"wrote {args.out}")
+
+
+def _compare_backends(arg: str | None, backend: str) -> tuple[str, ...]:
+  """The backends of --compare: by default the Mosaic GPU kernels when the Triton ones are timed."""
+  if arg is None:
+    return ("mosaic_gpu",) if backend == "triton" else ()
+  names = tuple(n for n in arg.split(",") if n and n != "none")
+  for n in names:
+    if pk.resolve_backend(n) in ("xla", "reference") or n == backend:
+      raise SystemExit(f"--compare takes other kernel backends than --backend {backend!r}, got {n!r}")
+  return names
 
 
 def _write(path: str, result: dict) -> None:

@@ -94,8 +94,21 @@ def make_sets(c: Case, num_sets: int, key):
   return ids, sets
 
 
-def impls(c: Case, ids, backend: str):
-  """name -> (op(*set) with ids/meta closed over, index of the carried arg or None)."""
+def impls(c: Case, ids, backend: str, compare: tuple[str, ...] = ()):
+  """name -> (op(*set) with ids/meta closed over, index of the carried arg or None). Each backend of `compare` adds
+  "pallas_<backend>": its kernels (the tiled expand at every size), with its own tile table."""
+  out = _impls(c, ids, backend)
+  for other in compare:
+    m = pk.segment_metadata(ids, backend=other)
+    if c.op == "shrink":
+      out[f"pallas_{other}"] = (lambda x, a, m=m, o=other: pk.lora_shrink(x, a, ids, meta=m, backend=o), None)
+    else:
+      out[f"pallas_{other}"] = (lambda y, v, b, m=m, o=other: pk.lora_expand(y, v, (b,), ids, meta=m, backend=o,
+                                                                             decode_expand="triton"), 0)
+  return out
+
+
+def _impls(c: Case, ids, backend: str):
   meta = pk.segment_metadata(ids, backend=backend)
   group_sizes = jnp.bincount(ids, length=c.adapters).astype(jnp.int32)
   if c.op == "shrink":
@@ -133,17 +146,17 @@ def _init(op, sets, carry_index):
   return tuple(jnp.array(s[carry_index], copy=True) for s in sets)
 
 
-def time_case(c: Case, backend: str, copy_bw: float, skip_ragged_above: int) -> dict:
+def time_case(c: Case, backend: str, copy_bw: float, skip_ragged_above: int, compare: tuple[str, ...] = ()) -> dict:
   nbytes = case_bytes(c)
   num_sets = int(max(1, min(MAX_ROTATE, ROTATE_BYTES // nbytes)))
   ids, sets = make_sets(c, num_sets, jax.random.key(c.tokens * 7 + c.adapters * 13 + c.d + c.rank))
   row = dataclasses.asdict(c) | {"bytes": nbytes, "rotate_sets": num_sets,
                                  "roofline_us": nbytes / copy_bw * 1e6}
-  for name, (op, carry_index) in impls(c, ids, backend).items():
+  for name, (op, carry_index) in impls(c, ids, backend, compare).items():
     if name == "ragged_dot" and c.tokens > skip_ragged_above:
       row[f"{name}_us"] = None
       continue
-    guess = {"pallas": 3.0, "pallas_tiled": 3.0, "gather_einsum": 10.0, "ragged_dot": 100.0}[name]
+    guess = {"gather_einsum": 10.0, "ragged_dot": 100.0}.get(name, 3.0)
     per_call = max(nbytes / copy_bw * guess, 10e-6)
     trips = int(max(2, min(200, LOOP_SECONDS / (per_call * num_sets))))
     fn = _looped(op, num_sets, trips, carry_index)
@@ -159,6 +172,9 @@ def time_case(c: Case, backend: str, copy_bw: float, skip_ragged_above: int) -> 
   row["pallas_pct_roofline"] = 100.0 * row["roofline_us"] / p
   for base in ("gather_einsum", "ragged_dot"):
     row[f"speedup_vs_{base}"] = (row[f"{base}_us"] / p) if row.get(f"{base}_us") else None
+  for other in compare:  # > 1: the other backend is faster than `backend`'s kernels
+    q = row.get(f"pallas_{other}_us")
+    row[f"pallas_{other}_speedup"] = p / q if q else None
   if row.get("pallas_tiled_us"):
     row["tiled_speedup_vs_gather_einsum"] = row["gather_einsum_us"] / row["pallas_tiled_us"]
   return row
