@@ -11,7 +11,8 @@ from jlora import scoring
 from jlora.checkpoint.resolve import DEFAULT_MODEL, load_model
 from jlora.config import LoraBankConfig, RuntimeConfig
 from jlora.engine.engine import Engine, EngineConfig, RequestOutput
-from jlora.errors import RequestError, UnknownAdapterError
+from jlora.errors import AdapterError, RequestError, UnknownAdapterError
+from jlora.lora.peft import read_spec
 from jlora.sampling import SamplingParams
 from jlora.scoring import ScoreOutput
 
@@ -40,6 +41,11 @@ class LLM:
                  runtime: RuntimeConfig | None = None, progress: bool = True, engine: EngineConfig | None = None,
                  chat_template: str | None = None):
         self._engine: Engine | None = None
+        for name, path in (adapters or {}).items():  # a missing or malformed adapter config fails before the model loads
+            try:
+                read_spec(path)
+            except AdapterError as e:
+                raise AdapterError(f"adapter {name!r} at {path!r}: {e}", adapter=name) from None
         llama, self.tokenizer = load_model(model, jnp.dtype(dtype), progress=progress, chat_template=chat_template)
         self.config = llama.config
         cfg = engine or EngineConfig()
