@@ -30,7 +30,8 @@ from pallas_kernels import stacked, tuning
 from pallas_kernels.metadata import SegmentMetadata
 
 TILE_M = 64          # rows of a row block: wgmma's M, and the tile table's block_t for this backend
-_MAX_N = 256         # wgmma's largest N
+_MAX_N = 128         # widest column block: wgmma takes 256, but the fp32 accumulator and the carried output would
+                     # then hold 256 registers per thread
 _SWIZZLES = (128, 64, 32)  # bytes; wgmma takes no unswizzled operands
 _DTYPES = (jnp.bfloat16, jnp.float16)
 
