@@ -22,11 +22,12 @@ from jlora.engine.block_manager import PageAllocator
 from jlora.engine.memory import MemoryPlan, plan_memory
 from jlora.engine.compiles import compile_count
 from jlora.engine.model_runner import ModelRunner
+from jlora.engine.penalty_slots import PenaltySlots, host_row
 from jlora.engine.prefix_cache import CacheStats, PrefixCache
 from jlora.engine.scheduler import Scheduler, SchedulerConfig
 from jlora.engine.sequence import Sequence, Status
 from jlora.errors import AdapterError, CapacityError, RequestError, UnknownAdapterError
-from jlora.sampling import SamplingParams
+from jlora.sampling import MAX_LOGIT_BIAS, SamplingParams
 from jlora.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("jlora.engine")
@@ -52,7 +53,7 @@ class EngineConfig:
     max_cpu_loras: int = 64
     adapter_roots: tuple[str, ...] | None = None
     runtime: RuntimeConfig = RuntimeConfig()  # kernel and layout switches; a static argument of every step program
-    num_logprobs: int = 5
+    num_logprobs: int = 20  # top logprobs a step computes for the rows that ask (the most a request may ask)
     # Decode tokens per sequence per engine step, sampled in one device call: the host's per-step work (scheduling,
     # batch building, dispatch, output handling) is paid once for all of them. Outputs then stream in bursts of up to
     # this many tokens, and a new request waits up to that many decode steps before its prefill.
@@ -135,6 +136,7 @@ class Engine:
                                                    config.lora_scheduling, config.lora_affinity_max_wait_s),
                                    self.allocator, self.store.fits, self.runner.prefill_fits,
                                    adapter_resident=lambda key: self.store.slots.slot(key) is not None)
+        self.penalties = PenaltySlots(config.max_num_seqs, self.runner.spare_slot)
         self.requests: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._text: dict[str, str] = {}  # the text so far (cut at a stop string)
@@ -157,6 +159,10 @@ class Engine:
         if not isinstance(sampling, SamplingParams):
             raise RequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         ids = self._encode(prompt)
+        V = self.model_config.vocab_size
+        bad = [i for i, _ in sampling.logit_bias if i >= V]
+        if bad:
+            raise RequestError(f"logit_bias names token id {bad[0]}, outside the vocabulary [0, {V})")
         if len(ids) + sampling.max_tokens > self.max_model_len:
             raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {sampling.max_tokens} exceeds the "
                                f"context length {self.max_model_len}")
@@ -250,7 +256,7 @@ class Engine:
             log.exception("making the step's adapters resident failed; failing its %d requests", len(batch.seqs))
             return self._fail(batch.seqs, _cause("loading the step's adapters failed", e))
         try:
-            out = self.runner.execute(batch, slots, self.store.bank)
+            out = self.runner.execute(batch, slots, self.store.bank, self._penalty_slots(batch.seqs))
         except Exception as e:  # noqa: BLE001 - which row caused it cannot be told: the batch fails
             log.exception("engine step failed; failing its %d requests", len(batch.seqs))
             return self._fail(batch.seqs, _cause("the engine step running this request failed", e))
@@ -270,6 +276,24 @@ class Engine:
             if update is not None:
                 changed.append(update)
         return changed
+
+    def _penalty_slots(self, seqs) -> list[int]:
+        """The penalty slot of each of `seqs`; slots taken now are written from the host first."""
+        slots, new = self.penalties.assign(seqs, self.scheduler.running)
+        if new:
+            V = self.model_config.vocab_size
+            self.runner.write_penalty_rows([
+                (self.penalties.slot(s.request_id), *host_row(s.sampling, s.prompt_ids, s.output_ids,
+                                                               self._stop_ids(s.sampling), V, MAX_LOGIT_BIAS))
+                for s in new])
+        return slots
+
+    def _stop_ids(self, sp: SamplingParams) -> set[int]:
+        """The tokens that end a request: its stop_token_ids, and the tokenizer's EOS ids unless ignore_eos."""
+        stop_ids = set(sp.stop_token_ids)
+        if not sp.ignore_eos and self.tokenizer is not None:
+            stop_ids |= set(self.tokenizer.stop_ids)
+        return stop_ids
 
     def _advance(self, seq: Sequence, chunk: int, out, i: int, now: float) -> RequestOutput | None:
         """Takes row i of a step's outputs into `seq`; its output, or None for a prompt chunk short of the end."""
@@ -297,16 +321,14 @@ class Engine:
         """Stop checks after a new token; the finished request's output (its delta since character `before`), or
         None."""
         sp, rid, token = seq.sampling, seq.request_id, seq.output_ids[-1]
-        stop_ids = set(sp.stop_token_ids)
-        if not sp.ignore_eos and self.tokenizer is not None:
-            stop_ids |= set(self.tokenizer.stop_ids)
-        if token in stop_ids:
+        stopping = len(seq.output_ids) > sp.min_tokens  # before min_tokens nothing stops it (as in vLLM)
+        if stopping and token in self._stop_ids(sp):
             seq.output_ids.pop()  # like the text, token_ids end before the stop token
             return self._finish(seq, "stop", before)
         if rid in self._detok:
             old = len(self._text[rid])
             self._text[rid] += self._detok[rid].step([token])
-            if sp.stop:  # a stop string can only end in the new text: search from its reach
+            if sp.stop and stopping:  # a stop string can only end in the new text: search from its reach
                 text = self._text[rid]
                 start = max(0, old - max(map(len, sp.stop)) + 1)
                 hits = [i for i in (text.find(s, start) for s in sp.stop) if i >= 0]
@@ -326,6 +348,7 @@ class Engine:
             self.scheduler.remove(seq)
         finally:
             self.store.release(seq.adapter)
+            self.penalties.release(seq.request_id)
         out = self._output(seq, self._sent[seq.request_id] if before is None else before, error, error_kind)
         del self.requests[seq.request_id]
         self._detok.pop(seq.request_id, None)

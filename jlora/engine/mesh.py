@@ -15,14 +15,17 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jlora import distributed
 from jlora.config import ModelConfig
-from jlora.engine.model_runner import ModelRunner, decode_loop, sample_outputs
+from jlora.engine.model_runner import ModelRunner
+from jlora.engine.sampler import decode_loop, step_sample
 from jlora.lora import bank as bank_lib
 from jlora.lora.bank import BucketBank, LoraBank
 from jlora.model.llama import split_layers_enabled
 from jlora.model.sharded import ShardedModel, bank_to_shard_layout
+from jlora.sampling_penalties import write_slots
 from jlora.sharding import make_mesh
 
 
@@ -73,27 +76,27 @@ class MeshBankLayout:
         return LoraBank(buckets=tuple(buckets))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "runtime", "num_logprobs"), donate_argnames=("cache",))
-def _mesh_step(params, bank, cache, tokens, positions, lora_ids, page_table, logit_index, temperature, top_k, top_p,
-               seeds, steps, *, model: ShardedModel, runtime, num_logprobs):
+@functools.partial(jax.jit, static_argnames=("model", "runtime", "num_logprobs"), donate_argnames=("cache", "penalty"))
+def _mesh_step(params, bank, cache, penalty, tokens, positions, lora_ids, page_table, logit_index, sampling, *,
+               model: ShardedModel, runtime, num_logprobs):
     """`model_runner._paged_step` through `ShardedModel.forward`; the sampling keys are derived inside the
-    program (`sample_outputs`), so no per-process array enters it."""
+    program (`sampler.step_sample`), so no per-process array enters it."""
     logits, cache = model.forward(params, bank, tokens, positions, lora_ids, cache, logit_index=logit_index,
                                   runtime=runtime, page_table=page_table)
-    return sample_outputs(logits, temperature, top_k, top_p, seeds, steps, num_logprobs), cache
+    out, penalty = step_sample(logits, sampling, penalty, num_logprobs)
+    return out, cache, penalty
 
 
-@functools.partial(jax.jit, static_argnames=("model", "runtime", "num_logprobs", "max_steps", "greedy"),
-                   donate_argnames=("cache",))
-def _mesh_decode(params, bank, cache, tokens, positions, lora_ids, page_table, temperature, top_k, top_p, seeds, steps,
-                 row_steps, *, model: ShardedModel, runtime, num_logprobs, max_steps, greedy):
+@functools.partial(jax.jit, static_argnames=("model", "runtime", "max_steps", "greedy", "num_logprobs"),
+                   donate_argnames=("cache", "penalty"))
+def _mesh_decode(params, bank, cache, penalty, tokens, positions, lora_ids, page_table, row_steps, sampling, *,
+                 model: ShardedModel, runtime, max_steps, greedy, num_logprobs):
     """`model_runner._paged_decode` through `ShardedModel.forward`."""
     def fwd(tok, pos, cache):
         return model.forward(params, bank, tok, pos, lora_ids, cache, logit_index=jnp.zeros_like(tok[:, 0]),
                              runtime=runtime, page_table=page_table)
 
-    return decode_loop(fwd, cache, tokens, positions, row_steps, temperature, top_k, top_p, seeds, steps,
-                       num_logprobs, max_steps, greedy)
+    return decode_loop(fwd, cache, penalty, tokens, positions, row_steps, sampling, max_steps, greedy, num_logprobs)
 
 
 class MeshRunner(ModelRunner):
@@ -118,16 +121,32 @@ class MeshRunner(ModelRunner):
         return (self.model.place_params(params, split=split_layers_enabled(self.runtime)),
                 self.model.pages_zeros(num_pages, page_size, dtype))
 
-    def _run(self, bank, a: dict) -> tuple[np.ndarray, ...]:
+    def _place_state(self, make):
+        """Penalty state, replicated over the mesh (every row of a step may name any slot); made on the devices,
+        so that every process holds the same zeros."""
+        return jax.jit(make, out_shardings=NamedSharding(self.model.mesh, P()))()
+
+    def _write_state(self, slot, counts, flags, bias_ids, bias):
+        return _write_replicated(self.penalty, slot, counts, flags, bias_ids, bias, mesh=self.model.mesh)
+
+    def _run(self, bank, a: dict):
         a = distributed.broadcast_step(a)  # process 0's batch, on every process
         if "row_steps" in a:
-            out, self.cache = _mesh_decode(self.params, bank, self.cache, **a, model=self.model, runtime=self.runtime,
-                                           num_logprobs=self.num_logprobs, max_steps=self.decode_steps,
-                                           greedy=self._greedy(a))
+            out, self.cache, penalty = _mesh_decode(self.params, bank, self.cache, self._loop_state(a), **a,
+                                                    model=self.model, runtime=self.runtime,
+                                                    max_steps=self.decode_steps, **self._loop_flags(a))
         else:
-            out, self.cache = _mesh_step(self.params, bank, self.cache, **a, model=self.model, runtime=self.runtime,
-                                         num_logprobs=self.num_logprobs)
-        return tuple(distributed.to_host(x) for x in out)
+            out, self.cache, penalty = _mesh_step(self.params, bank, self.cache, self.penalty, **a, model=self.model,
+                                                  runtime=self.runtime, num_logprobs=self.num_logprobs)
+        self.penalty = self.penalty if penalty is None else penalty
+        return jax.tree.map(distributed.to_host, out)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",), donate_argnums=(0,))
+def _write_replicated(state, slot, counts, flags, bias_ids, bias, *, mesh):
+    """`sampling_penalties.write_slots`, its result kept replicated over `mesh`."""
+    out = write_slots(state, slot, counts, flags, bias_ids, bias)
+    return jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P()))
 
 
 def _host_zeros(x) -> np.ndarray:

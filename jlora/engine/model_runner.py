@@ -16,12 +16,16 @@ import numpy as np
 from jlora.config import ModelConfig, RuntimeConfig
 from jlora.engine import compiles
 from jlora.engine.memory import page_bytes
+from jlora.engine.sampler import decode_loop, fill_row, loop_kind, row_arrays, step_sample
 from jlora.engine.scheduler import ScheduledBatch
 from jlora.errors import DeviceMemoryError
 from jlora.model import attention
 from jlora.model.kv_cache import KVCache
 from jlora.model.llama import forward, split_layers, split_layers_enabled
-from jlora.sampling import sample
+from jlora.sampling import MAX_LOGIT_BIAS
+from jlora.sampling_penalties import PenaltyState, write_slots
+
+PENALTY_WRITE_ROWS = 8  # slots one write of penalty state sets (padded): one compiled write
 
 def bucket(n: int, minimum: int = 1, maximum: int | None = None) -> int:
     b = max(minimum, 1 << (max(n, 1) - 1).bit_length())
@@ -39,79 +43,34 @@ def _ladder(lo: int, hi: int) -> list[int]:
 @dataclasses.dataclass
 class StepOutput:
     """Host results of one step, in the order of the batch's sequences: k samples each (several for a multi-step
-    decode, see `decode_loop`), of which the first `num_steps[i]` are real for sequence i."""
+    decode, see `sampler.decode_loop`), of which the first `num_steps[i]` are real for sequence i."""
 
     tokens: np.ndarray  # [n, k] sampled ids (meaningless where the chunk did not reach the end)
-    logprobs: np.ndarray  # [n, k] log-probability of the sampled token
-    top_ids: np.ndarray  # [n, k, num_logprobs]
-    top_logprobs: np.ndarray  # [n, k, num_logprobs]
+    logprobs: np.ndarray | None  # [n, k] log-probability of the sampled token (None: no row asked)
+    top_ids: np.ndarray | None  # [n, k, num_logprobs]
+    top_logprobs: np.ndarray | None  # [n, k, num_logprobs]
     num_steps: np.ndarray  # [n] samples drawn for each sequence
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime", "num_logprobs"), donate_argnames=("cache",))
-def _paged_step(params, bank, cache, tokens, positions, lora_ids, page_table, logit_index, temperature, top_k,
-                top_p, seeds, steps, *, config, runtime, num_logprobs):
+@functools.partial(jax.jit, static_argnames=("config", "runtime", "num_logprobs"),
+                   donate_argnames=("cache", "penalty"))
+def _paged_step(params, bank, cache, penalty, tokens, positions, lora_ids, page_table, logit_index, sampling, *,
+                config, runtime, num_logprobs):
     logits, cache = forward(params, bank, tokens, positions, lora_ids, cache, config=config, logit_index=logit_index,
                             runtime=runtime, page_table=page_table)
-    return sample_outputs(logits, temperature, top_k, top_p, seeds, steps, num_logprobs), cache
+    out, penalty = step_sample(logits, sampling, penalty, num_logprobs)
+    return out, cache, penalty
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime", "num_logprobs", "max_steps", "greedy"),
-                   donate_argnames=("cache",))
-def _paged_decode(params, bank, cache, tokens, positions, lora_ids, page_table, temperature, top_k, top_p, seeds,
-                  steps, row_steps, *, config, runtime, num_logprobs, max_steps, greedy):
+@functools.partial(jax.jit, static_argnames=("config", "runtime", "max_steps", "greedy", "num_logprobs"),
+                   donate_argnames=("cache", "penalty"))
+def _paged_decode(params, bank, cache, penalty, tokens, positions, lora_ids, page_table, row_steps, sampling, *,
+                  config, runtime, max_steps, greedy, num_logprobs):
     def fwd(tok, pos, cache):
         return forward(params, bank, tok, pos, lora_ids, cache, config=config, logit_index=jnp.zeros_like(tok[:, 0]),
                        runtime=runtime, page_table=page_table)
 
-    return decode_loop(fwd, cache, tokens, positions, row_steps, temperature, top_k, top_p, seeds, steps,
-                       num_logprobs, max_steps, greedy)
-
-
-def decode_loop(fwd, cache, tokens, positions, row_steps, temperature, top_k, top_p, seeds, steps, num_logprobs: int,
-                max_steps: int, greedy: bool):
-    """Up to `max_steps` decode steps in one program, each feeding its sampled tokens to the next on the device.
-
-    Row b decodes row_steps[b] <= max_steps tokens from position positions[b, 0]; after that its positions are -1
-    (it writes and attends nothing). The loop always runs max_steps times: a trip count fixed at compile time
-    measured faster on the H100 than one read from row_steps (LoRA off, 4 steps: 6490 against 5963 tok/s).
-    `greedy` (static) says whether every row is greedy, so that no step holds a `lax.cond`: XLA's GPU runtime reads a
-    conditional's predicate back to the host, which stalled the device once per step. (The loop itself still makes
-    one device-to-host copy per iteration in the H100 profile.) Sampling step k of row b uses the key of
-    `sample_outputs` at steps[b] + k, so a request's draws are those of k single steps.
-
-    Args:
-      fwd: (tokens [B, 1], positions [B, 1], cache) -> (logits [B, V], cache).
-    Returns:
-      ((tokens, logprobs, top ids, top logprobs), each with a leading [max_steps] axis), the cache.
-    """
-    B = tokens.shape[0]
-    outs = (jnp.zeros((max_steps, B), jnp.int32), jnp.zeros((max_steps, B), jnp.float32),
-            jnp.zeros((max_steps, B, num_logprobs), jnp.int32), jnp.zeros((max_steps, B, num_logprobs), jnp.float32))
-
-    def body(k, carry):
-        cache, tok, outs = carry
-        pos = jnp.where(k < row_steps, positions[:, 0] + k, -1)[:, None]
-        logits, cache = fwd(tok, pos, cache)
-        new = sample_outputs(logits, temperature, top_k, top_p, seeds, steps + k, num_logprobs, greedy)
-        outs = tuple(o.at[k].set(n.astype(o.dtype)) for o, n in zip(outs, new))
-        return cache, new[0].astype(tokens.dtype)[:, None], outs
-
-    cache, _, outs = jax.lax.fori_loop(0, max_steps, body, (cache, tokens, outs))
-    return outs, cache
-
-
-def sample_outputs(logits, temperature, top_k, top_p, seeds, steps, num_logprobs: int, greedy_only=None):
-    """(sampled token [B], its log-probability [B], top ids [B, n], top log-probabilities [B, n]) from logits [B, V].
-
-    Row b samples with key fold_in(key(seeds[b]), steps[b]): a request's draws depend on its seed and how many
-    tokens it has, never on the batch around it. Derived inside the jitted step (no per-step host dispatch).
-    """
-    keys = jax.vmap(lambda sd, st: jax.random.fold_in(jax.random.key(sd), st))(seeds, steps)
-    token = sample(logits, temperature, top_k, top_p, keys, greedy_only)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    top_lp, top_ids = jax.lax.top_k(logp, num_logprobs)
-    return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], top_ids, top_lp
+    return decode_loop(fwd, cache, penalty, tokens, positions, row_steps, sampling, max_steps, greedy, num_logprobs)
 
 
 class ModelRunner:
@@ -129,14 +88,18 @@ class ModelRunner:
         decode_steps steps (rows stop at their own count); one without (pages were short) the one-step program.
       max_num_batched_tokens, max_prefill_chunk: the scheduler's token budget and longest chunk. With a budget,
         prefill steps keep their padded [sequences, chunk] rows within `prefill_row_budget` (see `prefill_fits`).
+      num_logprobs: top logprobs a step computes per row (when a row asks).
+      penalty_slots: sequences that can hold penalty state at once (`sampling_penalties.PenaltyState`); default
+        max_num_seqs, the most that run at once.
     """
 
     dp = 1  # data replicas: each owns a block of rows of every step and a block of pages
 
     def __init__(self, config: ModelConfig, params, *, num_pages: int, page_size: int, max_model_len: int,
-                 max_num_seqs: int, dtype=jnp.float32, runtime: RuntimeConfig = RuntimeConfig(), num_logprobs: int = 5,
-                 donate_params: bool = False, decode_steps: int = 1, max_num_batched_tokens: int | None = None,
-                 max_prefill_chunk: int = 512):
+                 max_num_seqs: int, dtype=jnp.float32, runtime: RuntimeConfig = RuntimeConfig(),
+                 num_logprobs: int = 20, donate_params: bool = False, decode_steps: int = 1,
+                 max_num_batched_tokens: int | None = None, max_prefill_chunk: int = 512,
+                 penalty_slots: int | None = None):
         compiles.install()
         self.config, self.runtime = config, runtime.resolved()
         self.page_size, self.max_num_seqs = page_size, max_num_seqs
@@ -153,6 +116,8 @@ class ModelRunner:
         self.donate_params, self.decode_steps = donate_params, decode_steps
         self.params, self.cache = self._allocate(params, num_pages, page_size, dtype)
         self.num_logprobs = num_logprobs
+        self.penalty = self._place_state(functools.partial(PenaltyState.zeros, penalty_slots or max_num_seqs,
+                                                           config.vocab_size, MAX_LOGIT_BIAS))
         self.shapes_run: set[tuple] = set()
 
     def _allocate(self, params, num_pages: int, page_size: int, dtype):
@@ -181,22 +146,51 @@ class ModelRunner:
             params = split_layers(params, donate=self.donate_params)
         return params, KVCache.pages(self.config, num_pages, page_size, dtype)
 
-    def _run(self, bank, a: dict) -> tuple[np.ndarray, ...]:
-        """One jitted step on host arrays `a` (a decode loop when `a` has "row_steps"); returns (tokens, logprobs,
-        top ids, top logprobs) on the host, with a leading [decode_steps] axis for a decode loop."""
+    def _place_state(self, make) -> PenaltyState:
+        return make()
+
+    @property
+    def spare_slot(self) -> int:
+        """The penalty slot of rows without processors."""
+        return self.penalty.spare
+
+    def write_penalty_rows(self, rows: list[tuple]) -> None:
+        """Sets penalty slots: `rows` of (slot, counts [V], flags [V], bias ids [N], bias [N]) host arrays
+        (`penalty_slots.host_row`), PENALTY_WRITE_ROWS at a time, padded with zero rows on the spare slot."""
+        R = PENALTY_WRITE_ROWS
+        for start in range(0, len(rows), R):
+            group = rows[start:start + R]
+            pad = [(self.spare_slot, *(np.zeros_like(x) for x in group[0][1:]))] * (R - len(group))
+            cols = list(zip(*(group + pad)))
+            self.penalty = self._write_state(np.asarray(cols[0], np.int32), *(np.stack(c) for c in cols[1:]))
+
+    def _write_state(self, slot, counts, flags, bias_ids, bias) -> PenaltyState:
+        return write_slots(self.penalty, slot, counts, flags, bias_ids, bias)
+
+    def _run(self, bank, a: dict):
+        """One jitted step on host arrays `a` (a decode loop when `a` has "row_steps"); returns, on the host,
+        (tokens, logprobs, top ids, top logprobs) with a leading [decode_steps] axis for a decode loop, which
+        returns tokens alone unless a row asks for logprobs."""
         if "row_steps" in a:
-            out, self.cache = _paged_decode(self.params, bank, self.cache, **a, config=self.config,
-                                            runtime=self.runtime, num_logprobs=self.num_logprobs,
-                                            max_steps=self.decode_steps, greedy=self._greedy(a))
+            out, self.cache, penalty = _paged_decode(self.params, bank, self.cache, self._loop_state(a), **a,
+                                                     config=self.config, runtime=self.runtime,
+                                                     max_steps=self.decode_steps, **self._loop_flags(a))
         else:
-            out, self.cache = _paged_step(self.params, bank, self.cache, **a, config=self.config,
-                                          runtime=self.runtime, num_logprobs=self.num_logprobs)
+            out, self.cache, penalty = _paged_step(self.params, bank, self.cache, self.penalty, **a,
+                                                   config=self.config, runtime=self.runtime,
+                                                   num_logprobs=self.num_logprobs)
+        self.penalty = self.penalty if penalty is None else penalty
         return jax.device_get(out)  # the step's one device-to-host transfer
 
-    @staticmethod
-    def _greedy(a: dict) -> bool:
-        """Whether every row of a decode loop's arrays samples greedily (padding rows have temperature 0)."""
-        return not np.any(a["temperature"] > 0)
+    def _loop_state(self, a: dict):
+        """The penalty state a decode loop takes: none for the greedy program."""
+        return None if loop_kind(a["sampling"]) == "decode_loop_greedy" else self.penalty
+
+    def _loop_flags(self, a: dict) -> dict:
+        """The static arguments of the decode loop program that rows `a` need."""
+        kind = loop_kind(a["sampling"])
+        return {"greedy": kind == "decode_loop_greedy",
+                "num_logprobs": self.num_logprobs if kind == "decode_loop_logprobs" else 0}
 
     # Small batches and short page tables share one bucket: fewer programs, at no cost worth counting.
     def _seq_range(self):
@@ -222,7 +216,7 @@ class ModelRunner:
 
     def bucket_shapes(self, max_prefill_chunk: int) -> list[tuple[str, int, int, int]]:
         """Every (mode, sequences, tokens per row, page-table width) a step can have."""
-        loops = ["decode_loop_greedy", "decode_loop"] if self.decode_steps > 1 else []
+        loops = ["decode_loop_greedy", "decode_loop", "decode_loop_logprobs"] if self.decode_steps > 1 else []
         shapes = []
         for b in _ladder(*self._seq_range()):
             for m in ["decode"] + loops:
@@ -232,16 +226,15 @@ class ModelRunner:
                     shapes += [("prefill", self.dp * b, T, P) for P in self.page_buckets("prefill", T)]
         return shapes
 
-    @staticmethod
-    def _arrays(mode: str, B: int, T: int, P: int) -> dict[str, np.ndarray]:
+    def _arrays(self, mode: str, B: int, T: int, P: int) -> dict:
         """An all-padding step: positions -1 write nothing, no row has an adapter, and a decode row runs no step."""
         a = {"tokens": np.zeros((B, T), np.int32), "positions": np.full((B, T), -1, np.int32),
              "lora_ids": np.full((B, T), -1, np.int32), "page_table": np.zeros((B, P), np.int32),
-             "temperature": np.zeros((B,), np.float32), "top_k": np.zeros((B,), np.int32),
-             "top_p": np.ones((B,), np.float32), "seeds": np.zeros((B,), np.uint32), "steps": np.zeros((B,), np.int32)}
-        if mode.startswith("decode_loop"):
+             "sampling": row_arrays(B, self.spare_slot)}
+        if mode.startswith("decode_loop"):  # which of the three programs (`sampler.loop_kind`)
             a["row_steps"] = np.zeros((B,), np.int32)
-            a["temperature"][:] = 0.0 if mode == "decode_loop_greedy" else 1.0  # which of the two programs
+            a["sampling"]["temperature"][:] = 0.0 if mode == "decode_loop_greedy" else 1.0
+            a["sampling"]["logprobs"][:] = mode == "decode_loop_logprobs"
         else:
             a["logit_index"] = np.zeros((B,), np.int32)
         return a
@@ -250,6 +243,9 @@ class ModelRunner:
         """Compiles every bucket shape (or the given ones) with all-padding batches (nothing is written); returns
         how many."""
         shapes = self.bucket_shapes(max_prefill_chunk) if shapes is None else list(shapes)
+        V = self.config.vocab_size  # the penalty-slot write: one program, here on the spare slot alone
+        self.write_penalty_rows([(self.spare_slot, np.zeros(V, np.int32), np.zeros(V, np.int8),
+                                  np.zeros(MAX_LOGIT_BIAS, np.int32), np.zeros(MAX_LOGIT_BIAS, np.float32))])
         for mode, B, T, P in shapes:
             self._run(bank, self._arrays(mode, B, T, P))
             self.shapes_run.add((mode, B, T, P))
@@ -269,8 +265,10 @@ class ModelRunner:
                 rows[i] = r * b + k
         return rows, self.dp * b
 
-    def execute(self, batch: ScheduledBatch, slots: dict[str, int], bank) -> StepOutput:
-        """Runs one step and returns its results in the order of `batch.seqs`."""
+    def execute(self, batch: ScheduledBatch, slots: dict[str, int], bank,
+                penalty_slots: list[int] | None = None) -> StepOutput:
+        """Runs one step and returns its results in the order of `batch.seqs`; `penalty_slots[i]` is the penalty
+        slot of sequence i (None: every row on the spare slot, i.e. no processors)."""
         seqs, chunks = batch.seqs, batch.chunks
         steps = batch.steps or [1] * len(seqs)  # samples per sequence: several for a multi-step decode
         if max(steps) > (self.decode_steps if batch.mode == "decode" else 1):
@@ -279,6 +277,7 @@ class ModelRunner:
         # Multi-step whenever the scheduler asks for it, even for one token each (the tail of a burst): the loop then
         # runs steps nobody needs, but the one-step programs stay for page shortage alone, so fewer shapes compile.
         multi = batch.steps is not None and self.decode_steps > 1
+        penalty_slots = penalty_slots or [self.spare_slot] * len(seqs)
         slot_of = [-1 if s.adapter is None else slots[s.adapter] for s in seqs]
         rows, B = self._rows(seqs, slot_of)
         T = 1 if batch.mode == "decode" else bucket(max(chunks), 16)
@@ -286,7 +285,7 @@ class ModelRunner:
         P = next(p for p in self.page_buckets(batch.mode, T) if p >= widest)
         a = self._arrays("decode_loop_greedy" if multi else batch.mode, B, T, P)  # padding rows are greedy
         for i, (s, c) in enumerate(zip(seqs, chunks)):
-            row, start, sp = rows[i], s.num_computed, s.sampling
+            row, start = rows[i], s.num_computed
             a["tokens"][row, :c] = s.token_ids[start:start + c]
             a["positions"][row, :c] = np.arange(start, start + c)
             a["lora_ids"][row, :c] = slot_of[i]
@@ -296,11 +295,12 @@ class ModelRunner:
                 a["row_steps"][row] = steps[i]
             else:
                 a["logit_index"][row] = c - 1
-            a["temperature"][row], a["top_k"][row], a["top_p"][row] = sp.temperature, sp.top_k, sp.top_p
-            a["seeds"][row], a["steps"][row] = s.sampling_seed, len(s.output_ids)
-        mode = ("decode_loop_greedy" if self._greedy(a) else "decode_loop") if multi else batch.mode
+            fill_row(a["sampling"], row, s, penalty_slots[i], live=start + c == s.num_tokens)
+        mode = loop_kind(a["sampling"]) if multi else batch.mode
         self.shapes_run.add((mode, B, T, P))
         out = self._run(bank, a)
-        # [B, k, ...] rows: a decode loop's leading step axis moves second, a single step gets k = 1
-        token, logp, top_ids, top_lp = (np.moveaxis(x, 0, 1) if multi else x[:, None] for x in out)
-        return StepOutput(token[rows], logp[rows], top_ids[rows], top_lp[rows], np.asarray(steps))
+        if multi:  # [B, k, ...] rows: the loop's leading step axis moves second
+            out = tuple(np.moveaxis(x, 0, 1)[rows] for x in (out if isinstance(out, tuple) else (out,)))
+            return StepOutput(out[0], *(out[1:] if len(out) > 1 else (None,) * 3), np.asarray(steps))
+        token, logp, top_ids, top_lp = (x[:, None][rows] for x in out)  # a single step: k = 1
+        return StepOutput(token, logp, top_ids, top_lp, np.asarray(steps))

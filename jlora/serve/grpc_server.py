@@ -25,14 +25,16 @@ log = logging.getLogger("jlora.serve.grpc")
 MAX_RECEIVE_BYTES = 4 << 20  # a request: prompts of a few hundred thousand tokens at most
 MAX_SEND_BYTES = 16 << 20
 SERVICE_NAME = jlora_pb2.DESCRIPTOR.services_by_name["Jlora"].full_name
-_SAMPLING_OPTIONAL = ("temperature", "top_p", "top_k", "max_tokens", "seed")
+_SAMPLING_OPTIONAL = ("temperature", "top_p", "top_k", "max_tokens", "seed", "min_p", "presence_penalty",
+                      "frequency_penalty", "repetition_penalty", "min_tokens")
 ADMIN_METHODS = (f"/{SERVICE_NAME}/LoadAdapter", f"/{SERVICE_NAME}/UnloadAdapter")
 WATCHDOG_POLL_S = 0.5
 
 
 def _sampling_fields(sp: jlora_pb2.SamplingParams) -> dict:
     fields = {k: getattr(sp, k) for k in _SAMPLING_OPTIONAL if sp.HasField(k)}
-    fields.update(stop=list(sp.stop), stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos)
+    fields.update(stop=list(sp.stop), stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
+                  logit_bias={str(k): v for k, v in sp.logit_bias.items()})
     return fields
 
 

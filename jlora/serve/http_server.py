@@ -249,7 +249,7 @@ def build_app(service: Service, security: SecurityConfig = SecurityConfig()) -> 
         adapter = await _adapter_of_lora_path(params.get("lora_path", body.get("lora_path")))
         completion = await service.prepare(prepare, info, params, prompt=body.get("text"),
                                            token_ids=body.get("input_ids"), adapter=adapter,
-                                           max_tokens_key="max_new_tokens")
+                                           max_tokens_key="max_new_tokens", min_tokens_key="min_new_tokens")
         stream = await service.start(completion)
 
         def result(out):

@@ -12,8 +12,7 @@ from jlora.serve.protocol import show
 # Fields this server does not implement, with the value that means "off". A request that sets one to anything
 # else is refused by name rather than silently ignored.
 UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None, "suffix": None,
-               "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": None, "tools": None,
-               "response_format": None}
+               "tools": None, "response_format": None}
 
 
 def check_supported(body: dict) -> None:

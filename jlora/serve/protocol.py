@@ -130,8 +130,27 @@ def _number(fields: dict, key: str, kind=float, default=None):
     return kind(value)
 
 
-def sampling_params(fields: dict[str, Any], *, max_tokens: int) -> SamplingParams:
-    """`SamplingParams` from wire fields: temperature, top_p, top_k, seed, stop, stop_token_ids, ignore_eos.
+def _logit_bias(value) -> dict[int, float]:
+    """OpenAI's logit_bias, {"token id": bias} (JSON keys are strings), as {int: float}."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise RequestError(f"logit_bias must be an object of token id -> bias, got {show(value)}")
+    out = {}
+    for key, bias in value.items():
+        if isinstance(key, str) and key.isdigit() and len(key) <= 10:
+            key = int(key)
+        if not isinstance(key, int) or isinstance(key, bool):
+            raise RequestError(f"logit_bias keys must be token ids (integers >= 0), got {show(key)}")
+        if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias):
+            raise RequestError(f"logit_bias[{key}] must be a finite number, got {show(bias)}")
+        out[key] = float(bias)
+    return out
+
+
+def sampling_params(fields: dict[str, Any], *, max_tokens: int, min_tokens_key: str = "min_tokens") -> SamplingParams:
+    """`SamplingParams` from wire fields: temperature, top_p, top_k, min_p, seed, stop, stop_token_ids, ignore_eos,
+    presence_penalty, frequency_penalty, repetition_penalty, logit_bias and min_tokens (`min_tokens_key`).
     Types are checked here, values (ranges) by `SamplingParams`; both raise `RequestError` naming the field."""
     stop = fields.get("stop") or ()
     if isinstance(stop, str):
@@ -148,8 +167,14 @@ def sampling_params(fields: dict[str, Any], *, max_tokens: int) -> SamplingParam
     return SamplingParams(temperature=_number(fields, "temperature", default=1.0),
                           top_p=_number(fields, "top_p", default=1.0),
                           top_k=_number(fields, "top_k", int, default=0),
+                          min_p=_number(fields, "min_p", default=0.0),
                           max_tokens=max_tokens, seed=_number(fields, "seed", int),
-                          stop=tuple(stop), stop_token_ids=tuple(stop_ids), ignore_eos=ignore_eos)
+                          stop=tuple(stop), stop_token_ids=tuple(stop_ids), ignore_eos=ignore_eos,
+                          presence_penalty=_number(fields, "presence_penalty", default=0.0),
+                          frequency_penalty=_number(fields, "frequency_penalty", default=0.0),
+                          repetition_penalty=_number(fields, "repetition_penalty", default=1.0),
+                          min_tokens=_number(fields, min_tokens_key, int, default=0),
+                          logit_bias=_logit_bias(fields.get("logit_bias")))
 
 
 def render_chat(info: ModelInfo, messages: Any) -> str:
@@ -210,7 +235,7 @@ def prompt_ids(info: ModelInfo, prompt: Any = None, token_ids: Any = None, messa
 
 
 def prepare(info: ModelInfo, fields: dict[str, Any], *, prompt=None, token_ids=None, messages=None,
-            adapter: str | None = None, max_tokens_key: str = "max_tokens",
+            adapter: str | None = None, max_tokens_key: str = "max_tokens", min_tokens_key: str = "min_tokens",
             default_max_tokens: int | None = DEFAULT_MAX_TOKENS) -> Completion:
     """Validates one request. `default_max_tokens=None` means the rest of the context."""
     ids = prompt_ids(info, prompt, token_ids, messages)
@@ -228,4 +253,4 @@ def prepare(info: ModelInfo, fields: dict[str, Any], *, prompt=None, token_ids=N
     elif len(ids) + max_tokens > ctx:
         raise RequestError(f"prompt of {len(ids)} tokens + {max_tokens_key} {max_tokens} exceeds the context "
                            f"length {ctx}: at most {ctx - len(ids)} new tokens fit")
-    return Completion(ids, sampling_params(fields, max_tokens=max_tokens), adapter)
+    return Completion(ids, sampling_params(fields, max_tokens=max_tokens, min_tokens_key=min_tokens_key), adapter)

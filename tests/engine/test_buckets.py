@@ -34,7 +34,8 @@ def test_bucket_shapes_are_the_hand_counted_set(params, any_width):
     assert runner.prefill_row_budget == 512
     prefill = {(B, T, P) for B, T in _PREFILL_512 for P in (_CHUNK_TABLE[T], 64)}
     widths = (64,) if any_width else (8, 16, 32, 64)
-    decode = {(m, B, 1, P) for m in ("decode", "decode_loop_greedy", "decode_loop") for B in (8, 16, 32, 64)
+    decode = {(m, B, 1, P) for m in ("decode", "decode_loop_greedy", "decode_loop", "decode_loop_logprobs")
+              for B in (8, 16, 32, 64)
               for P in widths}
     assert set(shapes) == {("prefill", *s) for s in prefill} | decode
     # what the scheduler asks before it adds a sequence to a prefill step

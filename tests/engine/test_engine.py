@@ -22,12 +22,14 @@ def make_engine(tiny, **kw):
 
 
 def run_staggered(engine, requests, arrivals, abort_at=None, logprobs=False):
-    """Adds request i at step arrivals[i]; returns {request_id: final output}."""
+    """Adds request i at step arrivals[i] (with logprobs if `logprobs`, or `logprobs(i)`); returns {request_id:
+    final output}."""
     done, step, pending = {}, 0, list(range(len(requests)))
     while pending or engine.has_unfinished():
         for i in [i for i in pending if arrivals[i] <= step]:
             prompt, adapter, sp = requests[i]
-            engine.add_request(prompt, sp, adapter, request_id=f"r{i}", logprobs=logprobs)
+            engine.add_request(prompt, sp, adapter, request_id=f"r{i}",
+                               logprobs=logprobs(i) if callable(logprobs) else logprobs)
             pending.remove(i)
         for out in engine.step():
             if out.finished:
@@ -98,18 +100,23 @@ def test_preemption_under_tiny_page_budget(tiny):
 
 def test_no_new_compilations_after_warmup_over_a_broad_mix(tiny):
     """Two sequence buckets (up to 16 sequences), prompts longer than a prefill chunk, greedy and sampled
-    requests, and preemption (too few pages for them all): after warm-up nothing compiles."""
+    requests, penalties, logit_bias, min_p and logprobs, and preemption (too few pages for them all): after warm-up
+    nothing compiles."""
     engine = make_engine(tiny, max_num_seqs=16, max_prefill_chunk=16, num_pages=24)
     shapes = engine.warmup()
     before = compile_count()
     rng = np.random.default_rng(7)
     names = [None] + list(tiny["adapters"])
+    extras = [{}, {}, {"repetition_penalty": 1.3}, {"presence_penalty": 0.5, "min_p": 0.05},
+              {"logit_bias": {3: 2.0}, "min_tokens": 2, "stop_token_ids": [5]}]
     requests = [(rng.integers(0, 97, rng.integers(1, 40)).tolist(), names[rng.integers(len(names))],
                  SamplingParams(temperature=float(rng.choice([0.0, 0.8])), top_k=int(rng.integers(0, 20)),
-                                seed=int(rng.integers(0, 1000)), max_tokens=int(rng.integers(1, 12))))
+                                seed=int(rng.integers(0, 1000)), max_tokens=int(rng.integers(2, 12)),
+                                **extras[rng.integers(len(extras))]))
                 for _ in range(60)]
     assert max(len(p) for p, _, _ in requests) > 2 * 16  # some prompts take several chunks
-    done = run_staggered(engine, requests, arrivals=rng.integers(0, 20, 60).tolist())
+    done = run_staggered(engine, requests, arrivals=rng.integers(0, 20, 60).tolist(),
+                         logprobs=lambda i: i % 7 == 0)
     assert len(done) == 60 and all(o.finish_reason in ("length", "stop") for o in done.values())
     assert compile_count() == before, "a request mix compiled something after warm-up"
     assert engine.preemptions > 0

@@ -57,10 +57,10 @@ def test_a_failing_step_fails_its_batch_alone_and_the_engine_keeps_serving(tiny)
     engine = make_engine(tiny)
     execute = engine.runner.execute
 
-    def poisoned(batch, slots, bank):
+    def poisoned(batch, slots, bank, *rest):
         if any(s.request_id == "bad" for s in batch.seqs):
             raise OverflowError("Python integer out of bounds for uint32")
-        return execute(batch, slots, bank)
+        return execute(batch, slots, bank, *rest)
 
     engine.runner.execute = poisoned
     engine.add_request([1, 2, 3, 4], GREEDY, "r4", request_id="early")

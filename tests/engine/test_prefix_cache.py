@@ -278,10 +278,10 @@ def _engine(tiny, adapters=("r4", "r8"), **kw):
     prefill = []  # tokens each prefill step computed, per sequence
     execute = engine.runner.execute
 
-    def counting(batch, slots, bank):
+    def counting(batch, slots, bank, *rest):
         if batch.mode == "prefill":
             prefill.extend(batch.chunks)
-        return execute(batch, slots, bank)
+        return execute(batch, slots, bank, *rest)
 
     engine.runner.execute = counting
     return engine, prefill
