@@ -108,7 +108,8 @@ def _free_port() -> int:
 
 
 def _start(args, process_id: int, port: int, log: list):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
+    env = dict(os.environ)  # one CPU device per process: no device count, other XLA flags kept
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
     env.update(JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest")
     proc = subprocess.Popen([JLORA, "serve", *args, "--coordinator-address", f"localhost:{port}",
                              "--num-processes", "2", "--process-id", str(process_id)],

@@ -18,7 +18,8 @@ from jlora.model import llama
 def run_check(script: str, timeout_s: int = 300) -> dict:
     """Runs a check script on 8 simulated CPU devices in a subprocess (the device count must be set before jax
     starts, and this process's jax has already started) and returns the JSON it prints last."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"  # keeps the opt level
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
     proc = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=timeout_s)
     assert proc.returncode == 0, proc.stderr[-5000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -28,7 +28,8 @@ def _free_port() -> int:
 
 
 def _run_two_processes(tmp_path, worker: str = WORKER, extra_args: tuple[str, ...] = ()) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device per process
+    env = dict(os.environ)  # one CPU device per process: no device count, other XLA flags kept
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
     env["JAX_PLATFORMS"] = "cpu"
     port = str(_free_port())
     outs = [tmp_path / f"out{i}.json" for i in range(2)]
