@@ -5,10 +5,11 @@ with block_t = 64 and aligned=True, so the tiles of a row block are consecutive 
 the next block; `block_bounds` gives each block its entries. A program walks them: every tile is one wgmma product of
 the whole row block with the tile's adapter, and its rows are picked out of the product with a row mask, so rows of
 slot -1 (in no tile) come out 0 (shrink) or y (expand), and every output row is written exactly once, by a full-tile
-TMA store. A block shared by k segments computes k products (the x block is re-read k times, mostly from L2).
+TMA store. A block shared by k segments computes k products.
 
-Shrink: x and A tiles stream through `plgpu.emit_pipeline` (TMA into a ring of swizzled SMEM buffers), one wgmma per
-K step into an fp32 accumulator. Expand: the block's v columns of slice j are loaded once (TMA), B[slot] once per tile,
+Shrink: x and A tiles stream through `plgpu.emit_pipeline` (TMA into a ring of swizzled SMEM buffers); each x tile
+in SMEM meets the A tiles of two of the block's tiles (one wgmma and fp32 accumulator each), so x is read once
+per two segments of a block. Expand: the block's v columns of slice j are loaded once (TMA), B[slot] once per tile,
 y once; the sum is stored in y's dtype. v is rounded to B's dtype first, as in the Triton expand.
 
 Only 16-bit operands (bf16, f16) and shapes that fit wgmma's swizzled tiles take the kernels (`shrink_supported`,
@@ -113,38 +114,52 @@ def _params(interpret: bool):
 
 
 def _shrink_kernel(bounds_ref, lo_ref, hi_ref, slot_ref, layer_ref, x_ref, a_ref, o_ref, o_smem, *, bk, bn,
-                   k_steps, num_slots, stages, transforms):
+                   k_steps, num_slots, stages, transforms, group):
   rb = lax.axis_index("rows")
   cb = lax.axis_index("cols")
   split = lax.axis_index("split")  # this program's share of d_in: K steps [split * k_steps, (split + 1) * k_steps)
   rows = rb * TILE_M + plgpu.broadcasted_iota(jnp.int32, (TILE_M, bn), 0, layout=plgpu.Layout.WGMMA)
 
-  def tile(i, out):
-    w = layer_ref[0] * num_slots + slot_ref[i]  # row of the [L * S, d_in, R] view of A
+  first, last = bounds_ref[rb], bounds_ref[rb + 1]
+  x_spec = plgpu.BlockSpec((TILE_M, bk), lambda k: (rb, split * k_steps + k), transforms=transforms,
+                           delay_release=1)
+  a_spec = plgpu.BlockSpec((bk, bn), lambda k: (split * k_steps + k, cb), transforms=transforms, delay_release=1)
 
-    def product(acc_ref):
-      plgpu.emit_pipeline(
-          lambda _, x_smem, a_smem: plgpu.wgmma(acc_ref, x_smem, a_smem),
-          grid=(k_steps,),
-          in_specs=[
-              plgpu.BlockSpec((TILE_M, bk), lambda k: (rb, split * k_steps + k), transforms=transforms,
-                              delay_release=1),
-              plgpu.BlockSpec((bk, bn), lambda k: (split * k_steps + k, cb), transforms=transforms,
-                              delay_release=1),
-          ],
-          max_concurrent_steps=stages,
-      )(x_ref, a_ref.at[w])
-      return acc_ref[...]
+  def tile_pass(p, out):
+    """Tiles first + p * G ... of the block against one pass over x: G products per x tile in smem. Entries past
+    the block's last tile repeat it (an L2 hit) and are masked out."""
+    base = first + p * group
+    idx = [jnp.minimum(base + g, last - 1) for g in range(group)]
+    ws = [layer_ref[0] * num_slots + slot_ref[i] for i in idx]  # rows of the [L * S, d_in, R] view of A
 
-    acc = pl.run_scoped(product, plgpu.ACC((TILE_M, bn), jnp.float32))
-    return jnp.where((rows >= lo_ref[i]) & (rows < hi_ref[i]), acc, out)
+    def product(*acc_refs):
+      def step(_, x_smem, *a_smems):
+        for acc_ref, a_smem in zip(acc_refs, a_smems):
+          plgpu.wgmma(acc_ref, x_smem, a_smem)
+
+      plgpu.emit_pipeline(step, grid=(k_steps,), in_specs=[x_spec] + [a_spec] * group,
+                          max_concurrent_steps=stages)(x_ref, *(a_ref.at[w] for w in ws))
+      return tuple(acc_ref[...] for acc_ref in acc_refs)
+
+    accs = pl.run_scoped(product, *(plgpu.ACC((TILE_M, bn), jnp.float32) for _ in range(group)))
+    for g in range(group):
+      keep = (base + g < last) & (rows >= lo_ref[idx[g]]) & (rows < hi_ref[idx[g]])
+      out = jnp.where(keep, accs[g], out)
+    return out
 
   zeros = plgpu.layout_cast(jnp.full((TILE_M, bn), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-  out = lax.fori_loop(bounds_ref[rb], bounds_ref[rb + 1], tile, zeros)
+  out = lax.fori_loop(0, pl.cdiv(last - first, jnp.int32(group)), tile_pass, zeros)
   o_smem[...] = out
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(o_smem, o_ref.at[split, pl.ds(rb * TILE_M, TILE_M), pl.ds(cb * bn, bn)])
   plgpu.wait_smem_to_gmem(0)
+
+
+def _tiles_per_pass(bn: int) -> int:
+  """Tiles of a row block multiplied in one pass over its x: 2 (1 when two [64, bn] f32 accumulators and the
+  carried output would not fit in registers), so a block shared by two segments reads x once, not twice. A block
+  with one tile pays a second read of the same A tile per K step (from L2: a quarter of x's bytes at R = 16)."""
+  return 2 if 3 * bn <= 256 else 1
 
 
 def _divisor_at_most(n: int, most: int) -> int:
@@ -176,7 +191,8 @@ def shrink(x: jax.Array, a: jax.Array, meta: SegmentMetadata, layer=None, *, int
     k_splits = tuning.mosaic_gpu_shrink_splits(num_tokens, d_in)
   splits = _divisor_at_most(k_total, max(1, k_splits))
   kernel = functools.partial(_shrink_kernel, bk=bk, bn=bn, k_steps=k_total // splits, num_slots=num_slots,
-                             stages=max(2, stages), transforms=_transforms(swizzle, itemsize))
+                             stages=max(2, stages), transforms=_transforms(swizzle, itemsize),
+                             group=_tiles_per_pass(bn))
   out = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((splits, padded, rank), jnp.float32),

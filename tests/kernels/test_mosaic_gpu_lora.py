@@ -63,10 +63,11 @@ def check(ids, dtype=jnp.bfloat16, d_in=128, rank=16, dims=(128,), seed=0):
 
 @pytest.mark.parametrize("tokens", [1, 7, 133])
 def test_popularity_and_odd_token_counts(mosaic_only, tokens):
-  """Every popularity at T = 1, 7 and 133 (three 64-row blocks, the last partial), with a slot -1 token; then
-  every token at -1."""
+  """Every popularity at T = 7 (6 tiles in one block: three passes of the shrink's 2 tiles per pass over x) and 133
+  (three 64-row blocks, the last partial), with a slot -1 token; then every token at -1. One token has one slot
+  whatever the popularity, so T = 1 checks two."""
   rng = np.random.default_rng(tokens)
-  for i, kind in enumerate(POPULARITY):
+  for i, kind in enumerate(POPULARITY if tokens > 1 else ("distinct", "skewed")):
     ids = popularity_ids(rng, tokens, SLOTS, kind)
     if tokens > 1:
       ids[i % tokens] = -1
@@ -164,17 +165,19 @@ def test_split_d_in_partial_sums(mosaic_only):
 def test_block_bounds_hand_checked():
   """Row block b's tiles are entries [bounds[b], bounds[b+1]); a block of only -1 rows has none."""
   ids = np.concatenate([np.full(70, 2), np.full(58, -1), np.full(10, 0), np.full(5, 4)]).astype(np.int32)
-  meta = pk.segment_metadata(jnp.asarray(ids), backend=BACKEND)
+  meta = jax.jit(lambda i: pk.segment_metadata(i, backend=BACKEND))(jnp.asarray(ids))
   assert meta.block_t == 64 and meta.aligned
-  bounds = np.asarray(mosaic_gpu_lora.block_bounds(meta, 3))
+  bounds = np.asarray(jax.jit(mosaic_gpu_lora.block_bounds, static_argnums=1)(meta, 3))
   # tiles: [0, 64) slot 2 | [64, 70) slot 2 | block 1 has no tiles | [128, 138) slot 0, [138, 143) slot 4
   np.testing.assert_array_equal(bounds, [0, 1, 2, 4])
   np.testing.assert_array_equal(np.asarray(meta.tile_lo)[:4], [0, 64, 128, 138])
 
 
 def test_meta_of_another_backend_is_refused():
-  x, a, _, _ = make_group(jax.random.key(0), 16, 128, 16, (128,), jnp.bfloat16)
-  ids = jnp.zeros((16,), jnp.int32)
+  x = jax.ShapeDtypeStruct((16, 128), jnp.bfloat16)
+  a = jax.ShapeDtypeStruct((SLOTS, 128, 16), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((16,), jnp.int32)
+  meta = jax.eval_shape(lambda i: pk.segment_metadata(i, backend="interpret"), ids)
   with pytest.raises(ValueError, match="block_t=64"):
-    pk.lora_shrink(x, a, ids, meta=pk.segment_metadata(ids, backend="interpret"), backend=BACKEND)
+    jax.eval_shape(lambda x, a, i, m: pk.lora_shrink(x, a, i, meta=m, backend=BACKEND), x, a, ids, meta)
   assert dispatch.resolve_backend(BACKEND) == BACKEND
