@@ -9,8 +9,8 @@ TMA store. A block shared by k segments computes k products.
 
 Shrink: x and A tiles stream through `plgpu.emit_pipeline` (TMA into a ring of swizzled SMEM buffers); each x tile
 in SMEM meets the A tiles of two of the block's tiles (one wgmma and fp32 accumulator each), so x is read once
-per two segments of a block. Expand: the block's v columns of slice j are loaded once (TMA), B[slot] once per tile,
-y once; the sum is stored in y's dtype. v is rounded to B's dtype first, as in the Triton expand.
+per two segments of a block. Expand: the block's v columns of slice j are loaded once (TMA), y once, and B[slot] once per tile,
+the next tile's B while this one's wgmma runs (two buffers); the sum is stored in y's dtype. v is rounded to B's dtype first, as in the Triton expand.
 
 Only 16-bit operands (bf16, f16) and shapes that fit wgmma's swizzled tiles take the kernels (`shrink_supported`,
 `expand_supported`); the dispatcher sends other calls to the Triton-backend kernels. Float32 would run as TF32 on
@@ -143,8 +143,9 @@ def _shrink_kernel(bounds_ref, lo_ref, hi_ref, slot_ref, layer_ref, x_ref, a_ref
 
     accs = pl.run_scoped(product, *(plgpu.ACC((TILE_M, bn), jnp.float32) for _ in range(group)))
     for g in range(group):
-      keep = (base + g < last) & (rows >= lo_ref[idx[g]]) & (rows < hi_ref[idx[g]])
-      out = jnp.where(keep, accs[g], out)
+      lo = jnp.where(base + g < last, lo_ref[idx[g]], 0)  # a repeated entry keeps no row
+      hi = jnp.where(base + g < last, hi_ref[idx[g]], 0)
+      out = jnp.where((rows >= lo) & (rows < hi), accs[g], out)
     return out
 
   zeros = plgpu.layout_cast(jnp.full((TILE_M, bn), 0.0, jnp.float32), plgpu.Layout.WGMMA)
@@ -233,20 +234,26 @@ def _expand_kernel(bounds_ref, lo_ref, hi_ref, slot_ref, layer_ref, v_ref, *refs
       plgpu.barrier_wait(y_bar)
       out = plgpu.load(y_smem, layout=plgpu.Layout.WGMMA, optimized=False).astype(jnp.float32)
 
-      def tile(i, out):
+      def fetch(i, buf):
         w = layer_ref[0] * num_slots + slot_ref[i]
-        plgpu.copy_gmem_to_smem(b_refs[j].at[w, :, pl.ds(n0, bn)], b_smem, b_bar)
-        plgpu.barrier_wait(b_bar)
+        plgpu.copy_gmem_to_smem(b_refs[j].at[w, :, pl.ds(n0, bn)], b_smem.at[buf], b_bar.at[buf])
+
+      def tile(i, out):
+        buf = lax.rem(i - first, 2)
+        # The other buffer's last reader, tile i - 1's wgmma, has finished: fetch tile i + 1's B into it.
+        pl.when(i + 1 < last)(functools.partial(fetch, i + 1, 1 - buf))
+        plgpu.barrier_wait(b_bar.at[buf])
 
         def product(acc_ref):
-          plgpu.wgmma(acc_ref, v_smem, b_smem)
+          plgpu.wgmma(acc_ref, v_smem, b_smem.at[buf])
           return acc_ref[...]
 
-        delta = pl.run_scoped(product, plgpu.ACC((TILE_M, bn), jnp.float32))  # b_smem is free again
+        delta = pl.run_scoped(product, plgpu.ACC((TILE_M, bn), jnp.float32))
         return jnp.where((rows >= lo_ref[i]) & (rows < hi_ref[i]), out + delta, out)
 
       @pl.when(last > first)
       def _():
+        fetch(first, 0)
         plgpu.barrier_wait(v_bar)
 
       out = lax.fori_loop(first, last, tile, out)
@@ -283,10 +290,10 @@ def expand(y: jax.Array, v: jax.Array, b_slices: tuple[jax.Array, ...], meta: Se
       out_type=jax.ShapeDtypeStruct((padded, d_total), y.dtype),
       scratch_types=(
           plgpu.SMEM((TILE_M, rank), dtype, transforms=transforms),
-          plgpu.SMEM((rank, bn), dtype, transforms=transforms),
+          plgpu.SMEM((2, rank, bn), dtype, transforms=transforms),  # B of this tile and the next
           plgpu.SMEM((TILE_M, bn), y.dtype),
           plgpu.Barrier(),
-          plgpu.Barrier(),
+          plgpu.Barrier(num_barriers=2),
           plgpu.Barrier(),
       ),
       grid=(num_blocks, col_starts[-1]),
