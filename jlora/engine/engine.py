@@ -63,7 +63,7 @@ class EngineConfig:
     # Share full KV pages between requests whose tokens and adapter registration match (`prefix_cache`).
     enable_prefix_caching: bool = True
     # Admission order when more requests wait than fit: "fifo", or "affinity" (requests whose adapter is resident or
-    # running go first; none waits more than `lora_affinity_max_wait_s` beyond FIFO; `scheduler.py`).
+    # running go first; one waiting `lora_affinity_max_wait_s` goes first again and nothing passes it; `scheduler.py`).
     lora_scheduling: str = "fifo"
     lora_affinity_max_wait_s: float = 2.0
 

@@ -8,8 +8,9 @@ decode, the newest running sequence is preempted: its pages are freed and it is 
 
 Admission is FIFO by default. With `lora_scheduling="affinity"`, waiting requests whose adapter is already on the
 device or in the running batch go first, and a request whose adapter cannot join the batch now is passed over instead
-of stalling the queue behind it; a request that has waited `affinity_max_wait_s` goes first again and nothing passes it,
-so affinity delays no request by more than that bound beyond where FIFO would have admitted it.
+of stalling the queue behind it. A request that has waited `affinity_max_wait_s` is overdue: overdue requests go first,
+in queue order, and nothing passes one that cannot be admitted yet, so from then on it waits only as it would at the
+head of a FIFO queue.
 """
 
 from __future__ import annotations
