@@ -11,6 +11,7 @@ from jlora import scoring
 from jlora.checkpoint.resolve import DEFAULT_MODEL, load_model
 from jlora.config import LoraBankConfig, RuntimeConfig
 from jlora.engine.engine import Engine, EngineConfig, RequestOutput
+from jlora.engine.logprobs import check_logprobs
 from jlora.errors import AdapterError, RequestError, UnknownAdapterError
 from jlora.lora.peft import read_spec
 from jlora.sampling import SamplingParams
@@ -104,7 +105,10 @@ class LLM:
                  ) -> list[RequestOutput]:
         """Completes each prompt (text or token ids) with its own adapter (a name, or None for the base).
 
-        Every request is checked before any is queued, so a bad one raises without side effects.
+        Every request is checked before any is queued, so a bad one raises without side effects. With
+        `SamplingParams.logprobs` / `prompt_logprobs`, each output has `logprobs` (per output token: {"token",
+        "logprob", "top": {id: logprob}}), `cumulative_logprob` and `prompt_logprobs` (None first); max_tokens=0
+        with prompt_logprobs scores the prompt alone.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -119,6 +123,7 @@ class LLM:
                 raise RequestError(f"sampling must be SamplingParams, got {type(sp).__name__}")
             self._check_adapter(a)
             ids = engine._encode(p)
+            check_logprobs(sp, engine.runner.num_logprobs, mesh=engine.config.tp * engine.config.dp > 1)
             if len(ids) + sp.max_tokens > engine.max_model_len:
                 raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {sp.max_tokens} exceeds the "
                                    f"context length {engine.max_model_len}")

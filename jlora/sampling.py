@@ -19,6 +19,7 @@ MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request: a fixed-size table per sequence on the device
 LOGIT_BIAS_RANGE = 100.0  # OpenAI's range of one bias
+MAX_LOGPROBS = 20  # top logprobs per token a request may ask for (the engine computes this many when one asks)
 PENALTY_RANGE = 2.0  # presence and frequency penalties lie in [-2, 2] (OpenAI, vLLM)
 MAX_REPETITION_PENALTY = 1e4
 # Truncated sampling (top_k, top_p) looks at the TOP_WINDOW most likely tokens, found by `jax.lax.top_k` instead of a
@@ -79,7 +80,12 @@ class SamplingParams:
 
     Every field is range-checked here, once, for the library, HTTP and gRPC alike: a value the device cannot
     hold (a seed of 2^32, a top_k of 2^31) is refused with a `RequestError` naming the field and its range,
-    never found later inside a step. Token ids are checked against the vocabulary by the engine."""
+    never found later inside a step. Token ids are checked against the vocabulary by the engine.
+
+    `logprobs` (k in [0, 20]) returns, for every output token, its log-probability and the k most likely tokens';
+    `prompt_logprobs` the same for the prompt's tokens (the first has none). Both are of the distribution the model
+    produced: float32 log-softmax of the raw logits, before processors, temperature and truncation (vLLM's
+    default). max_tokens may be 0 (nothing is generated: with prompt_logprobs, the prompt is scored)."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -95,6 +101,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs; a dict is accepted
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -114,8 +122,12 @@ class SamplingParams:
         if not _is_int(self.top_k) or not -1 <= self.top_k <= INT32_MAX:
             raise RequestError(f"top_k must be an integer in [-1, {INT32_MAX}] (0 or -1 disables it), "
                                f"got {self.top_k!r}")
-        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= INT32_MAX:
-            raise RequestError(f"max_tokens must be an integer in [1, {INT32_MAX}], got {self.max_tokens!r}")
+        if not _is_int(self.max_tokens) or not 0 <= self.max_tokens <= INT32_MAX:
+            raise RequestError(f"max_tokens must be an integer in [0, {INT32_MAX}], got {self.max_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+                raise RequestError(f"{name} must be an integer in [0, {MAX_LOGPROBS}] or null, got {value!r}")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise RequestError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
                                f"got {self.min_tokens!r}")

@@ -86,3 +86,18 @@ def test_more_adapters_than_slots_take_turns(llm, tmp_path):
     assert outs[0].token_ids == _greedy_reference(llm, [1, 2], "b", 6)
     assert outs[1].token_ids == _greedy_reference(llm, [1, 2], "c", 6)
     llm.unload_adapter("c")
+
+
+def test_logprobs_and_prompt_logprobs_agree(llm):
+    """The steps' logprobs of the generated tokens equal the prompt logprobs of the same tokens echoed back (one
+    extra forward): two routes to one distribution."""
+    prompt = [5, 6, 7]
+    out = llm.generate([prompt], adapter="a", sampling=SamplingParams(temperature=0.0, max_tokens=5, logprobs=2))[0]
+    assert [e["token"] for e in out.logprobs] == out.token_ids and all(len(e["top"]) == 2 for e in out.logprobs)
+    assert out.prompt_logprobs is None
+    scored = llm.generate([prompt + out.token_ids], adapter="a",
+                          sampling=SamplingParams(max_tokens=0, prompt_logprobs=1))[0]
+    assert scored.token_ids == [] and scored.prompt_logprobs[0] is None and len(scored.prompt_logprobs) == 8
+    np.testing.assert_allclose([e["logprob"] for e in scored.prompt_logprobs[3:]],
+                               [e["logprob"] for e in out.logprobs], atol=1e-4)
+    assert out.cumulative_logprob == pytest.approx(sum(e["logprob"] for e in out.logprobs))

@@ -67,7 +67,7 @@ def test_sampled_frequencies_follow_probabilities():
 @pytest.mark.parametrize("kwargs,match", [
     ({"temperature": -0.5}, "temperature"), ({"temperature": float("nan")}, "temperature"),
     ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_k": -3}, "top_k"),
-    ({"max_tokens": 0}, "max_tokens"), ({"stop": [""]}, "stop"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"max_tokens": -1}, "max_tokens"), ({"logprobs": 21}, "logprobs"), ({"prompt_logprobs": -1}, "prompt_logprobs"), ({"stop": [""]}, "stop"), ({"stop_token_ids": [-1]}, "stop_token_ids"),
     ({"seed": "x"}, "seed"), ({"min_p": 1.5}, "min_p"), ({"min_p": -0.1}, "min_p"),
     ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -2.01}, "frequency_penalty"),
     ({"repetition_penalty": 0.0}, "repetition_penalty"), ({"repetition_penalty": float("inf")}, "repetition_penalty"),

@@ -21,7 +21,9 @@ from jlora.engine.adapter_store import AdapterStore
 from jlora.engine.block_manager import PageAllocator
 from jlora.engine.memory import MemoryPlan, plan_memory
 from jlora.engine.compiles import compile_count
+from jlora.engine.logprobs import PromptScorer, check_logprobs, entry
 from jlora.engine.model_runner import ModelRunner
+from jlora.engine.outputs import RequestOutput, cause as _cause, held_back as _held_back
 from jlora.engine.penalty_slots import PenaltySlots, host_row
 from jlora.engine.prefix_cache import CacheStats, PrefixCache
 from jlora.engine.scheduler import Scheduler, SchedulerConfig
@@ -80,26 +82,6 @@ class EngineConfig:
                                  "with tp, dp or memory_bytes set, size the engine by num_pages or memory_bytes")
 
 
-@dataclasses.dataclass
-class RequestOutput:
-    """A request's state after a step: cumulative `text`, and `delta` (the text new in this step)."""
-
-    request_id: str
-    adapter: str | None
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    delta: str
-    finished: bool
-    finish_reason: str | None = None  # "stop", "length", "abort" or "error"
-    error: str | None = None  # why it failed or was aborted, for the client
-    error_kind: str | None = None  # with finish_reason "error": "adapter" (its adapter's files) or "internal"
-    logprobs: list[dict] | None = None
-    arrival_time: float = 0.0
-    first_token_time: float | None = None
-    finish_time: float | None = None
-
-
 class Engine:
     def __init__(self, model, tokenizer, config: EngineConfig = EngineConfig(), donate_weights: bool = False):
         """Args: model (`Llama`), tokenizer, config; donate_weights: the engine may delete the model's stacked weight
@@ -137,6 +119,7 @@ class Engine:
                                    self.allocator, self.store.fits, self.runner.prefill_fits,
                                    adapter_resident=lambda key: self.store.slots.slot(key) is not None)
         self.penalties = PenaltySlots(config.max_num_seqs, self.runner.spare_slot)
+        self.prompt_scorer = PromptScorer()
         self.requests: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._text: dict[str, str] = {}  # the text so far (cut at a stop string)
@@ -154,11 +137,13 @@ class Engine:
                     request_id: str | None = None, logprobs: bool = False) -> str:
         """Queues a request (text or token ids). Raises `RequestError` (or `UnknownAdapterError`) at once for a
         bad request, which then never touches the engine's state. The request holds the adapter registration
-        current now: replacing the adapter later does not change its weights."""
+        current now: replacing the adapter later does not change its weights. `logprobs=True` asks for the
+        logprobs of each output token with the top 5 (`sampling.logprobs` sets how many, and asks too)."""
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise RequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         ids = self._encode(prompt)
+        check_logprobs(sampling, self.runner.num_logprobs, mesh=self.config.tp * self.config.dp > 1)
         V = self.model_config.vocab_size
         bad = [i for i, _ in sampling.logit_bias if i >= V]
         if bad:
@@ -182,7 +167,9 @@ class Engine:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         key = self.store.acquire(adapter)
-        seq = Sequence(request_id, ids, sampling, key, adapter_name=adapter, want_logprobs=logprobs,
+        seq = Sequence(request_id, ids, sampling, key, adapter_name=adapter,
+                       want_logprobs=logprobs or sampling.logprobs is not None,
+                       num_top=5 if sampling.logprobs is None else sampling.logprobs,
                        sampling_seed=sampling.seed if sampling.seed is not None else secrets.randbits(31),
                        cache_salt=self.store.cache_salt(key))
         self.store.prefetch([key])
@@ -192,8 +179,12 @@ class Engine:
         self._logprobs[request_id] = []
         if self.tokenizer is not None:
             self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, ids)
-        self.scheduler.add(seq)
+        if sampling.prompt_logprobs is not None or sampling.max_tokens == 0:
+            self.prompt_scorer.add(seq)  # scored (or finished) at the next step, before scheduling
+        else:
+            self.scheduler.add(seq)
         return request_id
+
 
     def _encode(self, prompt) -> list[int]:
         if isinstance(prompt, str):
@@ -224,7 +215,7 @@ class Engine:
         return self._finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self.prompt_scorer)
 
     # -- stepping ----------------------------------------------------------------------------------------
 
@@ -232,7 +223,31 @@ class Engine:
         """Runs one scheduled step and returns the requests that changed. Never raises: an exception fails only
         the requests it concerns (an adapter's files: that registration's requests; one request's outputs: that
         request; the step itself, or anything else that cannot be told apart: the step's batch), each with a
-        message naming the cause, and the engine keeps serving."""
+        message naming the cause, and the engine keeps serving. Requests that asked for prompt logprobs are
+        scored first (`logprobs.PromptScorer`)."""
+        return (self._score_prompts() if self.prompt_scorer else []) + self._step()
+
+    def _score_prompts(self) -> list[RequestOutput]:
+        """Scores the waiting prompts that ask; those with max_tokens=0 finish, the rest go to the scheduler."""
+        pending = list(self.prompt_scorer.pending)
+        try:
+            seqs = self.prompt_scorer.run(self)
+        except CapacityError:
+            return []  # their adapters wait for slots: the next step tries again
+        except AdapterError as e:
+            return self._fail_adapter(pending, e)
+        except Exception as e:  # noqa: BLE001 - which prompt caused it cannot be told
+            log.exception("scoring %d prompts failed", len(pending))
+            return self._fail(pending, _cause("scoring the prompt failed", e))
+        outs = []
+        for seq in seqs:
+            if seq.sampling.max_tokens == 0:
+                outs.append(self._finish(seq, "length"))
+            else:
+                self.scheduler.add(seq)
+        return outs
+
+    def _step(self) -> list[RequestOutput]:
         try:
             batch = self.scheduler.schedule()
         except Exception as e:  # noqa: BLE001 - a bug in the scheduler: its queues cannot be trusted
@@ -309,9 +324,8 @@ class Engine:
             self.tokens_generated += 1
             seq.first_token_time = seq.first_token_time or now
             if seq.want_logprobs:
-                self._logprobs[seq.request_id].append({
-                    "token": token, "logprob": float(out.logprobs[i, k]),
-                    "top": dict(zip(map(int, out.top_ids[i, k]), map(float, out.top_logprobs[i, k])))})
+                self._logprobs[seq.request_id].append(entry(token, out.logprobs[i, k], out.top_ids[i, k],
+                                                            out.top_logprobs[i, k], seq.num_top))
             finished = self._after_token(seq, before)
             if finished is not None:
                 return finished
@@ -323,7 +337,9 @@ class Engine:
         sp, rid, token = seq.sampling, seq.request_id, seq.output_ids[-1]
         stopping = len(seq.output_ids) > sp.min_tokens  # before min_tokens nothing stops it (as in vLLM)
         if stopping and token in self._stop_ids(sp):
-            seq.output_ids.pop()  # like the text, token_ids end before the stop token
+            seq.output_ids.pop()  # like the text, token_ids (and logprobs) end before the stop token
+            if seq.want_logprobs:
+                self._logprobs[rid].pop()
             return self._finish(seq, "stop", before)
         if rid in self._detok:
             old = len(self._text[rid])
@@ -345,7 +361,8 @@ class Engine:
         `before` of its text (None: since what was last sent)."""
         seq.status, seq.finish_reason, seq.finish_time = Status.FINISHED, reason, time.perf_counter()
         try:
-            self.scheduler.remove(seq)
+            if not self.prompt_scorer.remove(seq):
+                self.scheduler.remove(seq)
         finally:
             self.store.release(seq.adapter)
             self.penalties.release(seq.request_id)
@@ -366,10 +383,11 @@ class Engine:
             text = text[:len(text) - _held_back(text, seq.sampling.stop)]
         before = min(before, len(text))
         self._sent[rid] = len(text)
+        lps = list(self._logprobs[rid]) if seq.want_logprobs else None
         return RequestOutput(rid, seq.adapter_name, seq.prompt_ids, list(seq.output_ids), text, text[before:],
-                             seq.is_finished, seq.finish_reason, error, error_kind,
-                             list(self._logprobs[rid]) or None, seq.arrival_time, seq.first_token_time,
-                             seq.finish_time)
+                             seq.is_finished, seq.finish_reason, error, error_kind, lps, seq.arrival_time,
+                             seq.first_token_time, seq.finish_time, prompt_logprobs=seq.prompt_logprobs,
+                             cumulative_logprob=None if lps is None else sum(e["logprob"] for e in lps))
 
     def _fail(self, seqs, error: str, kind: str = "internal") -> list[RequestOutput]:
         """Fails the requests of `seqs` that still run, each with `error`; frees their pages and references."""
@@ -387,6 +405,7 @@ class Engine:
         """Last resort after `_finish` itself failed: drop every trace of the request."""
         for table in (self.requests, self._detok, self._text, self._sent, self._logprobs):
             table.pop(seq.request_id, None)
+        self.prompt_scorer.remove(seq)
         for queue in (self.scheduler.running, self.scheduler.waiting):
             if seq in queue:
                 queue.remove(seq)
@@ -444,19 +463,3 @@ class Engine:
         return {"prefix_cache_query_tokens": st.query_tokens, "prefix_cache_hit_tokens": st.hit_tokens,
                 "prefix_cache_hit_rate": st.hit_rate, "prefix_cache_evictions": st.evictions,
                 "prefix_cache_pages": self.allocator.num_cached}
-
-
-def _cause(what: str, error: BaseException) -> str:
-    """A client-facing message: what failed and the exception that said so (cut short)."""
-    return f"{what}: {type(error).__name__}: {str(error)[:300]}"
-
-
-def _held_back(text: str, stops) -> int:
-    """How many characters at the end of `text` could still be the start of one of the `stops`."""
-    held = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), held, -1):
-            if text.endswith(stop[:k]):
-                held = k
-                break
-    return held

@@ -39,6 +39,8 @@ class Sequence:
     finish_reason: str | None = None
     num_preemptions: int = 0
     want_logprobs: bool = False
+    num_top: int = 0  # with want_logprobs: how many of the most likely tokens each logprobs entry names
+    prompt_logprobs: list | None = None  # `logprobs.score_prompts` entries, when the request asks
     sampling_seed: int = 0  # the request's seed, or one drawn for it: sampling is reproducible per request
     order: int = 0  # admission order; the newest running sequence is preempted first
     cache_salt: str = BASE_SALT  # names the weights its KV comes from (`prefix_cache`): base, or one registration

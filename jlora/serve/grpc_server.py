@@ -119,6 +119,14 @@ def _keyed_stream(behavior, security: SecurityConfig):
     return handler
 
 
+def _logprobs(entries, ids=None) -> list[jlora_pb2.TokenLogprob]:
+    """Engine logprob entries as messages; None entries (the prompt's first token) take their id from `ids`."""
+    return [jlora_pb2.TokenLogprob(token_id=ids[i]) if e is None else jlora_pb2.TokenLogprob(
+        token_id=e["token"], logprob=e["logprob"],
+        top=[jlora_pb2.TopLogprob(token_id=t, logprob=lp) for t, lp in e["top"].items()])
+        for i, e in enumerate(entries)]
+
+
 def _adapter_info(a: AdapterInfo) -> jlora_pb2.AdapterInfo:
     return jlora_pb2.AdapterInfo(name=a.name, path=a.path, rank_bucket=a.rank_bucket)
 
@@ -136,11 +144,13 @@ class JloraServicer(jlora_pb2_grpc.JloraServicer):
         await context.abort(grpc.StatusCode[code], error_message(error))
 
     def _prepare(self, request: jlora_pb2.GenerateRequest):
-        info = self.service.info
-        return prepare(info, _sampling_fields(request.sampling), prompt=request.prompt or None,
+        info, sp = self.service.info, request.sampling
+        counts = {k: getattr(sp, k) if sp.HasField(k) else None for k in ("logprobs", "prompt_logprobs")}
+        return prepare(info, _sampling_fields(sp), prompt=request.prompt or None,
                        token_ids=list(request.prompt_token_ids) or None,
                        messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
-                       adapter=info.adapter_for(request.adapter, "adapter"))
+                       adapter=info.adapter_for(request.adapter, "adapter"),
+                       zero_tokens_ok=counts["prompt_logprobs"] is not None, **counts)
 
     async def _start(self, request: jlora_pb2.GenerateRequest, context):
         """Validates and queues a request; aborts the RPC with the error's code if it is refused."""
@@ -168,12 +178,15 @@ class JloraServicer(jlora_pb2_grpc.JloraServicer):
         self.service.observe("grpc", started)
         return jlora_pb2.GenerateResponse(
             request_id=out.request_id, text=out.text, token_ids=out.token_ids, finish_reason=out.finish_reason,
-            usage=jlora_pb2.Usage(prompt_tokens=len(out.prompt_token_ids), completion_tokens=len(out.token_ids)))
+            usage=jlora_pb2.Usage(prompt_tokens=len(out.prompt_token_ids), completion_tokens=len(out.token_ids)),
+            logprobs=_logprobs(out.logprobs or []), cumulative_logprob=out.cumulative_logprob,
+            prompt_logprobs=_logprobs(out.prompt_logprobs or [], out.prompt_token_ids))
 
     async def GenerateStream(self, request, context):
         started = time.perf_counter()
         stream = await self._start(request, context)
-        sent = 0
+        sent = sent_lp = 0
+        first = True
         try:
             async for out in stream:
                 error = None
@@ -184,8 +197,11 @@ class JloraServicer(jlora_pb2_grpc.JloraServicer):
                 if error is not None:
                     await self._fail(context, error)
                 msg = jlora_pb2.GenerateStreamResponse(request_id=out.request_id, text=out.delta,
-                                                       token_ids=out.token_ids[sent:], finished=out.finished)
-                sent = len(out.token_ids)
+                                                       token_ids=out.token_ids[sent:], finished=out.finished,
+                                                       logprobs=_logprobs((out.logprobs or [])[sent_lp:]))
+                if first and out.prompt_logprobs:
+                    msg.prompt_logprobs.extend(_logprobs(out.prompt_logprobs, out.prompt_token_ids))
+                first, sent, sent_lp = False, len(out.token_ids), len(out.logprobs or [])
                 if out.finished:
                     msg.finish_reason = out.finish_reason
                     msg.usage.prompt_tokens = len(out.prompt_token_ids)

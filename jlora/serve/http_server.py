@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jlora.errors import JloraError, RequestError
+from jlora.serve import choices
 from jlora.serve import openai_format as oai
 from jlora.serve.async_engine import RequestStream, ServerClosedError
 from jlora.serve.metrics import CONTENT_TYPE
@@ -190,43 +191,42 @@ def build_app(service: Service, security: SecurityConfig = SecurityConfig()) -> 
         return {"object": "list", "data": data}
 
     def _prepare_openai(body: dict, chat: bool):
-        """Checks and tokenizes an OpenAI body (on the prepare pool): (completion, model)."""
+        """Checks and tokenizes an OpenAI body (on the prepare pool): (completion, model, choice view)."""
         oai.check_supported(body)
+        want = choices.wants(body, chat)
         model = body.get("model") or info.name
         fields = dict(body)
+        counts = dict(logprobs=want.logprobs, prompt_logprobs=want.prompt_logprobs)
         if chat:
             if fields.get("max_tokens") is None:
                 fields["max_tokens"] = body.get("max_completion_tokens")
             completion = prepare(info, fields, prompt=render_chat(info, body.get("messages")),
-                                 default_max_tokens=None, adapter=info.adapter_for(model))
-        else:
-            text, ids = oai.completion_prompt(body)
-            completion = prepare(info, fields, prompt=text, token_ids=ids, adapter=info.adapter_for(model))
-        return completion, model
+                                 default_max_tokens=None, adapter=info.adapter_for(model), **counts)
+            return completion, model, choices.ChoiceView(0, want, info.tokenizer)
+        text, ids = oai.completion_prompt(body)
+        completion = prepare(info, fields, prompt=text, token_ids=ids, adapter=info.adapter_for(model),
+                             zero_tokens_ok=want.echo, **counts)
+        echo = text if text is not None or info.tokenizer is None else info.tokenizer.decode(ids)
+        return completion, model, choices.ChoiceView(0, want, info.tokenizer, echo_text=echo)
 
     async def _openai(request: Request, chat: bool):
         started = time.perf_counter()
         body = await _json_body(request)
-        completion, model = await service.prepare(_prepare_openai, body, chat)
+        completion, model, view = await service.prepare(_prepare_openai, body, chat)
         stream = await service.start(completion)
         if not body.get("stream"):
             out = await _final(request, stream)
             check_output(out)
             service.observe("chat" if chat else "completions", started)
-            return (oai.chat_body if chat else oai.completion_body)(out, model)
+            return choices.body([out], [view], model, chat)
         created, include_usage = int(time.time()), bool((body.get("stream_options") or {}).get("include_usage"))
-        first = [True]
 
         def events(out):
-            if chat:
-                yield oai.chat_chunk(out, model, created, first[0])
-                first[0] = False
-            else:
-                yield oai.completion_chunk(out, model, created)
+            yield choices.chunk(out, view, out.request_id, model, created)
             if out.finished:
                 service.observe("chat_stream" if chat else "completions_stream", started)
                 if include_usage:
-                    yield oai.usage_chunk(out, model, created, chat)
+                    yield choices.usage_chunk([out], out.request_id, model, created, chat)
 
         return StreamingResponse(_events(stream, events), media_type="text/event-stream")
 

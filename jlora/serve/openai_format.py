@@ -1,18 +1,15 @@
-"""OpenAI-compatible request checks and response bodies (completions, chat completions, streamed chunks)."""
+"""OpenAI-compatible request checks, error bodies and server-sent events (choices and their bodies: `choices`)."""
 
 from __future__ import annotations
 
 import json
-import time
 
-from jlora.engine.engine import RequestOutput
 from jlora.errors import RequestError
 from jlora.serve.protocol import show
 
 # Fields this server does not implement, with the value that means "off". A request that sets one to anything
 # else is refused by name rather than silently ignored.
-UNSUPPORTED = {"n": 1, "best_of": 1, "echo": False, "logprobs": None, "top_logprobs": None, "suffix": None,
-               "tools": None, "response_format": None}
+UNSUPPORTED = {"n": 1, "best_of": 1, "suffix": None, "tools": None, "response_format": None}
 
 
 def check_supported(body: dict) -> None:
@@ -38,43 +35,6 @@ def completion_prompt(body: dict):
         raise RequestError(f"prompt must be one string or one list of token ids; got a batch of {len(prompt)} "
                            "(send one request per prompt)")
     return prompt if prompt is not None else "", None
-
-
-def usage(out: RequestOutput) -> dict:
-    p, c = len(out.prompt_token_ids), len(out.token_ids)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
-
-
-def completion_body(out: RequestOutput, model: str) -> dict:
-    return {"id": f"cmpl-{out.request_id}", "object": "text_completion", "created": int(time.time()),
-            "model": model, "choices": [{"index": 0, "text": out.text, "logprobs": None,
-                                         "finish_reason": out.finish_reason}], "usage": usage(out)}
-
-
-def chat_body(out: RequestOutput, model: str) -> dict:
-    return {"id": f"chatcmpl-{out.request_id}", "object": "chat.completion", "created": int(time.time()),
-            "model": model, "choices": [{"index": 0, "message": {"role": "assistant", "content": out.text},
-                                         "logprobs": None, "finish_reason": out.finish_reason}],
-            "usage": usage(out)}
-
-
-def completion_chunk(out: RequestOutput, model: str, created: int) -> dict:
-    return {"id": f"cmpl-{out.request_id}", "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": out.delta, "logprobs": None,
-                         "finish_reason": out.finish_reason if out.finished else None}]}
-
-
-def chat_chunk(out: RequestOutput, model: str, created: int, first: bool) -> dict:
-    delta = {"role": "assistant", "content": out.delta} if first else {"content": out.delta}
-    return {"id": f"chatcmpl-{out.request_id}", "object": "chat.completion.chunk", "created": created,
-            "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                         "finish_reason": out.finish_reason if out.finished else None}]}
-
-
-def usage_chunk(out: RequestOutput, model: str, created: int, chat: bool) -> dict:
-    return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{out.request_id}",
-            "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-            "model": model, "choices": [], "usage": usage(out)}
 
 
 def error_body(message: str, kind: str, status: int) -> dict:

@@ -148,9 +148,11 @@ def _logit_bias(value) -> dict[int, float]:
     return out
 
 
-def sampling_params(fields: dict[str, Any], *, max_tokens: int, min_tokens_key: str = "min_tokens") -> SamplingParams:
+def sampling_params(fields: dict[str, Any], *, max_tokens: int, min_tokens_key: str = "min_tokens",
+                    logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     """`SamplingParams` from wire fields: temperature, top_p, top_k, min_p, seed, stop, stop_token_ids, ignore_eos,
-    presence_penalty, frequency_penalty, repetition_penalty, logit_bias and min_tokens (`min_tokens_key`).
+    presence_penalty, frequency_penalty, repetition_penalty, logit_bias and min_tokens (`min_tokens_key`); the
+    logprobs counts come from the front end, whose fields for them differ per API.
     Types are checked here, values (ranges) by `SamplingParams`; both raise `RequestError` naming the field."""
     stop = fields.get("stop") or ()
     if isinstance(stop, str):
@@ -174,7 +176,8 @@ def sampling_params(fields: dict[str, Any], *, max_tokens: int, min_tokens_key: 
                           frequency_penalty=_number(fields, "frequency_penalty", default=0.0),
                           repetition_penalty=_number(fields, "repetition_penalty", default=1.0),
                           min_tokens=_number(fields, min_tokens_key, int, default=0),
-                          logit_bias=_logit_bias(fields.get("logit_bias")))
+                          logit_bias=_logit_bias(fields.get("logit_bias")), logprobs=logprobs,
+                          prompt_logprobs=prompt_logprobs)
 
 
 def render_chat(info: ModelInfo, messages: Any) -> str:
@@ -236,8 +239,10 @@ def prompt_ids(info: ModelInfo, prompt: Any = None, token_ids: Any = None, messa
 
 def prepare(info: ModelInfo, fields: dict[str, Any], *, prompt=None, token_ids=None, messages=None,
             adapter: str | None = None, max_tokens_key: str = "max_tokens", min_tokens_key: str = "min_tokens",
-            default_max_tokens: int | None = DEFAULT_MAX_TOKENS) -> Completion:
-    """Validates one request. `default_max_tokens=None` means the rest of the context."""
+            default_max_tokens: int | None = DEFAULT_MAX_TOKENS, logprobs: int | None = None,
+            prompt_logprobs: int | None = None, zero_tokens_ok: bool = False) -> Completion:
+    """Validates one request. `default_max_tokens=None` means the rest of the context; `zero_tokens_ok`: a
+    max_tokens of 0 is allowed (completions with echo)."""
     ids = prompt_ids(info, prompt, token_ids, messages)
     ctx = info.max_model_len
     if len(ids) >= ctx:
@@ -246,11 +251,15 @@ def prepare(info: ModelInfo, fields: dict[str, Any], *, prompt=None, token_ids=N
     max_tokens = _number(fields, max_tokens_key, int)
     if max_tokens is None:
         max_tokens = ctx - len(ids) if default_max_tokens is None else min(default_max_tokens, ctx - len(ids))
-    elif max_tokens < 1:
-        raise RequestError(f"{max_tokens_key} must be an integer >= 1, got {show(max_tokens)}")
+    elif max_tokens < (0 if zero_tokens_ok else 1):
+        why = "" if zero_tokens_ok else " (0 only when the prompt is echoed or scored)"
+        raise RequestError(f"{max_tokens_key} must be an integer >= {int(not zero_tokens_ok)}{why}, "
+                           f"got {show(max_tokens)}")
     elif max_tokens > ctx:
         raise RequestError(f"{max_tokens_key} {show(max_tokens)} is above the context length {ctx}")
     elif len(ids) + max_tokens > ctx:
         raise RequestError(f"prompt of {len(ids)} tokens + {max_tokens_key} {max_tokens} exceeds the context "
                            f"length {ctx}: at most {ctx - len(ids)} new tokens fit")
-    return Completion(ids, sampling_params(fields, max_tokens=max_tokens, min_tokens_key=min_tokens_key), adapter)
+    sp = sampling_params(fields, max_tokens=max_tokens, min_tokens_key=min_tokens_key, logprobs=logprobs,
+                         prompt_logprobs=prompt_logprobs)
+    return Completion(ids, sp, adapter)

@@ -102,3 +102,66 @@ def test_bad_logit_bias_fails_alone(tiny):
     while engine.has_unfinished():
         done.update({o.request_id: o for o in engine.step() if o.finished})
     assert list(done) == ["ok"] and len(done["ok"].token_ids) == 3
+
+
+def _ref_logprobs(model, bank, seqs):
+    """float64 log-softmax of the reference forward over each (tokens, slot): [len(seqs), L, V]."""
+    tokens, lora = np.zeros((B, L), np.int32), np.full((B, L), -1, np.int32)
+    for i, (ids, slot) in enumerate(seqs):
+        tokens[i, :len(ids)], lora[i] = ids, slot
+    logits, _ = _FORWARD(model.params(), bank, jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(L), (B, L)),
+                         jnp.asarray(lora), KVCache.zeros(model.config, B, L), config=model.config)
+    x = np.asarray(logits, np.float64)
+    return x - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True)) - x.max(-1, keepdims=True)
+
+
+def _assert_entries(entries, ids, lp, start, k):
+    """entries[j] is the logprobs of ids[start + j + 1] given ids[:start + j + 1], with the top k."""
+    for j, e in enumerate(entries):
+        row = lp[start + j]
+        assert e["token"] == ids[start + j + 1]
+        np.testing.assert_allclose(e["logprob"], row[e["token"]], atol=1e-4)
+        top = np.argsort(-row)[:k]
+        assert list(e["top"]) == top.tolist()
+        np.testing.assert_allclose(list(e["top"].values()), row[top], atol=1e-4)
+
+
+def test_logprobs_equal_a_log_softmax_of_a_reference_forward(tiny):
+    """Output logprobs (one-step and multi-step programs) and prompt logprobs, of the raw distribution (before
+    penalties and temperature), each equal to float32 log-softmax of the reference logits within 1e-4."""
+    requests = [([5, 6, 7], "r8", SamplingParams(temperature=0.0, max_tokens=9, logprobs=5)),
+                ([1, 2, 3, 4], None, SamplingParams(temperature=0.7, seed=1, max_tokens=7, logprobs=3,
+                                                    repetition_penalty=1.5)),
+                ([9, 8, 7, 6, 5], "r3", SamplingParams(max_tokens=0, prompt_logprobs=4)),
+                ([4, 2], "r16", SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=2, logprobs=0))]
+    engine = make_engine(tiny, num_pages=PAGES)
+    done = run_staggered(engine, requests, arrivals=[0, 0, 1, 1])
+    slots = engine.store.ensure_resident({"r8", "r3", "r16"})
+    seqs = [(p + done[f"r{i}"].token_ids, -1 if a is None else slots[a]) for i, (p, a, _) in enumerate(requests)]
+    lp = _ref_logprobs(tiny["model"], engine.store.bank, seqs)
+    for i, (p, _, sp) in enumerate(requests):
+        out = done[f"r{i}"]
+        assert len(out.token_ids) == sp.max_tokens and out.finish_reason == "length"
+        if sp.logprobs is not None:
+            assert len(out.logprobs) == sp.max_tokens
+            _assert_entries(out.logprobs, seqs[i][0], lp[i], len(p) - 1, sp.logprobs)
+            assert out.cumulative_logprob == pytest.approx(sum(e["logprob"] for e in out.logprobs))
+        else:
+            assert out.logprobs is None and out.cumulative_logprob is None
+        if sp.prompt_logprobs is not None:
+            assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
+            _assert_entries(out.prompt_logprobs[1:], p, lp[i], 0, sp.prompt_logprobs)
+        else:
+            assert out.prompt_logprobs is None
+    assert engine.runner.shapes_run & {("decode_loop_logprobs", 8, 1, P) for P in (8, 16)}
+    assert not engine.requests and engine.allocator.num_free == PAGES
+
+
+def test_bad_logprobs_requests_fail_alone(tiny):
+    engine = make_engine(tiny, num_pages=PAGES, num_logprobs=4)
+    with pytest.raises(RequestError, match="logprobs must be at most 4 on this engine, got 5"):
+        engine.add_request([1], SamplingParams(logprobs=5))
+    with pytest.raises(RequestError, match="prompt_logprobs must be at most 4"):
+        engine.add_request([1], SamplingParams(prompt_logprobs=9))
+    rid = engine.add_request([1, 2, 3], SamplingParams(max_tokens=0, prompt_logprobs=2))
+    assert engine.abort(rid).finish_reason == "abort" and not engine.has_unfinished()
