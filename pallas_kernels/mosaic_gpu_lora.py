@@ -8,9 +8,10 @@ slot -1 (in no tile) come out 0 (shrink) or y (expand), and every output row is 
 TMA store. A block shared by k segments computes k products.
 
 Shrink: x and A tiles stream through `plgpu.emit_pipeline` (TMA into a ring of swizzled SMEM buffers); each x tile
-in SMEM meets the A tiles of two of the block's tiles (one wgmma and fp32 accumulator each), so x is read once
-per two segments of a block. Expand: the block's v columns of slice j are loaded once (TMA), y once, and B[slot] once per tile,
-the next tile's B while this one's wgmma runs (two buffers); the sum is stored in y's dtype. v is rounded to B's dtype first, as in the Triton expand.
+in SMEM meets the A tiles of two of the block's tiles (one wgmma and fp32 accumulator each), so x is read once per
+two segments of a block. Expand: the block's v columns of slice j are loaded once (TMA), y once, and B[slot] once
+per tile, the next tile's B while this one's wgmma runs (two buffers); the sum is stored in y's dtype. v is rounded
+to B's dtype first, as in the Triton expand.
 
 Only 16-bit operands (bf16, f16) and shapes that fit wgmma's swizzled tiles take the kernels (`shrink_supported`,
 `expand_supported`); the dispatcher sends other calls to the Triton-backend kernels. Float32 would run as TF32 on
@@ -114,16 +115,18 @@ def _params(interpret: bool):
 
 
 def _shrink_kernel(bounds_ref, lo_ref, hi_ref, slot_ref, layer_ref, x_ref, a_ref, o_ref, o_smem, *, bk, bn,
-                   k_steps, num_slots, stages, transforms, group):
+                   k_steps, num_slots, stages, transforms, group, release):
   rb = lax.axis_index("rows")
   cb = lax.axis_index("cols")
   split = lax.axis_index("split")  # this program's share of d_in: K steps [split * k_steps, (split + 1) * k_steps)
   rows = rb * TILE_M + plgpu.broadcasted_iota(jnp.int32, (TILE_M, bn), 0, layout=plgpu.Layout.WGMMA)
 
   first, last = bounds_ref[rb], bounds_ref[rb + 1]
+  # wgmma is asynchronous: a step's buffers are released one step later (`release`), when its products are done.
   x_spec = plgpu.BlockSpec((TILE_M, bk), lambda k: (rb, split * k_steps + k), transforms=transforms,
-                           delay_release=1)
-  a_spec = plgpu.BlockSpec((bk, bn), lambda k: (split * k_steps + k, cb), transforms=transforms, delay_release=1)
+                           delay_release=release)
+  a_spec = plgpu.BlockSpec((bk, bn), lambda k: (split * k_steps + k, cb), transforms=transforms,
+                           delay_release=release)
 
   def tile_pass(p, out):
     """Tiles first + p * G ... of the block against one pass over x: G products per x tile in smem. Entries past
@@ -174,8 +177,9 @@ def shrink(x: jax.Array, a: jax.Array, meta: SegmentMetadata, layer=None, *, int
   `shrink_supported` takes); returns [T, R] float32.
 
   k_splits programs share each row block's d_in (None: `tuning.mosaic_gpu_shrink_splits`; rounded down to a
-  divisor of d_in / 64); their partial sums are added up here, or with sum_splits=False returned as [K, T, R]
-  (every row written: 0 for slot -1) for `xla.gather_lora_expand`, which adds them up itself.
+  divisor of d_in / 64 that leaves each at least 2 K steps); their partial sums are added up here, or with
+  sum_splits=False returned as [K, T, R] (every row written: 0 for slot -1) for `xla.gather_lora_expand`, which
+  adds them up itself.
   """
   _check_meta(meta)
   num_tokens, d_in = x.shape
@@ -190,10 +194,11 @@ def shrink(x: jax.Array, a: jax.Array, meta: SegmentMetadata, layer=None, *, int
   k_total = d_in // bk
   if k_splits is None:
     k_splits = tuning.mosaic_gpu_shrink_splits(num_tokens, d_in)
-  splits = _divisor_at_most(k_total, max(1, k_splits))
-  kernel = functools.partial(_shrink_kernel, bk=bk, bn=bn, k_steps=k_total // splits, num_slots=num_slots,
+  splits = _divisor_at_most(k_total, max(1, min(k_splits, k_total // 2)))  # >= 2 K steps each where d_in allows
+  k_steps = k_total // splits
+  kernel = functools.partial(_shrink_kernel, bk=bk, bn=bn, k_steps=k_steps, num_slots=num_slots,
                              stages=max(2, stages), transforms=_transforms(swizzle, itemsize),
-                             group=_tiles_per_pass(bn))
+                             group=_tiles_per_pass(bn), release=1 if k_steps > 1 else 0)
   out = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((splits, padded, rank), jnp.float32),
