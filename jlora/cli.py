@@ -37,6 +37,7 @@ def _add_model(p: argparse.ArgumentParser) -> None:
                    help="default model name, a .gguf file, a Hugging Face Llama-family directory, or org/name from "
                         "the local Hugging Face hub cache (never downloaded)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    serve_cli.add_quantization_arg(p)
     p.add_argument("--lora", action="append", type=_lora_arg, default=[], metavar="NAME=PATH",
                    help="register a PEFT adapter directory under NAME (repeatable)")
 
@@ -105,7 +106,8 @@ def cmd_generate(args) -> int:
         names = names * len(args.prompts) if len(names) == 1 else names
         rows = [(p, None if a == BASE else a) for p, a in zip(args.prompts, names)]
     t0 = time.perf_counter()
-    llm = LLM(args.model, adapters=loras, dtype=args.dtype, engine=engine, chat_template=args.chat_template)
+    llm = LLM(args.model, adapters=loras, dtype=args.dtype, engine=engine, chat_template=args.chat_template,
+              quantization=args.quantization)
     t_load = time.perf_counter() - t0
     prompts = [p for p, _ in rows]
     if args.chat:

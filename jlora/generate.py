@@ -31,6 +31,7 @@ class LLM:
       adapters: {name: PEFT directory} to register now.
       dtype: "float32" or "bfloat16".
       chat_template: a template file's path or the template text, for `chat`; replaces the model's own.
+      quantization: "fp8" for FP8 linear weights with a scale per output channel (W8A16), quantized at load.
       bank: device slots per rank bucket (ignored when `engine.memory_bytes` is set).
       max_model_len: longest prompt + output; defaults to the model's context length.
       runtime: kernel and layout switches (`RuntimeConfig`); default: the engine config's (all "auto").
@@ -40,14 +41,15 @@ class LLM:
     def __init__(self, model: str = DEFAULT_MODEL, adapters: dict[str, str] | None = None, dtype: str = "float32",
                  bank: LoraBankConfig | None = None, max_model_len: int | None = None,
                  runtime: RuntimeConfig | None = None, progress: bool = True, engine: EngineConfig | None = None,
-                 chat_template: str | None = None):
+                 chat_template: str | None = None, quantization: str | None = None):
         self._engine: Engine | None = None
         for name, path in (adapters or {}).items():  # a missing or malformed adapter config fails before the model loads
             try:
                 read_spec(path)
             except AdapterError as e:
                 raise AdapterError(f"adapter {name!r} at {path!r}: {e}", adapter=name) from None
-        llama, self.tokenizer = load_model(model, jnp.dtype(dtype), progress=progress, chat_template=chat_template)
+        llama, self.tokenizer = load_model(model, jnp.dtype(dtype), progress=progress, chat_template=chat_template,
+                                           quantization=quantization)
         self.config = llama.config
         cfg = engine or EngineConfig()
         cfg = dataclasses.replace(cfg, bank=bank or cfg.bank, max_model_len=max_model_len or cfg.max_model_len,

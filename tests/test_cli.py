@@ -61,7 +61,7 @@ def test_parallel_flags_reach_the_engine(monkeypatch, capsys):
     seen = {}
 
     class FakeLLM:
-        def __init__(self, model, adapters, dtype, engine, chat_template=None):
+        def __init__(self, model, adapters, dtype, engine, **kw):
             seen["engine"] = engine
             raise JloraError("stop here")
 

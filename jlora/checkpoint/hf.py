@@ -7,13 +7,16 @@ import glob
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jlora.checkpoint import fp8
 from jlora.config import FUSED_CHECKPOINTS, ModelConfig
 from jlora.errors import ModelLoadError
+from jlora.model import quant
 from jlora.model.llama import Params, param_shapes
 
 _LAYER_KEYS = {  # HF suffix -> (our key, slice index within a fused weight, or None)
@@ -47,9 +50,29 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
     """Every tensor of an HF checkpoint as float32 numpy, by HF name."""
     out = {}
     for file in _weight_files(path):
+        fp8 = _fp8_entries(file)
         with safe_open(file, framework="flax") as f:
             for key in f.keys():
-                out[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
+                if key not in fp8:
+                    out[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
+        out.update(_read_fp8(file, fp8))
+    return out
+
+
+def _fp8_entries(file: str) -> dict[str, dict]:
+    """The float8_e4m3 tensors of a safetensors file, from its header (the safetensors reader cannot make them)."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {k: dict(v, data_start=8 + n) for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F8_E4M3"}
+
+
+def _read_fp8(file: str, entries: dict[str, dict]) -> dict[str, np.ndarray]:
+    out = {}
+    for key, e in entries.items():
+        begin, end = e["data_offsets"]
+        raw = np.fromfile(file, np.uint8, count=end - begin, offset=e["data_start"] + begin)
+        out[key] = raw.view(jnp.float8_e4m3fn).reshape(e["shape"]).astype(np.float32)
     return out
 
 
@@ -109,16 +132,33 @@ def _cast(tree, dtype):
     return jnp.asarray(tree, dtype=dtype)
 
 
-def load_hf_dir(path: str, dtype=jnp.float32) -> tuple[ModelConfig, Params]:
-    """Config and params of an HF model directory."""
+def load_hf_dir(path: str, dtype=jnp.float32, quantization: str | None = None) -> tuple[ModelConfig, Params]:
+    """Config and params of an HF model directory. An FP8 checkpoint (`checkpoint.fp8`), or `quantization="fp8"`,
+    gives FP8 linear weights with per-channel scales (`model.quant`); the rest is in `dtype`."""
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
         raise ModelLoadError(f"{path!r} is not a model directory: config.json is missing")
     config = ModelConfig.from_json(cfg)
+    with open(cfg) as f:
+        fp8_checkpoint = fp8.is_fp8_checkpoint(json.load(f))
+    tensors = read_tensors(path)
+    if fp8_checkpoint:
+        tensors, quantization = fp8.dequantize(tensors), quantization or "fp8"
     try:
-        return config, params_from_hf(read_tensors(path), config, dtype)
+        if quantization is None:
+            return config, params_from_hf(tensors, config, dtype)
+        params = quant.quantize_params(params_from_hf(tensors, config, jnp.float32), quantization)
     except ValueError as e:  # numpy shape errors while stacking
         raise ModelLoadError(f"{path!r}: tensor shapes do not match config.json: {e}") from None
+    return config, cast_unquantized(params, dtype)
+
+
+def cast_unquantized(params: Params, dtype) -> Params:
+    """`params` in `dtype`, except FP8 weights and their float32 scales."""
+    def cast(path, x):
+        name = path[-1].key
+        return x if name in quant.LINEAR or name.endswith("_scale") else x.astype(dtype)
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def save_hf_dir(tensors: dict[str, np.ndarray], config: ModelConfig, path: str) -> None:

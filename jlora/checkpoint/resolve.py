@@ -14,10 +14,11 @@ import jax.numpy as jnp
 
 from jlora.checkpoint import hub
 from jlora.checkpoint.gguf import convert_gguf
-from jlora.checkpoint.hf import load_hf_dir
+from jlora.checkpoint.hf import cast_unquantized, load_hf_dir
 from jlora.checkpoint.orbax_store import restore_params, save_params
 from jlora.config import ModelConfig
 from jlora.errors import ModelLoadError
+from jlora.model.quant import quantize_params
 
 log = logging.getLogger("jlora.checkpoint")
 
@@ -101,7 +102,7 @@ def _alive(pid: int) -> bool:
 
 
 def load_model(model: str = DEFAULT_MODEL, dtype=jnp.float32, progress: bool = True,
-               chat_template: str | None = None):
+               chat_template: str | None = None, quantization: str | None = None):
     """Loads a base model; exported as `jlora.load_model`.
 
     Args:
@@ -110,6 +111,8 @@ def load_model(model: str = DEFAULT_MODEL, dtype=jnp.float32, progress: bool = T
         `~/.cache/huggingface/hub`). Nothing is downloaded.
       dtype: of the weights: a jnp dtype or its name ("float32", "bfloat16").
       chat_template: a template file's path or the template text; replaces the model's own.
+      quantization: "fp8" stores the layers' linear weights in FP8 with a scale per output channel, quantized at
+        load (W8A16: `jlora.model.quant`); an FP8 checkpoint is served that way without it.
 
     Returns:
       (Llama, Tokenizer or None when the directory has no tokenizer.json). `Llama.params()` is the plain dict of
@@ -125,9 +128,11 @@ def load_model(model: str = DEFAULT_MODEL, dtype=jnp.float32, progress: bool = T
         raise ModelLoadError(f"model {model!r} has no tokenizer.json, so a chat template cannot be used")
     tokenizer = Tokenizer.from_dir(path, chat_template=chat_template) if has_tokenizer else None
     if os.path.dirname(path) == os.path.join(cache_dir(), "converted"):
-        config, params = load_converted(path, dtype)
+        config, params = load_converted(path, jnp.float32 if quantization else dtype)
+        if quantization:
+            params = cast_unquantized(quantize_params(params, quantization), dtype)
     else:
-        config, params = load_hf_dir(path, dtype)
+        config, params = load_hf_dir(path, dtype, quantization)
     return Llama(config, params), tokenizer
 
 

@@ -18,7 +18,7 @@ from flax import nnx
 from jlora.config import ModelConfig, RuntimeConfig
 from jlora.lora.bank import LoraBank
 from jlora.lora.ops import LoraBatch, lora_project, make_lora_batch
-from jlora.model import attention, blocks, rope
+from jlora.model import attention, blocks, quant, rope
 from jlora.model.kv_cache import KVCache
 
 Params = dict[str, Any]
@@ -91,11 +91,11 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
     # place; adding it after the kernel took one more elementwise kernel per projection (H100 decode profile).
     fold_residual = runtime.fold_residual and reduce is _identity
 
-    def project(x2d, w, group, bias=None, residual=None, row=False):
-        """x2d @ w + LoRA delta (+ bias). Row-parallel projections (o, down) pass the residual stream [B*T, d_out]
-        and get it added, after the tensor-parallel reduce when there is one; or `row` alone: reduced, no residual
-        (a post-norm comes between them)."""
-        y = x2d @ w
+    def project(x2d, name, group, bias=None, residual=None, row=False):
+        """x2d @ layer[name] (FP8 weights with their scale: `quant`) + LoRA delta (+ bias). Row-parallel projections
+        (o, down) pass the residual stream [B*T, d_out] and get it added, after the tensor-parallel reduce when there
+        is one; or `row` alone: reduced, no residual (a post-norm comes between them)."""
+        y = quant.matmul(x2d, layer[name], layer.get(quant.scale_name(name)))
         fold = residual is not None and fold_residual
         if fold:
             y = y + residual
@@ -107,16 +107,16 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
             y = y + bias
         return y if fold or residual is None else residual + y
 
-    def row_out(x2d, w, group, bias, post_norm):
+    def row_out(x2d, name, group, bias, post_norm):
         """h + the row-parallel projection of x2d, through the post-norm first if the family has one: [B, T, D]."""
         if not config.post_norms:
-            return project(x2d, w, group, bias, residual=h.reshape(B * T, D)).reshape(B, T, D)
-        return h + blocks.norm(project(x2d, w, group, bias, row=True).reshape(B, T, D), layer[post_norm], config)
+            return project(x2d, name, group, bias, residual=h.reshape(B * T, D)).reshape(B, T, D)
+        return h + blocks.norm(project(x2d, name, group, bias, row=True).reshape(B, T, D), layer[post_norm], config)
 
     # Which layers slide comes from a static pattern indexed by the (traced) layer index: one program for all.
     sliding = None if config.sliding_layers is None else jnp.asarray(config.sliding_layers)[layer_index]
     x = blocks.norm(h, layer["attn_norm"], config).reshape(B * T, D)
-    qkv = project(x, layer["w_qkv"], "qkv", layer.get("b_qkv"))  # [B*T, (N + 2K) * H]
+    qkv = project(x, "w_qkv", "qkv", layer.get("b_qkv"))  # [B*T, (N + 2K) * H]
     q, k, v = jnp.split(qkv, [N * H, (N + K) * H], axis=-1)
     q, k = q.reshape(B, T, N, H), k.reshape(B, T, K, H)
     if config.qk_norm:  # per head, over head_dim, before RoPE (Qwen3)
@@ -128,11 +128,11 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
     k = rope.apply_rope(k, positions, inv_freq)
     attn, cache_k, cache_v = attention.attend(q, k, v.reshape(B, T, K, H), cache_k, cache_v, positions, page_table,
                                               config, layer_index, runtime, sliding=sliding)
-    h = row_out(attn.reshape(B * T, N * H), layer["w_o"], "o", layer.get("b_o"), "post_attn_norm")
+    h = row_out(attn.reshape(B * T, N * H), "w_o", "o", layer.get("b_o"), "post_attn_norm")
 
     x = blocks.norm(h, layer["mlp_norm"], config).reshape(B * T, D)
-    gate, up = jnp.split(project(x, layer["w_gate_up"], "gate_up"), 2, axis=-1)
-    h = row_out(blocks.activation(gate, config.hidden_act) * up, layer["w_down"], "down", None, "post_mlp_norm")
+    gate, up = jnp.split(project(x, "w_gate_up", "gate_up"), 2, axis=-1)
+    h = row_out(blocks.activation(gate, config.hidden_act) * up, "w_down", "down", None, "post_mlp_norm")
     return h, cache_k, cache_v
 
 

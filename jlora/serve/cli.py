@@ -62,6 +62,12 @@ def chat_template_file(text: str) -> str:
     return text
 
 
+def add_quantization_arg(p) -> None:
+    p.add_argument("--quantization", choices=["fp8"], default=None,
+                   help="fp8: the layers' linear weights in FP8 with a scale per output channel, quantized at load "
+                        "(W8A16, one device; an FP8 checkpoint is served so without it)")
+
+
 def _modules(text: str) -> str:
     try:
         parse_lora_modules(text)
@@ -83,6 +89,7 @@ def register(sub) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="the base model's name in the APIs (default: the --model name or directory name)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_quantization_arg(p)
     p.add_argument("--chat-template", type=chat_template_file, default=None, metavar="FILE",
                    help="a Jinja chat template for /v1/chat/completions and gRPC messages, instead of the model's "
                         "own (chat_template.jinja, else tokenizer_config.json)")
@@ -159,7 +166,8 @@ def config_from_args(args):
     from jlora.serve.server import ServeConfig
 
     return ServeConfig(model=args.model, served_model_name=args.served_model_name, dtype=args.dtype,
-                       chat_template=args.chat_template, runtime=RuntimeConfig.from_env(),
+                       chat_template=args.chat_template, quantization=args.quantization,
+                       runtime=RuntimeConfig.from_env(),
                        loras=tuple(args.lora), lora_roots=tuple(args.lora_root),
                        max_loras_per_batch=args.max_loras_per_batch, max_lora_rank=args.max_lora_rank,
                        lora_target_modules=parse_lora_modules(args.lora_target_modules),

@@ -65,6 +65,7 @@ class ServeConfig:
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
     runtime: RuntimeConfig = RuntimeConfig()  # kernel and layout switches (from the environment, by the CLI)
     chat_template: str | None = None  # a template file's path or its text, instead of the model's own
+    quantization: str | None = None  # "fp8": FP8 linear weights, quantized at load (`jlora.model.quant`)
 
     def __post_init__(self):
         if self.memory_pool_fraction is not None and self.num_pages is not None:
@@ -106,7 +107,7 @@ def build_engine(config: ServeConfig) -> Engine:
     from jlora.checkpoint.resolve import load_model
 
     model, tokenizer = load_model(config.model, jnp.dtype(config.dtype), progress=True,
-                                  chat_template=config.chat_template)
+                                  chat_template=config.chat_template, quantization=config.quantization)
     engine = Engine(model, tokenizer, config.engine_config(), donate_weights=True)
     for name, path in config.loras:
         engine.store.register(name, path)

@@ -1,0 +1,56 @@
+"""FP8 base weights (W8A16): the four linear weights of every layer stored as float8_e4m3fn with one float32 scale per
+output channel, dequantized inside the matmul.
+
+`x @ (q * s)` equals `(x @ q) * s` for a scale `s` per output column, so the product runs on the fp8 values (cast to
+the activations' dtype, which XLA fuses into the dot) and is scaled after. Quantization is absmax per output
+channel: `s = max|w| / 448`, `q = round_fp8(w / s)`. A checkpoint already quantized that way (compressed-tensors,
+strategy `channel`) comes back bit for bit. LoRA deltas are added in the activations' dtype, on top, unchanged.
+The embedding and the output head stay in the model dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+FP8 = jnp.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+LINEAR = ("w_qkv", "w_o", "w_gate_up", "w_down")  # [L, d_in, d_out] each
+QUANTIZATIONS = ("fp8",)
+
+
+def scale_name(weight: str) -> str:
+    return weight + "_scale"
+
+
+def is_quantized(params) -> bool:
+    return scale_name("w_qkv") in params["layers"]
+
+
+def quantize_weight(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(fp8 [..., d_in, d_out], float32 scale [..., d_out]): absmax per output channel (an all-zero column gets 1)."""
+    w32 = w.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(w32), axis=-2)
+    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    q = jnp.clip(w32 / scale[..., None, :], -FP8_MAX, FP8_MAX).astype(FP8)
+    return q, scale
+
+
+def quantize_params(params, quantization: str = "fp8"):
+    """`params` with the layers' linear weights in FP8 and their scales beside them (`w_qkv_scale`, ...)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    if is_quantized(params):
+        return params
+    layers = dict(params["layers"])
+    for name in LINEAR:
+        layers[name], layers[scale_name(name)] = jax.jit(quantize_weight)(layers[name])
+    return {**params, "layers": layers}
+
+
+def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """x @ w, for a plain weight or an FP8 one with its per-output-channel scale."""
+    if scale is None:
+        return x @ w
+    y = jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return (y * scale).astype(x.dtype)
