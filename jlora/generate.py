@@ -108,6 +108,8 @@ class LLM:
         """Completes each prompt (text or token ids) with its own adapter (a name, or None for the base).
 
         Every request is checked before any is queued, so a bad one raises without side effects. With
+        `SamplingParams.n` > 1 the outputs of prompt i are results[i * n:(i + 1) * n], each with its `index` (with
+        best_of, the n of highest cumulative logprob, best first). With
         `SamplingParams.logprobs` / `prompt_logprobs`, each output has `logprobs` (per output token: {"token",
         "logprob", "top": {id: logprob}}), `cumulative_logprob` and `prompt_logprobs` (None first); max_tokens=0
         with prompt_logprobs scores the prompt alone.
@@ -129,22 +131,29 @@ class LLM:
             if len(ids) + sp.max_tokens > engine.max_model_len:
                 raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {sp.max_tokens} exceeds the "
                                    f"context length {engine.max_model_len}")
-        rids = [engine.add_request(p, sp, a) for p, a, sp in zip(prompts, adapters, params)]
+        groups = []  # per prompt, the request ids of its sequences (SamplingParams.choices), the first followed
+        for p, a, sp in zip(prompts, adapters, params):
+            group = []
+            for choice in sp.choices():
+                group.append(engine.add_request(p, choice, a, follows=group[0] if group else None))
+            groups.append(group)
+        wanted = {r for g in groups for r in g}
         done: dict[str, RequestOutput] = {}
-        while len(done) < n:
+        while len(done) < len(wanted):
             for out in engine.step():
-                if out.finished and out.request_id in rids:
+                if out.finished and out.request_id in wanted:
                     done[out.request_id] = out
-            if not engine.has_unfinished() and len(done) < n:
+            if not engine.has_unfinished() and len(done) < len(wanted):
                 raise RuntimeError("engine stopped with unfinished requests")  # a bug, never user error
-        results = [done[r] for r in rids]
-        errors = [o for o in results if o.finish_reason == "error"]
+        everything = [done[r] for g in groups for r in g]
+        results = [o for sp, g in zip(params, groups) for o in _best([done[r] for r in g], sp)]
+        errors = [o for o in everything if o.finish_reason == "error"]
         if errors:  # the engine failed these alone (the others finished); say why
             from jlora.errors import AdapterError, JloraError
             first = errors[0]
             if first.error_kind == "adapter":
                 raise AdapterError(first.error, adapter=first.adapter)
-            raise JloraError(f"{len(errors)} of {n} requests failed; the first: {first.error}")
+            raise JloraError(f"{len(errors)} of {len(everything)} sequences failed; the first: {first.error}")
         return results
 
     def _check_adapter(self, adapter) -> None:
@@ -206,3 +215,15 @@ class LLM:
             for k in keys:
                 store.release(k)
         return out
+
+
+def _best(outs: list[RequestOutput], sp: SamplingParams) -> list[RequestOutput]:
+    """The n choices of one prompt: all of them, or with best_of the n of highest cumulative logprob; numbered,
+    and without the logprobs that only best_of asked for."""
+    if len(outs) > sp.n:
+        outs = sorted(outs, key=lambda o: -(o.cumulative_logprob or 0.0))[:sp.n]
+    for j, out in enumerate(outs):
+        out.index = j
+        if sp.logprobs is None:
+            out.logprobs = None
+    return outs

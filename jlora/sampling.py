@@ -19,6 +19,7 @@ MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_LOGIT_BIAS = 300  # logit_bias entries per request: a fixed-size table per sequence on the device
 LOGIT_BIAS_RANGE = 100.0  # OpenAI's range of one bias
+MAX_CHOICES = 64  # n and best_of: sequences one request may run per prompt
 MAX_LOGPROBS = 20  # top logprobs per token a request may ask for (the engine computes this many when one asks)
 PENALTY_RANGE = 2.0  # presence and frequency penalties lie in [-2, 2] (OpenAI, vLLM)
 MAX_REPETITION_PENALTY = 1e4
@@ -85,7 +86,11 @@ class SamplingParams:
     `logprobs` (k in [0, 20]) returns, for every output token, its log-probability and the k most likely tokens';
     `prompt_logprobs` the same for the prompt's tokens (the first has none). Both are of the distribution the model
     produced: float32 log-softmax of the raw logits, before processors, temperature and truncation (vLLM's
-    default). max_tokens may be 0 (nothing is generated: with prompt_logprobs, the prompt is scored)."""
+    default). max_tokens may be 0 (nothing is generated: with prompt_logprobs, the prompt is scored).
+
+    `n` choices are returned per prompt; with `best_of`, that many are generated and the n of highest cumulative
+    logprob returned. The engine runs one sequence per choice (`choices`): `LLM.generate` and the servers expand
+    them, and the prompt is prefilled once (the others start from its pages in the prefix cache)."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -103,6 +108,8 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs; a dict is accepted
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    n: int = 1
+    best_of: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -124,6 +131,11 @@ class SamplingParams:
                                f"got {self.top_k!r}")
         if not _is_int(self.max_tokens) or not 0 <= self.max_tokens <= INT32_MAX:
             raise RequestError(f"max_tokens must be an integer in [0, {INT32_MAX}], got {self.max_tokens!r}")
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_CHOICES:
+            raise RequestError(f"n must be an integer in [1, {MAX_CHOICES}], got {self.n!r}")
+        if self.best_of is not None and (not _is_int(self.best_of) or not self.n <= self.best_of <= MAX_CHOICES):
+            raise RequestError(f"best_of must be an integer in [n={self.n}, {MAX_CHOICES}] or null, "
+                               f"got {self.best_of!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
@@ -149,6 +161,15 @@ class SamplingParams:
             raise RequestError(f"stop_token_ids must be at most {MAX_STOP_TOKEN_IDS} integers in [0, {INT32_MAX}]")
         if not isinstance(self.ignore_eos, bool):
             raise RequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+
+    def choices(self) -> list["SamplingParams"]:
+        """The sequences to run: best_of (else n) of them, each with n=1; choice j's seed is seed + j (as in vLLM),
+        and when best_of picks, each computes its tokens' logprobs (for the cumulative logprob it is picked by)."""
+        count = self.best_of or self.n
+        logprobs = 0 if self.logprobs is None and count > self.n else self.logprobs
+        return [dataclasses.replace(self, n=1, best_of=None, logprobs=logprobs,
+                                    seed=None if self.seed is None else (self.seed + j) % SEED_RANGE[1])
+                for j in range(count)]
 
     @property
     def uses_processors(self) -> bool:

@@ -101,3 +101,20 @@ def test_logprobs_and_prompt_logprobs_agree(llm):
     np.testing.assert_allclose([e["logprob"] for e in scored.prompt_logprobs[3:]],
                                [e["logprob"] for e in out.logprobs], atol=1e-4)
     assert out.cumulative_logprob == pytest.approx(sum(e["logprob"] for e in out.logprobs))
+
+
+def test_n_and_best_of(llm):
+    """Choice j of seed s is the request with seed s + j; best_of returns the one of highest cumulative logprob."""
+    prompts = [[1, 2, 3], [4, 5]]
+    outs = llm.generate(prompts, sampling=SamplingParams(temperature=1.0, max_tokens=5, seed=4, n=2))
+    assert [o.index for o in outs] == [0, 1, 0, 1]
+    singles = [llm.generate([p], sampling=SamplingParams(temperature=1.0, max_tokens=5, seed=4 + j))[0].token_ids
+               for p in prompts for j in range(2)]
+    assert [o.token_ids for o in outs] == singles
+    best = llm.generate([prompts[0]], sampling=SamplingParams(temperature=1.0, max_tokens=5, seed=4, best_of=3))
+    candidates = [llm.generate([prompts[0]], sampling=SamplingParams(temperature=1.0, max_tokens=5, seed=4 + j,
+                                                                     logprobs=0))[0] for j in range(3)]
+    assert len(best) == 1 and best[0].logprobs is None
+    assert best[0].token_ids == max(candidates, key=lambda o: o.cumulative_logprob).token_ids
+    with pytest.raises(RequestError, match="expand n and best_of with SamplingParams.choices"):
+        llm.engine.add_request([1], SamplingParams(n=2))

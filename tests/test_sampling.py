@@ -74,7 +74,7 @@ def test_sampled_frequencies_follow_probabilities():
     ({"min_tokens": 17}, r"min_tokens must be an integer in \[0, max_tokens=16\]"), ({"min_tokens": -1}, "min_tokens"),
     ({"logit_bias": {5: 101}}, r"logit_bias\[5\]"), ({"logit_bias": {"5": 1}}, "logit_bias keys"),
     ({"logit_bias": {i: 1 for i in range(301)}}, "at most 300"), ({"logit_bias": [(1, 1), (1, 2)]}, "twice"),
-    ({"logit_bias": 3}, "logit_bias must map")])
+    ({"logit_bias": 3}, "logit_bias must map"), ({"n": 0}, "n must"), ({"n": 3, "best_of": 2}, r"best_of .*\[n=3, 64\]")])
 def test_bad_values_are_named(kwargs, match):
     with pytest.raises(RequestError, match=match):
         SamplingParams(**kwargs)
@@ -173,3 +173,12 @@ def test_draws_follow_the_windowed_distribution():
     freq = np.bincount(drawn, minlength=VOCAB) / B
     assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(want))
     assert np.abs(freq - want).max() < 0.03
+
+
+def test_choices_are_one_sequence_each_with_its_own_seed():
+    sp = SamplingParams(n=2, best_of=3, seed=(1 << 32) - 2, temperature=0.9)
+    seqs = sp.choices()
+    assert [c.seed for c in seqs] == [(1 << 32) - 2, (1 << 32) - 1, 0]
+    assert all(c.n == 1 and c.best_of is None and c.logprobs == 0 for c in seqs)  # best_of picks by logprob
+    assert [c.logprobs for c in SamplingParams(n=2, logprobs=3).choices()] == [3, 3]
+    assert [c.seed for c in SamplingParams(n=2).choices()] == [None, None]

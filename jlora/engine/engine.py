@@ -20,12 +20,13 @@ from jlora.engine import memory, mesh
 from jlora.engine.adapter_store import AdapterStore
 from jlora.engine.block_manager import PageAllocator
 from jlora.engine.memory import MemoryPlan, plan_memory
-from jlora.engine.compiles import compile_count
+from jlora.engine.metrics import engine_metrics
 from jlora.engine.logprobs import PromptScorer, check_logprobs, entry
 from jlora.engine.model_runner import ModelRunner
 from jlora.engine.outputs import RequestOutput, cause as _cause, held_back as _held_back
 from jlora.engine.penalty_slots import PenaltySlots, host_row
-from jlora.engine.prefix_cache import CacheStats, PrefixCache
+from jlora.engine.prefix_cache import PrefixCache
+from jlora.engine.siblings import Siblings
 from jlora.engine.scheduler import Scheduler, SchedulerConfig
 from jlora.engine.sequence import Sequence, Status
 from jlora.errors import AdapterError, CapacityError, RequestError, UnknownAdapterError
@@ -123,6 +124,7 @@ class Engine:
                                    adapter_resident=lambda key: self.store.slots.slot(key) is not None)
         self.penalties = PenaltySlots(config.max_num_seqs, self.runner.spare_slot)
         self.prompt_scorer = PromptScorer()
+        self.siblings = Siblings()
         self.requests: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._text: dict[str, str] = {}  # the text so far (cut at a stop string)
@@ -137,14 +139,19 @@ class Engine:
     # -- requests -----------------------------------------------------------------------------------------
 
     def add_request(self, prompt, sampling: SamplingParams | None = None, adapter: str | None = None,
-                    request_id: str | None = None, logprobs: bool = False) -> str:
+                    request_id: str | None = None, logprobs: bool = False, follows: str | None = None) -> str:
         """Queues a request (text or token ids). Raises `RequestError` (or `UnknownAdapterError`) at once for a
         bad request, which then never touches the engine's state. The request holds the adapter registration
         current now: replacing the adapter later does not change its weights. `logprobs=True` asks for the
-        logprobs of each output token with the top 5 (`sampling.logprobs` sets how many, and asks too)."""
+        logprobs of each output token with the top 5 (`sampling.logprobs` sets how many, and asks too). `follows`:
+        the id of a request with the same prompt and adapter (another choice of it): this one waits until that
+        one's prompt is cached, so the prompt is prefilled once (`siblings`)."""
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise RequestError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        if sampling.n > 1 or (sampling.best_of or 1) > 1:
+            raise RequestError("the engine runs one sequence per request: expand n and best_of with "
+                               "SamplingParams.choices (LLM.generate and the servers do)")
         ids = self._encode(prompt)
         check_logprobs(sampling, self.runner.num_logprobs, mesh=self.config.tp * self.config.dp > 1)
         V = self.model_config.vocab_size
@@ -184,6 +191,8 @@ class Engine:
             self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, ids)
         if sampling.prompt_logprobs is not None or sampling.max_tokens == 0:
             self.prompt_scorer.add(seq)  # scored (or finished) at the next step, before scheduling
+        elif follows in self.requests and self.allocator.cache is not None:
+            self.siblings.hold(follows, seq)
         else:
             self.scheduler.add(seq)
         return request_id
@@ -218,7 +227,7 @@ class Engine:
         return self._finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or bool(self.prompt_scorer)
+        return self.scheduler.has_work() or bool(self.prompt_scorer) or bool(self.siblings)
 
     # -- stepping ----------------------------------------------------------------------------------------
 
@@ -227,7 +236,9 @@ class Engine:
         the requests it concerns (an adapter's files: that registration's requests; one request's outputs: that
         request; the step itself, or anything else that cannot be told apart: the step's batch), each with a
         message naming the cause, and the engine keeps serving. Requests that asked for prompt logprobs are
-        scored first (`logprobs.PromptScorer`)."""
+        scored first (`logprobs.PromptScorer`), after choices whose first choice's prompt is cached have queued."""
+        for seq in self.siblings.ready(self.requests):
+            self.scheduler.add(seq)
         return (self._score_prompts() if self.prompt_scorer else []) + self._step()
 
     def _score_prompts(self) -> list[RequestOutput]:
@@ -364,7 +375,7 @@ class Engine:
         `before` of its text (None: since what was last sent)."""
         seq.status, seq.finish_reason, seq.finish_time = Status.FINISHED, reason, time.perf_counter()
         try:
-            if not self.prompt_scorer.remove(seq):
+            if not self.prompt_scorer.remove(seq) and not self.siblings.remove(seq):
                 self.scheduler.remove(seq)
         finally:
             self.store.release(seq.adapter)
@@ -409,6 +420,7 @@ class Engine:
         for table in (self.requests, self._detok, self._text, self._sent, self._logprobs):
             table.pop(seq.request_id, None)
         self.prompt_scorer.remove(seq)
+        self.siblings.remove(seq)
         for queue in (self.scheduler.running, self.scheduler.waiting):
             if seq in queue:
                 queue.remove(seq)
@@ -449,20 +461,4 @@ class Engine:
     # -- introspection -----------------------------------------------------------------------------------
 
     def metrics(self) -> dict:
-        st = self.store.stats
-        return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
-                "free_pages": self.allocator.num_free, "pages_total": self.allocator.num_pages,
-                "pages_used": self.allocator.num_pages - self.allocator.num_free,
-                "tokens_generated": self.tokens_generated,
-                "steps": self.steps, "preemptions": self.preemptions, "compilations": compile_count(),
-                "step_shapes": len(self.runner.shapes_run),
-                "adapter_device_hits": st.device_hits, "adapter_device_misses": st.device_misses,
-                "adapter_host_hits": st.host_hits, "adapter_host_misses": st.host_misses,
-                "adapters_registered": len(self.store.current), "sequences": len(self.requests),
-                "adapter_refs": sum(self.store.refs.values()), **self._prefix_cache_metrics()}
-
-    def _prefix_cache_metrics(self) -> dict:
-        st = self.allocator.cache.stats if self.allocator.cache else CacheStats()
-        return {"prefix_cache_query_tokens": st.query_tokens, "prefix_cache_hit_tokens": st.hit_tokens,
-                "prefix_cache_hit_rate": st.hit_rate, "prefix_cache_evictions": st.evictions,
-                "prefix_cache_pages": self.allocator.num_cached}
+        return engine_metrics(self)

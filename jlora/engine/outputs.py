@@ -25,6 +25,7 @@ class RequestOutput:
     finish_time: float | None = None
     prompt_logprobs: list | None = None  # per prompt token: None for the first, then entries like `logprobs`'
     cumulative_logprob: float | None = None  # sum of the output tokens' logprobs (when they were computed)
+    index: int = 0  # which of its prompt's n choices (`LLM.generate`, the servers)
 
 
 def cause(what: str, error: BaseException) -> str:

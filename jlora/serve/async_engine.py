@@ -118,13 +118,15 @@ class AsyncEngine:
         return await asyncio.wrap_future(self.call(fn))
 
     async def generate(self, prompt, sampling: SamplingParams, adapter: str | None = None, *,
-                       logprobs: bool = False, deadline: float | None = None) -> RequestStream:
+                       logprobs: bool = False, deadline: float | None = None,
+                       follows: str | None = None) -> RequestStream:
         """Queues a request and returns its stream. Raises the engine's `RequestError` (or
         `UnknownAdapterError`) for a bad request, `ServerClosedError` while draining.
 
         Args:
           prompt: text or token ids.
           deadline: a `time.monotonic()` instant; past it the request is aborted with error "deadline exceeded".
+          follows: another choice of the same prompt (`Engine.add_request`).
         """
         if not self._accepting:
             raise ServerClosedError("the server is shutting down and takes no new requests")
@@ -132,7 +134,7 @@ class AsyncEngine:
         stream = RequestStream(rid, asyncio.get_running_loop(), self)
 
         def add(engine: Engine) -> str:
-            engine.add_request(prompt, sampling, adapter, request_id=rid, logprobs=logprobs)
+            engine.add_request(prompt, sampling, adapter, request_id=rid, logprobs=logprobs, follows=follows)
             self._streams[rid] = stream
             if deadline is not None:
                 self._deadlines[rid] = deadline

@@ -1,4 +1,5 @@
-"""OpenAI response choices: completion and chat bodies and streamed chunks, with logprobs and echo.
+"""OpenAI response choices: completion and chat bodies and streamed chunks, with logprobs and echo, for n choices
+of each of several prompts (choice i * n + j is prompt i's j-th), and starting their sequences (`start_choices`).
 
 What a request asks to see (`Wants`, from its body) decides the `SamplingParams` logprob counts and how each
 choice shows them: the completions API's legacy object ({tokens, token_logprobs, top_logprobs, text_offset}, the
@@ -10,13 +11,16 @@ lone decoding (`token_text`). Legacy top_logprobs hold the k most likely and the
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 
 from jlora.engine.outputs import RequestOutput
 from jlora.errors import RequestError
 from jlora.sampling import MAX_LOGPROBS
-from jlora.serve.protocol import show
+from jlora.serve.protocol import Completion, show
+
+MAX_SEQUENCES = 256  # prompts x best_of (or n) of one request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,19 +100,27 @@ def chat_logprobs(entries, tokenizer) -> dict:
                          "top_logprobs": [item(i, lp) for i, lp in e["top"].items()]} for e in entries]}
 
 
-def usage(outs: list[RequestOutput]) -> dict:
-    """Tokens of the distinct prompts (counted once) and of every choice's output."""
-    prompts = {o.request_id: len(o.prompt_token_ids) for o in outs}
-    p, c = sum(prompts.values()), sum(len(o.token_ids) for o in outs)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+def usage(prompt_tokens: int, outs: list[RequestOutput]) -> dict:
+    """`prompt_tokens` (each prompt once, whatever n) and the tokens of the choices returned (not echoed)."""
+    c = sum(len(o.token_ids) for o in outs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": c, "total_tokens": prompt_tokens + c}
+
+
+class PromptGroup:
+    """What the choices of one prompt share: the echoed text, and its logprobs (only the first choice asks the
+    engine for them; the others show the same)."""
+
+    def __init__(self, echo_text: str | None = None):
+        self.echo_text, self.prompt_logprobs = echo_text, None
 
 
 class ChoiceView:
-    """One choice of a response: its index, the prompt text it echoes, and what of it was streamed so far."""
+    """One choice of a response: its index, its prompt's group, and what of it was streamed so far."""
 
-    def __init__(self, index: int, want: Wants, tokenizer, echo_text: str | None = None):
+    def __init__(self, index: int, want: Wants, tokenizer, group: PromptGroup | None = None):
         self.index, self.want, self.tokenizer = index, want, tokenizer
-        self.echo_text = echo_text if want.echo else None
+        self.group = group or PromptGroup()
+        self.echo_text = self.group.echo_text if want.echo else None
         self.sent_entries = 0  # output logprobs entries streamed
         self.offset = 0  # text characters streamed (legacy text_offset)
         self.started = False
@@ -118,7 +130,7 @@ class ChoiceView:
         text = self.echo_text or ""
         lps = None
         if self.want.logprobs is not None:
-            entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+            entries = out.prompt_logprobs or self.group.prompt_logprobs or [None] * len(out.prompt_token_ids)
             lps = legacy_logprobs(out.prompt_token_ids, entries, self.tokenizer, 0)
         return text, lps
 
@@ -170,21 +182,95 @@ class ChoiceView:
         return {"index": self.index, "text": text, "logprobs": lp, "finish_reason": finish}
 
 
-def body(outs: list[RequestOutput], views: list[ChoiceView], model: str, chat: bool) -> dict:
+def note(out: RequestOutput, group: PromptGroup) -> None:
+    """Keeps the prompt logprobs of a prompt's first choice for the others of its group."""
+    if out.prompt_logprobs and group.prompt_logprobs is None:
+        group.prompt_logprobs = out.prompt_logprobs
+
+
+def body(outs: list[RequestOutput], views: list[ChoiceView], model: str, chat: bool, prompt_tokens: int) -> dict:
     """A non-streamed response of choices outs[i] shown by views[i]."""
     kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
     return {"id": f"{kind[0]}-{outs[0].request_id}", "object": kind[1], "created": int(time.time()), "model": model,
-            "choices": [v.final(o) for o, v in zip(outs, views)], "usage": usage(outs)}
+            "choices": [v.final(o) for o, v in zip(outs, views)], "usage": usage(prompt_tokens, outs)}
+
+
+def best(outs: list[RequestOutput], n: int, group: PromptGroup) -> list[RequestOutput]:
+    """The n of one prompt's outputs of highest cumulative logprob (best_of), best first; all of them when there
+    are n. The group keeps the prompt logprobs, whichever choices are picked."""
+    for out in outs:
+        note(out, group)
+    return outs if len(outs) <= n else sorted(outs, key=lambda o: -(o.cumulative_logprob or 0.0))[:n]
 
 
 def chunk(out: RequestOutput, view: ChoiceView, rid: str, model: str, created: int) -> dict:
+    note(out, view.group)
     chat = view.want.chat
     return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}",
             "object": "chat.completion.chunk" if chat else "text_completion", "created": created, "model": model,
             "choices": [view.chunk_choice(out)]}
 
 
-def usage_chunk(outs: list[RequestOutput], rid: str, model: str, created: int, chat: bool) -> dict:
+def usage_chunk(outs: list[RequestOutput], rid: str, model: str, created: int, chat: bool,
+                prompt_tokens: int) -> dict:
     return {"id": f"{'chatcmpl' if chat else 'cmpl'}-{rid}",
             "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
-            "model": model, "choices": [], "usage": usage(outs)}
+            "model": model, "choices": [], "usage": usage(prompt_tokens, outs)}
+
+
+def check_choices(completions: list[Completion], stream: bool) -> None:
+    """Refuses what no response can hold: too many sequences, or a stream that best_of would have to cut."""
+    sp = completions[0].sampling
+    count = len(completions) * (sp.best_of or sp.n)
+    if count > MAX_SEQUENCES:
+        raise RequestError(f"{len(completions)} prompts x {sp.best_of or sp.n} sequences each is {count}; at "
+                           f"most {MAX_SEQUENCES} per request")
+    if stream and (sp.best_of or sp.n) > sp.n:
+        raise RequestError(f"best_of={sp.best_of} > n={sp.n} cannot be streamed: the best are known at the end")
+
+
+async def start_choices(service, completions: list[Completion], deadline: float | None = None) -> list[list]:
+    """Per prompt, the streams of its sequences (`SamplingParams.choices`), the others following the first (so the
+    prompt is prefilled once), which alone asks for prompt logprobs. If one cannot start, those started are
+    aborted and the error raised."""
+    groups: list[list] = []
+    try:
+        for c in completions:
+            group = []
+            groups.append(group)
+            for j, sp in enumerate(c.sampling.choices()):
+                sp = sp if j == 0 else dataclasses.replace(sp, prompt_logprobs=None)
+                group.append(await service.start(dataclasses.replace(c, sampling=sp), deadline=deadline,
+                                                 follows=group[0].request_id if group else None))
+    except BaseException:
+        for stream in (s for g in groups for s in g):
+            stream.abort()
+        raise
+    return groups
+
+
+async def merged(streams):
+    """(k, output) of every output of streams[k], in the order they arrive, until all have finished."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(k, stream):
+        try:
+            async for out in stream:
+                await queue.put((k, out))
+        finally:
+            await queue.put((k, None))
+
+    tasks = [asyncio.ensure_future(pump(k, s)) for k, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            k, out = await queue.get()
+            if out is None:
+                left -= 1
+            else:
+                yield k, out
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            s.abort()

@@ -113,35 +113,43 @@ class Guard:
         return await self.app(scope, receive, send)
 
 
-async def _final(request: Request, stream: RequestStream):
-    """The request's final output; aborts it if the client disconnects first."""
-    task = asyncio.ensure_future(stream.result())
+async def _finals(request: Request, streams: list[RequestStream]) -> list:
+    """The final outputs of `streams`; aborts them all if the client disconnects first."""
+    task = asyncio.ensure_future(asyncio.gather(*(s.result() for s in streams)))
     try:
         while not task.done():
             await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if not task.done() and await request.is_disconnected():
-                stream.abort()
+                for stream in streams:
+                    stream.abort()
         return task.result()
     finally:
         task.cancel()
-        stream.abort()
+        for stream in streams:
+            stream.abort()
 
 
-async def _events(stream: RequestStream, make_events) -> AsyncIterator[bytes]:
-    """SSE bytes of a stream's outputs, `data: [DONE]` last; an error mid-stream becomes an error event."""
+async def _events(items: AsyncIterator, make_events, close) -> AsyncIterator[bytes]:
+    """SSE bytes of (choice, output) items, `data: [DONE]` last; an error mid-stream becomes an error event.
+    `close()` runs at the end: a no-op once finished, it frees the requests if the client went away."""
     try:
-        async for out in stream:
+        async for k, out in items:
             try:
                 check_output(out)
             except Exception as e:  # noqa: BLE001 - the status line is sent already: report in the stream
                 _, status, kind = error_status(e)
                 yield oai.sse(oai.error_body(error_message(e), kind, status))
                 break
-            for event in make_events(out):
+            for event in make_events(k, out):
                 yield oai.sse(event)
         yield oai.sse("[DONE]")
     finally:
-        stream.abort()  # a no-op once finished; frees the request if the client went away
+        await close()
+
+
+async def _one(stream: RequestStream):
+    async for out in stream:
+        yield 0, out
 
 
 def build_app(service: Service, security: SecurityConfig = SecurityConfig()) -> FastAPI:
@@ -191,7 +199,8 @@ def build_app(service: Service, security: SecurityConfig = SecurityConfig()) -> 
         return {"object": "list", "data": data}
 
     def _prepare_openai(body: dict, chat: bool):
-        """Checks and tokenizes an OpenAI body (on the prepare pool): (completion, model, choice view)."""
+        """Checks and tokenizes an OpenAI body (on the prepare pool): (completions, one per prompt; their
+        prompt groups; what the body wants to see; model)."""
         oai.check_supported(body)
         want = choices.wants(body, chat)
         model = body.get("model") or info.name
@@ -200,35 +209,57 @@ def build_app(service: Service, security: SecurityConfig = SecurityConfig()) -> 
         if chat:
             if fields.get("max_tokens") is None:
                 fields["max_tokens"] = body.get("max_completion_tokens")
-            completion = prepare(info, fields, prompt=render_chat(info, body.get("messages")),
-                                 default_max_tokens=None, adapter=info.adapter_for(model), **counts)
-            return completion, model, choices.ChoiceView(0, want, info.tokenizer)
-        text, ids = oai.completion_prompt(body)
-        completion = prepare(info, fields, prompt=text, token_ids=ids, adapter=info.adapter_for(model),
-                             zero_tokens_ok=want.echo, **counts)
-        echo = text if text is not None or info.tokenizer is None else info.tokenizer.decode(ids)
-        return completion, model, choices.ChoiceView(0, want, info.tokenizer, echo_text=echo)
+            completions = [prepare(info, fields, prompt=render_chat(info, body.get("messages")),
+                                   default_max_tokens=None, adapter=info.adapter_for(model), **counts)]
+            groups = [choices.PromptGroup()]
+        else:
+            prompts = oai.completion_prompts(body)
+            completions = [prepare(info, fields, prompt=text, token_ids=ids, adapter=info.adapter_for(model),
+                                   zero_tokens_ok=want.echo, **counts) for text, ids in prompts]
+            groups = [choices.PromptGroup(text if text is not None or info.tokenizer is None
+                                          else info.tokenizer.decode(ids)) for text, ids in prompts]
+        choices.check_choices(completions, bool(body.get("stream")))
+        return completions, groups, want, model
 
     async def _openai(request: Request, chat: bool):
         started = time.perf_counter()
         body = await _json_body(request)
-        completion, model, view = await service.prepare(_prepare_openai, body, chat)
-        stream = await service.start(completion)
+        completions, groups, want, model = await service.prepare(_prepare_openai, body, chat)
+        prompt_tokens = sum(len(c.prompt_ids) for c in completions)
+        n = completions[0].sampling.n
+        started_groups = await choices.start_choices(service, completions)
+        streams = [s for g in started_groups for s in g]
         if not body.get("stream"):
-            out = await _final(request, stream)
-            check_output(out)
+            outs = await _finals(request, streams)
+            for out in outs:
+                check_output(out)
+            picked, views, k = [], [], 0
+            for i, (group, prompt_group) in enumerate(zip(started_groups, groups)):
+                mine = outs[k:k + len(group)]
+                k += len(group)
+                for j, out in enumerate(choices.best(mine, n, prompt_group)):
+                    picked.append(out)
+                    views.append(choices.ChoiceView(i * n + j, want, info.tokenizer, prompt_group))
             service.observe("chat" if chat else "completions", started)
-            return choices.body([out], [view], model, chat)
+            return choices.body(picked, views, model, chat, prompt_tokens)
         created, include_usage = int(time.time()), bool((body.get("stream_options") or {}).get("include_usage"))
+        views = [choices.ChoiceView(k, want, info.tokenizer, groups[k // n]) for k in range(len(streams))]
+        rid, finals = streams[0].request_id, {}
 
-        def events(out):
-            yield choices.chunk(out, view, out.request_id, model, created)
+        def events(k, out):
+            yield choices.chunk(out, views[k], rid, model, created)
             if out.finished:
-                service.observe("chat_stream" if chat else "completions_stream", started)
-                if include_usage:
-                    yield choices.usage_chunk([out], out.request_id, model, created, chat)
+                finals[k] = out
+                if len(finals) == len(streams):
+                    service.observe("chat_stream" if chat else "completions_stream", started)
+                    if include_usage:
+                        yield choices.usage_chunk(list(finals.values()), rid, model, created, chat, prompt_tokens)
 
-        return StreamingResponse(_events(stream, events), media_type="text/event-stream")
+        async def close():
+            for stream in streams:
+                stream.abort()
+
+        return StreamingResponse(_events(choices.merged(streams), events, close), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -246,6 +277,10 @@ def build_app(service: Service, security: SecurityConfig = SecurityConfig()) -> 
         params = body.get("sampling_params") or {}
         if not isinstance(params, dict):
             raise RequestError(f"sampling_params must be an object, got {params!r}")
+        for key in ("n", "best_of"):
+            if params.get(key) not in (None, 1):
+                raise RequestError(f"{key}={show(params[key])} is not supported on /generate (one completion a "
+                                   "request); /v1/completions takes it")
         adapter = await _adapter_of_lora_path(params.get("lora_path", body.get("lora_path")))
         completion = await service.prepare(prepare, info, params, prompt=body.get("text"),
                                            token_ids=body.get("input_ids"), adapter=adapter,
@@ -260,8 +295,12 @@ def build_app(service: Service, security: SecurityConfig = SecurityConfig()) -> 
                                   "e2e_latency": time.perf_counter() - started}}
 
         if body.get("stream"):
-            return StreamingResponse(_events(stream, lambda out: [result(out)]), media_type="text/event-stream")
-        out = await _final(request, stream)
+            async def close():
+                stream.abort()
+
+            return StreamingResponse(_events(_one(stream), lambda k, out: [result(out)], close),
+                                     media_type="text/event-stream")
+        out, = await _finals(request, [stream])
         check_output(out)
         service.observe("generate", started)
         return result(out)

@@ -5,7 +5,7 @@ their collectives stop lining up. So process 0's engine (wrapped in `Leader`) re
 its engine state and, before each step, broadcasts one message:
 
     {"commands": [command, ...], "op": "step" | "sync" | "stop"}
-    command: ["add", request_id, prompt_ids, sampling (dict), adapter, logprobs]
+    command: ["add", request_id, prompt_ids, sampling (dict), adapter, logprobs, follows]
            | ["abort", request_id] | ["register", name, path] | ["unregister", name]
 
 Every follower applies the commands in order, then steps ("step"), does nothing more ("sync": a keep-alive
@@ -85,13 +85,13 @@ class Leader:
         return getattr(self._engine, name)
 
     def add_request(self, prompt, sampling: SamplingParams | None = None, adapter: str | None = None,
-                    request_id: str | None = None, logprobs: bool = False) -> str:
+                    request_id: str | None = None, logprobs: bool = False, follows: str | None = None) -> str:
         sampling = sampling or SamplingParams()
         if sampling.seed is None:  # chosen here, so that every process samples alike
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(31))
-        rid = self._engine.add_request(prompt, sampling, adapter, request_id, logprobs)
+        rid = self._engine.add_request(prompt, sampling, adapter, request_id, logprobs, follows)
         self._commands.append(["add", rid, list(self._engine.requests[rid].prompt_ids), dataclasses.asdict(sampling),
-                               adapter, logprobs])
+                               adapter, logprobs, follows])
         return rid
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -163,8 +163,8 @@ def _apply(engine: Engine, command: list) -> None:
     op, *args = command
     try:
         if op == "add":
-            rid, ids, sampling, adapter, logprobs = args
-            engine.add_request(ids, SamplingParams(**sampling), adapter, rid, logprobs)
+            rid, ids, sampling, adapter, logprobs, follows = args
+            engine.add_request(ids, SamplingParams(**sampling), adapter, rid, logprobs, follows)
         elif op == "abort":
             engine.abort(args[0])
         elif op == "register":

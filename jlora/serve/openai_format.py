@@ -9,7 +9,7 @@ from jlora.serve.protocol import show
 
 # Fields this server does not implement, with the value that means "off". A request that sets one to anything
 # else is refused by name rather than silently ignored.
-UNSUPPORTED = {"n": 1, "best_of": 1, "suffix": None, "tools": None, "response_format": None}
+UNSUPPORTED = {"suffix": None, "tools": None, "response_format": None}
 
 
 def check_supported(body: dict) -> None:
@@ -24,17 +24,29 @@ def check_supported(body: dict) -> None:
         raise RequestError(f"stream_options must be an object, got {show(options)}")
 
 
-def completion_prompt(body: dict):
-    """(prompt text, prompt token ids) of a /v1/completions body: a string, token ids, or a list of one of them."""
+MAX_PROMPTS = 64  # prompts of one /v1/completions body
+
+
+def completion_prompts(body: dict) -> list[tuple[str | None, list[int] | None]]:
+    """The (text, token ids) prompts of a /v1/completions body: a string, token ids, or a list of either."""
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        return None, prompt
-    if isinstance(prompt, list) and prompt:
-        raise RequestError(f"prompt must be one string or one list of token ids; got a batch of {len(prompt)} "
-                           "(send one request per prompt)")
-    return prompt if prompt is not None else "", None
+    if prompt is None or isinstance(prompt, str):
+        return [(prompt or "", None)]
+    if not isinstance(prompt, list) or not prompt:
+        raise RequestError(f"prompt must be a string, a list of token ids, or a list of either, got {show(prompt)}")
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return [(None, prompt)]
+    if len(prompt) > MAX_PROMPTS:
+        raise RequestError(f"prompt is a list of {len(prompt)} prompts; at most {MAX_PROMPTS} per request")
+    out = []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            out.append((p, None))
+        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            out.append((None, p))
+        else:
+            raise RequestError(f"prompt[{i}] must be a string or a non-empty list of token ids, got {show(p)}")
+    return out
 
 
 def error_body(message: str, kind: str, status: int) -> dict:

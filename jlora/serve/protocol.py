@@ -151,8 +151,8 @@ def _logit_bias(value) -> dict[int, float]:
 def sampling_params(fields: dict[str, Any], *, max_tokens: int, min_tokens_key: str = "min_tokens",
                     logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
     """`SamplingParams` from wire fields: temperature, top_p, top_k, min_p, seed, stop, stop_token_ids, ignore_eos,
-    presence_penalty, frequency_penalty, repetition_penalty, logit_bias and min_tokens (`min_tokens_key`); the
-    logprobs counts come from the front end, whose fields for them differ per API.
+    presence_penalty, frequency_penalty, repetition_penalty, logit_bias, min_tokens (`min_tokens_key`), n and
+    best_of; the logprobs counts come from the front end, whose fields for them differ per API.
     Types are checked here, values (ranges) by `SamplingParams`; both raise `RequestError` naming the field."""
     stop = fields.get("stop") or ()
     if isinstance(stop, str):
@@ -177,7 +177,8 @@ def sampling_params(fields: dict[str, Any], *, max_tokens: int, min_tokens_key: 
                           repetition_penalty=_number(fields, "repetition_penalty", default=1.0),
                           min_tokens=_number(fields, min_tokens_key, int, default=0),
                           logit_bias=_logit_bias(fields.get("logit_bias")), logprobs=logprobs,
-                          prompt_logprobs=prompt_logprobs)
+                          prompt_logprobs=prompt_logprobs, n=_number(fields, "n", int, default=1),
+                          best_of=_number(fields, "best_of", int))
 
 
 def render_chat(info: ModelInfo, messages: Any) -> str:

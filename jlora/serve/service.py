@@ -62,10 +62,12 @@ class Service:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._prepare_pool, functools.partial(fn, *args, **kwargs))
 
-    async def start(self, completion: Completion, *, deadline: float | None = None) -> RequestStream:
-        """Queues a validated request; raises `UnknownAdapterError`, `RequestError` or `ServerClosedError`."""
+    async def start(self, completion: Completion, *, deadline: float | None = None,
+                    follows: str | None = None) -> RequestStream:
+        """Queues a validated request (one sequence: `choices.start_choices` expands n and best_of); raises
+        `UnknownAdapterError`, `RequestError` or `ServerClosedError`."""
         return await self.engine.generate(completion.prompt_ids, completion.sampling, completion.adapter,
-                                          deadline=deadline)
+                                          deadline=deadline, follows=follows)
 
     def observe(self, api: str, started: float) -> None:
         self.metrics.latency.labels(api).observe(time.perf_counter() - started)

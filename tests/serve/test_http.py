@@ -112,8 +112,8 @@ BAD_BODIES = [
     ({"prompt": "hi", "max_tokens": 0}, "max_tokens must be an integer >= 1"),
     ({"prompt": "hi", "max_tokens": 257}, "max_tokens 257 is above the context length 256"),
     ({"prompt": "hi", "max_tokens": 255}, "at most 254 new tokens fit"),
-    ({"prompt": "hi", "n": 2}, "n=2 is not supported"),
-    ({"prompt": ["a", "b"]}, "got a batch of 2"),
+    ({"prompt": "hi", "n": 0}, "n must be an integer in [1, 64]"),
+    ({"prompt": ["a", 7]}, "prompt[1] must be a string or a non-empty list of token ids"),
 ]
 
 
