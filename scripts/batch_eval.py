@@ -14,7 +14,9 @@ import time
 
 from tqdm import tqdm
 
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "stop_token_ids", "ignore_eos")
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "seed", "stop",
+                   "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                   "logit_bias", "logprobs", "n", "best_of")
 
 EPILOG = """\
 input (JSONL, one request per line):
@@ -22,11 +24,16 @@ input (JSONL, one request per line):
   {"id": "q2", "messages": [{"role": "user", "content": "Hello!"}], "temperature": 0.7, "seed": 1}
   Each record has "prompt" (text) or "messages" (chat, rendered with the model's chat template); optional
   "id" (default: the line number), "adapter" (default: --adapter; none or "base" = the base model) and
-  sampling fields: temperature, top_p, top_k, max_tokens, seed, stop, stop_token_ids, ignore_eos.
+  sampling fields (vLLM's meanings): temperature, top_p, top_k, min_p, max_tokens, min_tokens, seed, stop,
+  stop_token_ids, ignore_eos, presence_penalty, frequency_penalty, repetition_penalty, logit_bias ({"id": bias}),
+  logprobs (k: each output token's logprob and the k most likely), n and best_of.
 
 output (JSONL, one line per record, in completion order):
   {"id": "q1", "adapter": "french", "text": "...", "prompt_tokens": 7, "completion_tokens": 32,
    "finish_reason": "length", "latency_s": 0.41}
+  With logprobs, "logprobs": [{"token": "...", "logprob": -0.2, "top_logprobs": {"...": -0.2, ...}}, ...].
+  With n > 1, "choices": [{"text", "finish_reason"(, "logprobs")}, ...] (best first with best_of); text and
+  finish_reason are the first choice's, completion_tokens counts them all.
   A record that fails gets {"id", "adapter", "error"} instead; the rest go on. Records whose id is already in
   OUTPUT are skipped, so an interrupted run resumes where it stopped (delete a line to redo it).
 
@@ -117,15 +124,28 @@ class InProcess:
                                                  max_num_seqs=args.max_num_seqs, runtime=RuntimeConfig.from_env()))
 
     async def complete(self, rec: dict, adapter: str | None, fields: dict) -> dict:
+        from jlora.serve import choices
         from jlora.serve.protocol import check_output, prepare, render_chat
 
         info = self.service.info
         prompt = render_chat(info, rec["messages"]) if "messages" in rec else rec["prompt"]
-        stream = await self.service.start(prepare(info, fields, prompt=prompt, adapter=info.adapter_for(adapter)))
-        out = await stream.result()
-        check_output(out)
-        return {"text": out.text, "prompt_tokens": len(out.prompt_token_ids),
-                "completion_tokens": len(out.token_ids), "finish_reason": out.finish_reason}
+        fields = dict(fields)
+        k = fields.pop("logprobs", None)
+        completion = prepare(info, fields, prompt=prompt, adapter=info.adapter_for(adapter), logprobs=k)
+        streams = (await choices.start_choices(self.service, [completion]))[0]
+        outs = [await s.result() for s in streams]
+        for out in outs:
+            check_output(out)
+        picked = choices.best(outs, completion.sampling.n, choices.PromptGroup())
+
+        def lps(out):
+            text = lambda t: choices.token_text(info.tokenizer, t)  # noqa: E731
+            return [{"token": text(e["token"]), "logprob": e["logprob"],
+                     "top_logprobs": {text(i): lp for i, lp in e["top"].items()}} for e in out.logprobs]
+
+        return result([{"text": o.text, "finish_reason": o.finish_reason,
+                        **({"logprobs": lps(o)} if k is not None else {})} for o in picked],
+                      len(completion.prompt_ids), sum(len(o.token_ids) for o in picked))
 
     async def close(self):
         await asyncio.to_thread(self.service.engine.shutdown)
@@ -142,19 +162,44 @@ class Remote:
 
     async def complete(self, rec: dict, adapter: str | None, fields: dict) -> dict:
         chat = "messages" in rec
+        fields = dict(fields)
+        k = fields.get("logprobs")
+        if chat and k is not None:  # chat asks with a flag and a count
+            fields.update(logprobs=True, top_logprobs=k)
         body = {"model": adapter or "base", **fields, **({"messages": rec["messages"]} if chat else
                                                           {"prompt": rec["prompt"]})}
         r = await self.client.post("/v1/chat/completions" if chat else "/v1/completions", json=body)
         data = r.json()
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {data.get('error', {}).get('message', r.text)}")
-        choice = data["choices"][0]
-        return {"text": choice["message"]["content"] if chat else choice["text"],
-                "prompt_tokens": data["usage"]["prompt_tokens"],
-                "completion_tokens": data["usage"]["completion_tokens"], "finish_reason": choice["finish_reason"]}
+
+        def lps(choice):
+            lp = choice["logprobs"]
+            if chat:
+                return [{"token": c["token"], "logprob": c["logprob"],
+                         "top_logprobs": {t["token"]: t["logprob"] for t in c["top_logprobs"]}} for c in lp["content"]]
+            # legacy top_logprobs also hold the chosen token (as vLLM's): keep the k most likely, as in process
+            return [{"token": t, "logprob": v, "top_logprobs": dict(sorted(top.items(), key=lambda x: -x[1])[:k])}
+                    for t, v, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"])]
+
+        return result([{"text": c["message"]["content"] if chat else c["text"], "finish_reason": c["finish_reason"],
+                        **({"logprobs": lps(c)} if k is not None else {})}
+                       for c in data["choices"]], data["usage"]["prompt_tokens"], data["usage"]["completion_tokens"])
 
     async def close(self):
         await self.client.aclose()
+
+
+def result(choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    """A record's output fields from its choices ({text, finish_reason, logprobs?}, best first)."""
+    first = choices[0]
+    out = {"text": first["text"], "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+           "finish_reason": first["finish_reason"]}
+    if "logprobs" in first:
+        out["logprobs"] = first["logprobs"]
+    if len(choices) > 1:
+        out["choices"] = choices
+    return out
 
 
 async def run(args, todo: list[dict], out_file) -> tuple[list[dict], float]:

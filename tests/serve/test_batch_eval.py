@@ -65,3 +65,36 @@ def test_in_process_equals_server(served, tmp_path):
     local, remote = _read(tmp_path / "local.jsonl"), _read(tmp_path / "remote.jsonl")
     assert {i: r["text"] for i, r in local.items()} == {i: r["text"] for i, r in remote.items()}
     assert all(r["adapter"] == "beta" for r in local.values())
+
+
+SAMPLED = [{"id": "pen", "prompt": "hello there", "adapter": "alpha", "max_tokens": 6, "repetition_penalty": 1.5,
+            "presence_penalty": 0.5, "frequency_penalty": 0.5, "min_p": 0.05, "min_tokens": 2,
+            "logit_bias": {"5": 3.0}, "stop_token_ids": [4]},
+           {"id": "lp", "prompt": "abc", "max_tokens": 4, "logprobs": 2},
+           {"id": "clp", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "logprobs": 1},
+           {"id": "n", "prompt": "abc", "adapter": "beta", "temperature": 1.0, "seed": 4, "n": 3, "max_tokens": 5},
+           {"id": "best", "prompt": "xyz", "temperature": 1.0, "seed": 8, "n": 2, "best_of": 3, "max_tokens": 5},
+           {"id": "bad", "prompt": "abc", "presence_penalty": 5}]
+
+
+def test_sampling_fields_logprobs_and_choices_in_process_and_against_the_server(served, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    _write(inp, SAMPLED)
+    loras = [f"--lora={n}={p}" for n, p in served.adapters.items()]
+    assert batch_eval.main([str(inp), str(tmp_path / "local.jsonl"), "--model", served.model_dir, *loras]) == 1
+    assert batch_eval.main([str(inp), str(tmp_path / "remote.jsonl"), "--server", served.http_url]) == 1
+    local, remote = _read(tmp_path / "local.jsonl"), _read(tmp_path / "remote.jsonl")
+    for rows in (local, remote):
+        assert "presence_penalty must be a number in [-2, 2]" in rows["bad"]["error"]
+        assert len(rows["lp"]["logprobs"]) == rows["lp"]["completion_tokens"] == 4
+        assert all(len(e["top_logprobs"]) == 2 and e["logprob"] <= 0 for e in rows["lp"]["logprobs"])
+        assert len(rows["clp"]["logprobs"]) == 3 and all(len(e["top_logprobs"]) == 1 for e in rows["clp"]["logprobs"])
+        assert len(rows["n"]["choices"]) == 3 and rows["n"]["completion_tokens"] == 15
+        assert rows["n"]["text"] == rows["n"]["choices"][0]["text"] and len(rows["best"]["choices"]) == 2
+        assert rows["pen"]["completion_tokens"] >= 2
+    for i in ("pen", "lp", "clp", "n", "best"):
+        assert local[i]["text"] == remote[i]["text"] and local[i].get("choices") == remote[i].get("choices"), i
+    for i in ("lp", "clp"):
+        for a, b in zip(local[i]["logprobs"], remote[i]["logprobs"]):
+            assert a["token"] == b["token"] and a["top_logprobs"].keys() == b["top_logprobs"].keys()
+            assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-5)
