@@ -14,8 +14,11 @@ from jlora.model import KVCache, forward
 from jlora.sampling import SamplingParams
 
 _FORWARD = jax.jit(forward, static_argnames=("config",))
-L, B = 48, 8  # the reference pads every call to B rows of L tokens: one compile
-PAGES = 10  # too few for the requests of either test at once: both preempt (and share their compiled programs)
+L, B = 32, 8  # the reference pads every call to B rows of L tokens: one compile
+PAGES = 10  # too few for the requests of either test at once: both preempt
+# One engine size for every test here, so they share their compiled programs: 32-token sequences make page tables
+# of 8 pages, one width (make_engine's 64 make two).
+SMALL = dict(num_pages=PAGES, max_model_len=32)
 
 
 def reference(model, bank, requests, slot_of):
@@ -61,7 +64,7 @@ def _plain(tiny, engine, prompt, n):
 def test_processors_per_request_in_a_mixed_multi_step_batch(tiny):
     """One engine, 8 tokens per decode call: rows with each processor, a plain greedy row and a sampled row
     (top_k=1, so deterministic) share every step; min_tokens holds back a stop id that would end the row at once."""
-    engine = make_engine(tiny, num_pages=PAGES)
+    engine = make_engine(tiny, **SMALL)
     plain = _plain(tiny, engine, [9, 8, 7], 6)
     g = dict(temperature=0.0, max_tokens=10)
     requests = [
@@ -77,7 +80,7 @@ def test_processors_per_request_in_a_mixed_multi_step_batch(tiny):
     _check(engine, tiny, requests, done)
     assert done["r4"].finish_reason == "stop" and done["r4"].token_ids == plain[:1]
     assert len(done["r3"].token_ids) >= 4
-    assert engine.runner.shapes_run & {("decode_loop", 8, 1, P) for P in (8, 16)}, "no multi-step call ran"
+    assert ("decode_loop", 8, 1, 8) in engine.runner.shapes_run, "no multi-step call ran"
     assert not engine.penalties._slot and not engine.requests
 
 
@@ -87,14 +90,14 @@ def test_penalty_counts_survive_preemption(tiny):
     requests = [(rng.integers(0, 97, rng.integers(2, 8)).tolist(), [None, "r4", "r12"][i % 3],
                  SamplingParams(temperature=0.0, max_tokens=int(rng.integers(8, 14)), repetition_penalty=1.5,
                                 frequency_penalty=float(rng.choice([0.0, 1.0])))) for i in range(8)]
-    engine = make_engine(tiny, num_pages=PAGES)
+    engine = make_engine(tiny, **SMALL)
     done = run_staggered(engine, requests, arrivals=[0] * 8)
     assert engine.preemptions > 0
     _check(engine, tiny, requests, done)
 
 
 def test_bad_logit_bias_fails_alone(tiny):
-    engine = make_engine(tiny, num_pages=PAGES)
+    engine = make_engine(tiny, **SMALL)
     engine.add_request([1, 2], SamplingParams(temperature=0.0, max_tokens=3, logit_bias={5: 1.0}), request_id="ok")
     with pytest.raises(RequestError, match=r"logit_bias names token id 97, outside the vocabulary \[0, 97\)"):
         engine.add_request([1], SamplingParams(logit_bias={97: 1.0}))
@@ -134,7 +137,7 @@ def test_logprobs_equal_a_log_softmax_of_a_reference_forward(tiny):
                                                     repetition_penalty=1.5)),
                 ([9, 8, 7, 6, 5], "r3", SamplingParams(max_tokens=0, prompt_logprobs=4)),
                 ([4, 2], "r16", SamplingParams(temperature=0.0, max_tokens=3, prompt_logprobs=2, logprobs=0))]
-    engine = make_engine(tiny, num_pages=PAGES)
+    engine = make_engine(tiny, **SMALL)
     done = run_staggered(engine, requests, arrivals=[0, 0, 1, 1])
     slots = engine.store.ensure_resident({"r8", "r3", "r16"})
     seqs = [(p + done[f"r{i}"].token_ids, -1 if a is None else slots[a]) for i, (p, a, _) in enumerate(requests)]
@@ -153,12 +156,12 @@ def test_logprobs_equal_a_log_softmax_of_a_reference_forward(tiny):
             _assert_entries(out.prompt_logprobs[1:], p, lp[i], 0, sp.prompt_logprobs)
         else:
             assert out.prompt_logprobs is None
-    assert engine.runner.shapes_run & {("decode_loop_logprobs", 8, 1, P) for P in (8, 16)}
+    assert ("decode_loop_logprobs", 8, 1, 8) in engine.runner.shapes_run
     assert not engine.requests and engine.allocator.num_free == PAGES
 
 
 def test_bad_logprobs_requests_fail_alone(tiny):
-    engine = make_engine(tiny, num_pages=PAGES, num_logprobs=4)
+    engine = make_engine(tiny, **SMALL, num_logprobs=4)
     with pytest.raises(RequestError, match="logprobs must be at most 4 on this engine, got 5"):
         engine.add_request([1], SamplingParams(logprobs=5))
     with pytest.raises(RequestError, match="prompt_logprobs must be at most 4"):
