@@ -50,12 +50,12 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
     """Every tensor of an HF checkpoint as float32 numpy, by HF name."""
     out = {}
     for file in _weight_files(path):
-        fp8 = _fp8_entries(file)
+        float8 = _fp8_entries(file)
         with safe_open(file, framework="flax") as f:
             for key in f.keys():
-                if key not in fp8:
+                if key not in float8:
                     out[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
-        out.update(_read_fp8(file, fp8))
+        out.update(_read_fp8(file, float8))
     return out
 
 
