@@ -66,8 +66,9 @@ def device_memory_limit() -> int | None:
 
 def activation_bytes(config: ModelConfig, engine_config, dtype) -> int:
     """A bound on one step's memory beyond the weights, the KV pages and the bank: the token activations of the
-    largest step, a float32 logits row (and its sampling temporaries) per sequence, and the scores of a dense prefill
-    attention chunk over the whole context (the XLA path; the Mosaic kernels need far less)."""
+    largest step, a float32 logits row (and its sampling temporaries) per sequence, the scores of a dense prefill
+    attention chunk over the whole context (the XLA path; the Mosaic kernels need far less), and the sampling
+    penalty state (token counts and flags, about 5 bytes per vocabulary entry and sequence)."""
     item = jnp.dtype(dtype).itemsize
     T = engine_config.max_num_batched_tokens
     per_token = 4 * config.hidden_size + config.q_dim + 2 * config.kv_dim + 2 * config.intermediate_size
@@ -76,7 +77,8 @@ def activation_bytes(config: ModelConfig, engine_config, dtype) -> int:
     logits = 3 * rows * config.vocab_size * 4
     S = engine_config.max_model_len or config.max_position_embeddings
     scores = min(engine_config.max_prefill_chunk, T) * S * config.num_heads * 4
-    return tokens + logits + scores
+    penalties = 8 * (engine_config.max_num_seqs + 1) * config.vocab_size
+    return tokens + logits + scores + penalties
 
 
 def budget_from_limit(limit: int, weight_bytes: int, reserve: int, utilization: float) -> int:
