@@ -68,7 +68,7 @@ def activation_bytes(config: ModelConfig, engine_config, dtype) -> int:
     """A bound on one step's memory beyond the weights, the KV pages and the bank: the token activations of the
     largest step, a float32 logits row (and its sampling temporaries) per sequence, the scores of a dense prefill
     attention chunk over the whole context (the XLA path; the Mosaic kernels need far less), and the sampling
-    penalty state (token counts and flags, about 5 bytes per vocabulary entry and sequence)."""
+    penalty state (token counts and flags: at most 8 bytes per vocabulary entry and sequence slot)."""
     item = jnp.dtype(dtype).itemsize
     T = engine_config.max_num_batched_tokens
     per_token = 4 * config.hidden_size + config.q_dim + 2 * config.kv_dim + 2 * config.intermediate_size
