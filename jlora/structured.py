@@ -132,9 +132,9 @@ class Matcher:
         return self._m.get_error() if self._m.is_error() else None
 
 
-def unpack(bitmask: np.ndarray, vocab_size: int) -> np.ndarray:
-    """bool [B, vocab_size] from int32 [B, words] (host side, for tests and the CPU)."""
-    bits = (bitmask[:, :, None].astype(np.uint32) >> np.arange(32, dtype=np.uint32)) & 1
+def unpack(bitmask, vocab_size: int, xp=np):
+    """bool [B, vocab_size] from int32 [B, words]; `xp` numpy (host) or jax.numpy (device)."""
+    bits = (bitmask[:, :, None].astype(xp.uint32) >> xp.arange(32, dtype=xp.uint32)) & 1
     return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].astype(bool)
 
 
@@ -142,7 +142,4 @@ def apply_bitmask(logits, bitmask):
     """Logits [B, V] with the disallowed ids at -inf; `bitmask` int32 [B, ceil(V / 32)] (all ones: no constraint)."""
     import jax.numpy as jnp
 
-    V = logits.shape[-1]
-    bits = (bitmask[:, :, None].astype(jnp.uint32) >> jnp.arange(32, dtype=jnp.uint32)) & 1
-    allowed = bits.reshape(bitmask.shape[0], -1)[:, :V].astype(bool)
-    return jnp.where(allowed, logits, -jnp.inf)
+    return jnp.where(unpack(bitmask, logits.shape[-1], jnp), logits, -jnp.inf)

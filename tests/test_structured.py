@@ -39,7 +39,7 @@ def _walk(compiler, spec, rng, max_steps=400):
         allowed = np.flatnonzero(unpack(m.mask()[None], compiler.vocab_size)[0])
         assert allowed.size, "a mask allowed nothing"
         t = int(rng.choice(allowed))
-        if t in compiler_stop_ids(compiler):
+        if t in set(compiler.tokenizer.eos_tokens):
             assert m.accepting, "end of sequence was allowed before the output was complete"
             return out
         assert m.advance(t), m.error
@@ -47,10 +47,6 @@ def _walk(compiler, spec, rng, max_steps=400):
         if m.done:
             return out
     pytest.fail(f"no end after {max_steps} tokens")
-
-
-def compiler_stop_ids(compiler):
-    return set(compiler.tokenizer.eos_tokens)
 
 
 def test_100_random_walks_under_a_schema_parse_and_validate(setup):

@@ -138,9 +138,9 @@ def load_hf_dir(path: str, dtype=jnp.float32, quantization: str | None = None) -
     cfg = os.path.join(path, "config.json")
     if not os.path.isfile(cfg):
         raise ModelLoadError(f"{path!r} is not a model directory: config.json is missing")
-    config = ModelConfig.from_json(cfg)
     with open(cfg) as f:
-        fp8_checkpoint = fp8.is_fp8_checkpoint(json.load(f))
+        hf_config = json.load(f)
+    config, fp8_checkpoint = ModelConfig.from_hf_dict(hf_config), fp8.is_fp8_checkpoint(hf_config)
     tensors = read_tensors(path)
     if fp8_checkpoint:
         tensors, quantization = fp8.dequantize(tensors), quantization or "fp8"

@@ -36,6 +36,9 @@ def quantize_weight(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return q, scale
 
 
+_quantize_weight = jax.jit(quantize_weight)
+
+
 def quantize_params(params, quantization: str = "fp8"):
     """`params` with the layers' linear weights in FP8 and their scales beside them (`w_qkv_scale`, ...)."""
     if quantization not in QUANTIZATIONS:
@@ -44,7 +47,7 @@ def quantize_params(params, quantization: str = "fp8"):
         return params
     layers = dict(params["layers"])
     for name in LINEAR:
-        layers[name], layers[scale_name(name)] = jax.jit(quantize_weight)(layers[name])
+        layers[name], layers[scale_name(name)] = _quantize_weight(layers[name])
     return {**params, "layers": layers}
 
 
