@@ -18,7 +18,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 DEFAULT_OUT = os.path.join(REPO, "tests", "fixtures")
-GENERATED = ("models", "adapters", "logits", "gguf_smollm2", "manifest.json")  # README.md is kept
+GENERATED = ("models", "adapters", "logits", "gguf_smollm2", "processors", "manifest.json")  # README.md is kept
 
 PROMPT_LENGTHS = (5, 9, 16)
 N_NEW = 8
@@ -36,6 +36,9 @@ def parse_args(argv=None):
     p.add_argument("--models", default="",
                    help="comma list of tiny models to regenerate (others, SmolLM2 and their manifest entries are "
                         "kept as they are); default: all")
+    p.add_argument("--processors", action="store_true",
+                   help="regenerate only processors/ (transformers' logits processors on the step logits there) "
+                        "and its manifest entry; everything else is kept byte for byte")
     p.add_argument("--check", action="store_true",
                    help="regenerate into a temporary folder and compare byte for byte with --out")
     return p.parse_args(argv)
@@ -189,10 +192,22 @@ def regenerate_some(out: str, args, specs) -> None:
     save_json(path, manifest)
 
 
+def regenerate_processors(out: str) -> None:
+    from golden import processors
+    from golden.fileio import load_json, save_json
+
+    path = os.path.join(out, "manifest.json")
+    manifest = load_json(path)
+    manifest["processors"] = processors.generate(out, manifest, log)
+    save_json(path, manifest)
+
+
 def generate(out: str, args) -> None:
-    from golden import tiny
+    from golden import processors, tiny
     from golden.fileio import load_json, reset_dir, save_json
 
+    if args.processors:
+        return regenerate_processors(out)
     specs = selected_models(args)
     if args.models:
         return regenerate_some(out, args, specs)
@@ -221,6 +236,7 @@ def generate(out: str, args) -> None:
         log(f"model {spec.name} ({spec.arch})")
         tiny_model_cases(mi, spec, out, args, manifest)
         log(f"  done in {time.time() - t0:.1f}s")
+    manifest["processors"] = processors.generate(out, manifest, log)
     if args.skip_gguf:
         manifest["gguf_smollm2"] = old_gguf
     else:
@@ -234,12 +250,14 @@ def generate(out: str, args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.processors and args.models:
+        raise SystemExit("--processors regenerates processors/ alone: leave out --models")
     sys.path.insert(0, HERE)
     setup_torch()
     start = time.time()
     if args.check:
         with tempfile.TemporaryDirectory() as tmp:
-            if args.models:  # the rest of the tree as it is; only the named models are regenerated
+            if args.models or args.processors:  # the rest of the tree as it is; only those are regenerated
                 import shutil
                 shutil.copytree(args.out, tmp, dirs_exist_ok=True)
             elif args.skip_gguf:
