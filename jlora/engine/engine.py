@@ -13,7 +13,6 @@ import logging
 import secrets
 import time
 
-import jax.numpy as jnp
 
 from jlora.config import LoraBankConfig, RuntimeConfig
 from jlora.engine import memory, mesh
@@ -21,9 +20,10 @@ from jlora.engine.adapter_store import AdapterStore
 from jlora.engine.block_manager import PageAllocator
 from jlora.engine.memory import MemoryPlan, plan_memory
 from jlora.engine.metrics import engine_metrics
-from jlora.engine.logprobs import PromptScorer, check_logprobs, entry
+from jlora.engine.logprobs import PromptScorer, check_logprobs
 from jlora.engine.model_runner import ModelRunner
-from jlora.engine.outputs import RequestOutput, cause as _cause, held_back as _held_back
+from jlora.engine.output_processor import OutputProcessor
+from jlora.engine.outputs import RequestOutput, cause as _cause
 from jlora.engine.penalty_slots import PenaltySlots, host_row
 from jlora.engine.prefix_cache import PrefixCache
 from jlora.engine.siblings import Siblings
@@ -32,7 +32,6 @@ from jlora.engine.sequence import Sequence, Status
 from jlora.errors import AdapterError, CapacityError, RequestError, UnknownAdapterError
 from jlora.model import quant
 from jlora.sampling import MAX_LOGIT_BIAS, SamplingParams
-from jlora.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger("jlora.engine")
 
@@ -126,12 +125,8 @@ class Engine:
         self.prompt_scorer = PromptScorer()
         self.siblings = Siblings()
         self.requests: dict[str, Sequence] = {}
-        self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._text: dict[str, str] = {}  # the text so far (cut at a stop string)
-        self._sent: dict[str, int] = {}  # characters of it given out in outputs
-        self._logprobs: dict[str, list] = {}
+        self.outputs = OutputProcessor(tokenizer)
         self._ids = itertools.count()
-        self.tokens_generated = 0
         self.steps = 0
         self.preemptions = 0
         log.info("memory plan: %s", self.plan.describe())
@@ -184,11 +179,7 @@ class Engine:
                        cache_salt=self.store.cache_salt(key))
         self.store.prefetch([key])
         self.requests[request_id] = seq
-        self._text[request_id] = ""
-        self._sent[request_id] = 0
-        self._logprobs[request_id] = []
-        if self.tokenizer is not None:
-            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, ids)
+        self.outputs.add(seq)
         if sampling.prompt_logprobs is not None or sampling.max_tokens == 0:
             self.prompt_scorer.add(seq)  # scored (or finished) at the next step, before scheduling
         elif follows in self.requests and self.allocator.cache is not None:
@@ -313,61 +304,17 @@ class Engine:
             V = self.model_config.vocab_size
             self.runner.write_penalty_rows([
                 (self.penalties.slot(s.request_id), *host_row(s.sampling, s.prompt_ids, s.output_ids,
-                                                               self._stop_ids(s.sampling), V, MAX_LOGIT_BIAS))
+                                                               self.outputs.stop_ids(s.sampling), V, MAX_LOGIT_BIAS))
                 for s in new])
         return slots
 
-    def _stop_ids(self, sp: SamplingParams) -> set[int]:
-        """The tokens that end a request: its stop_token_ids, and the tokenizer's EOS ids unless ignore_eos."""
-        stop_ids = set(sp.stop_token_ids)
-        if not sp.ignore_eos and self.tokenizer is not None:
-            stop_ids |= set(self.tokenizer.stop_ids)
-        return stop_ids
-
     def _advance(self, seq: Sequence, chunk: int, out, i: int, now: float) -> RequestOutput | None:
         """Takes row i of a step's outputs into `seq`; its output, or None for a prompt chunk short of the end."""
-        seq.num_computed += chunk
-        if seq.num_computed < seq.num_tokens:
-            return None  # a prompt chunk that did not reach the end samples nothing
-        before = self._sent[seq.request_id]
-        for k in range(int(out.num_steps[i])):  # a multi-step decode's tokens, up to the first stop
-            if k:
-                seq.num_computed += 1  # the step that sampled token k cached token k - 1
-            token = int(out.tokens[i, k])
-            seq.output_ids.append(token)
-            self.tokens_generated += 1
-            seq.first_token_time = seq.first_token_time or now
-            if seq.want_logprobs:
-                self._logprobs[seq.request_id].append(entry(token, out.logprobs[i, k], out.top_ids[i, k],
-                                                            out.top_logprobs[i, k], seq.num_top))
-            finished = self._after_token(seq, before)
-            if finished is not None:
-                return finished
-        return self._output(seq, before)
-
-    def _after_token(self, seq: Sequence, before: int) -> RequestOutput | None:
-        """Stop checks after a new token; the finished request's output (its delta since character `before`), or
-        None."""
-        sp, rid, token = seq.sampling, seq.request_id, seq.output_ids[-1]
-        stopping = len(seq.output_ids) > sp.min_tokens  # before min_tokens nothing stops it (as in vLLM)
-        if stopping and token in self._stop_ids(sp):
-            seq.output_ids.pop()  # like the text, token_ids (and logprobs) end before the stop token
-            if seq.want_logprobs:
-                self._logprobs[rid].pop()
-            return self._finish(seq, "stop", before)
-        if rid in self._detok:
-            old = len(self._text[rid])
-            self._text[rid] += self._detok[rid].step([token])
-            if sp.stop and stopping:  # a stop string can only end in the new text: search from its reach
-                text = self._text[rid]
-                start = max(0, old - max(map(len, sp.stop)) + 1)
-                hits = [i for i in (text.find(s, start) for s in sp.stop) if i >= 0]
-                if hits:
-                    self._text[rid] = text[:min(hits)]
-                    return self._finish(seq, "stop", before)
-        if len(seq.output_ids) >= sp.max_tokens:
-            return self._finish(seq, "length", before)
-        return None
+        taken = self.outputs.advance(seq, chunk, out, i, now)
+        if taken is None:
+            return None
+        reason, before = taken
+        return self.outputs.output(seq, before) if reason is None else self._finish(seq, reason, before)
 
     def _finish(self, seq: Sequence, reason: str, before: int | None = None, error: str | None = None,
                 error_kind: str | None = None) -> RequestOutput:
@@ -380,28 +327,9 @@ class Engine:
         finally:
             self.store.release(seq.adapter)
             self.penalties.release(seq.request_id)
-        out = self._output(seq, self._sent[seq.request_id] if before is None else before, error, error_kind)
+        out = self.outputs.finish(seq, before, error, error_kind)
         del self.requests[seq.request_id]
-        self._detok.pop(seq.request_id, None)
-        self._text.pop(seq.request_id)
-        self._sent.pop(seq.request_id)
-        self._logprobs.pop(seq.request_id)
         return out
-
-    def _output(self, seq: Sequence, before: int, error: str | None = None,
-                error_kind: str | None = None) -> RequestOutput:
-        """The request's output. While it runs, text that could still become the start of a stop string is held
-        back, so that what streams is always a prefix of the final text."""
-        rid, text = seq.request_id, self._text[seq.request_id]
-        if not seq.is_finished:
-            text = text[:len(text) - _held_back(text, seq.sampling.stop)]
-        before = min(before, len(text))
-        self._sent[rid] = len(text)
-        lps = list(self._logprobs[rid]) if seq.want_logprobs else None
-        return RequestOutput(rid, seq.adapter_name, seq.prompt_ids, list(seq.output_ids), text, text[before:],
-                             seq.is_finished, seq.finish_reason, error, error_kind, lps, seq.arrival_time,
-                             seq.first_token_time, seq.finish_time, prompt_logprobs=seq.prompt_logprobs,
-                             cumulative_logprob=None if lps is None else sum(e["logprob"] for e in lps))
 
     def _fail(self, seqs, error: str, kind: str = "internal") -> list[RequestOutput]:
         """Fails the requests of `seqs` that still run, each with `error`; frees their pages and references."""
@@ -417,8 +345,8 @@ class Engine:
 
     def _forget(self, seq: Sequence) -> None:
         """Last resort after `_finish` itself failed: drop every trace of the request."""
-        for table in (self.requests, self._detok, self._text, self._sent, self._logprobs):
-            table.pop(seq.request_id, None)
+        self.requests.pop(seq.request_id, None)
+        self.outputs.remove(seq.request_id)
         self.prompt_scorer.remove(seq)
         self.siblings.remove(seq)
         for queue in (self.scheduler.running, self.scheduler.waiting):
@@ -459,6 +387,10 @@ class Engine:
         return self.runner.warmup(self.store.bank, self.config.max_prefill_chunk)
 
     # -- introspection -----------------------------------------------------------------------------------
+
+    @property
+    def tokens_generated(self) -> int:
+        return self.outputs.tokens_generated
 
     def metrics(self) -> dict:
         return engine_metrics(self)

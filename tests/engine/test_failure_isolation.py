@@ -79,14 +79,14 @@ def test_a_failing_step_fails_its_batch_alone_and_the_engine_keeps_serving(tiny)
 
 def test_a_failing_output_fails_that_request_alone(tiny):
     engine = make_engine(tiny)
-    after = engine._after_token
+    after = engine.outputs.after_token
 
-    def poisoned(seq, before):
+    def poisoned(seq):
         if seq.request_id == "bad":
             raise ValueError("detokenizer broke")
-        return after(seq, before)
+        return after(seq)
 
-    engine._after_token = poisoned
+    engine.outputs.after_token = poisoned
     for rid, prompt in (("a", [1, 2, 3]), ("bad", [4, 5]), ("b", [6, 7, 8, 9])):
         engine.add_request(prompt, GREEDY, "r12", request_id=rid)
     done = drain(engine)  # all three share every step
