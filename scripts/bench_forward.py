@@ -11,6 +11,7 @@ The kernel and layout switches come from the environment (`RuntimeConfig.from_en
 $JLORA_ATTENTION, $JLORA_LAYER_LOOP), as in `jlora serve`.
 
   python3 scripts/bench_forward.py --ctx 512 2048          # the 8B shape (needs a large GPU)
+  python3 scripts/bench_forward.py --weights bf16 fp8   # bf16 and FP8 (W8A16) base weights in one run
   python3 scripts/bench_forward.py --tiny --out /tmp/f.json   # a seconds-long smoke run on the CPU
 """
 
@@ -33,6 +34,7 @@ from jlora.config import LoraBankConfig, ModelConfig, RopeScaling, RuntimeConfig
 from jlora.lora import bank as bank_lib  # noqa: E402
 from jlora.model import KVCache, forward, init_params  # noqa: E402
 from jlora.model.llama import split_layers, split_layers_enabled  # noqa: E402
+from jlora.model.quant import quantize_params  # noqa: E402
 from bench_kernels import count_ops  # noqa: E402  (scripts/ is sys.path[0] when this runs as a script)
 from kernel_timing import copy_bandwidth  # noqa: E402
 
@@ -136,18 +138,24 @@ def main():
     ap.add_argument("--baseline-attention", nargs="*", default=[],
                     help="also time LoRA off with these decode attention backends (RuntimeConfig.attention), "
                          "e.g. pallas xla, beside the configured one")
+    ap.add_argument("--weights", nargs="+", choices=("bf16", "fp8"), default=["bf16"],
+                    help="base weight formats to time, each beside the others in the same run (fp8: W8A16, the "
+                         "layers' linear weights quantized per output channel as --quantization fp8 does)")
     ap.add_argument("--out", default="benchmarks/results/forward_h200.json")
     args = ap.parse_args()
     config = TINY if args.tiny else LLAMA_8B
     dtype = jnp.bfloat16
     runtime = RuntimeConfig.from_env().resolved()
-    params = jax.jit(lambda k: init_params(config, k, dtype))(jax.random.key(0))
+    bf16_params = jax.jit(lambda k: init_params(config, k, dtype))(jax.random.key(0))
     split = split_layers_enabled(runtime)  # as the engine runs it: per-layer weights on GPU
     bank = random_bank(config, args.rank, args.batch, jax.random.key(2), dtype)
-    floors = [floor_bytes(config, params, None, args.batch, c) for c in args.ctx]
-    lora_floor = floor_bytes(config, params, bank, args.batch, args.ctx[0])["lora"]
-    if split:
-        params = split_layers(params, donate=True)
+    lora_floor = floor_bytes(config, bf16_params, bank, args.batch, args.ctx[0])["lora"]
+    stacked = {kind: quantize_params(bf16_params) if kind == "fp8" else bf16_params for kind in args.weights}
+    # Not donated: the formats share their norms and embedding (48 GB at most for the 8B shape with both).
+    weight_sets = {kind: (split_layers(p) if split else p,
+                          [floor_bytes(config, p, None, args.batch, c) for c in args.ctx])
+                   for kind, p in stacked.items()}
+    del stacked, bf16_params
     copy_bw = copy_bandwidth(1 << 22) if args.tiny else copy_bandwidth()
     print(f"copy bandwidth {copy_bw / 1e12:.2f} TB/s; runtime {runtime}", flush=True)
     variants = [("lora_off", None, runtime), ("lora_kernels", bank, runtime)]
@@ -156,26 +164,32 @@ def main():
     if not args.no_reference:
         variants.append(("lora_reference", bank, dataclasses.replace(runtime, lora_backend="reference")))
     rows = []
-    for ctx, floor in zip(args.ctx, floors):
-        for name, b, rt in variants:
-            t0 = time.perf_counter()
-            row = {"variant": name, "ctx": ctx, "batch": args.batch}
-            try:
-                sec, toks = time_variant(config, params, b, rt, args.batch, ctx, args.steps, args.repeats)
-            except Exception as e:  # record the failure of one variant and keep measuring the others
-                row["error"] = f"{type(e).__name__}: {e}"[:2000]
-                print(f"{name} ctx {ctx}: FAILED {row['error'][:300]}", flush=True)
+    for kind, (params, floors) in weight_sets.items():
+        suffix = "" if kind == "bf16" else "_" + kind
+        for ctx, floor in zip(args.ctx, floors):
+            for base_name, b, rt in variants:
+                if kind != "bf16" and base_name.startswith(("lora_reference", "lora_off_attention")):
+                    continue  # other weight formats are timed on the default paths only
+                name = base_name + suffix
+                t0 = time.perf_counter()
+                row = {"variant": name, "weights": kind, "ctx": ctx, "batch": args.batch}
+                try:
+                    sec, toks = time_variant(config, params, b, rt, args.batch, ctx, args.steps, args.repeats)
+                except Exception as e:  # record the failure of one variant and keep measuring the others
+                    row["error"] = f"{type(e).__name__}: {e}"[:2000]
+                    print(f"{name} ctx {ctx}: FAILED {row['error'][:300]}", flush=True)
+                    rows.append(row)
+                    continue
+                need = floor["total"] + (lora_floor if b is not None else 0)
+                row.update(ms_per_step=sec * 1e3, tok_per_s=args.batch / sec, floor_ms=need / copy_bw * 1e3,
+                           pct_floor=100 * need / copy_bw / sec, last_tokens=toks[:8].tolist())
                 rows.append(row)
-                continue
-            need = floor["total"] + (lora_floor if b is not None else 0)
-            row.update(ms_per_step=sec * 1e3, tok_per_s=args.batch / sec, floor_ms=need / copy_bw * 1e3,
-                       pct_floor=100 * need / copy_bw / sec, last_tokens=toks[:8].tolist())
-            rows.append(row)
-            print(f"{name} ctx {ctx}: {sec * 1e3:.3f} ms/step ({time.perf_counter() - t0:.0f}s incl. compile)",
-                  flush=True)
+                print(f"{name} ctx {ctx}: {sec * 1e3:.3f} ms/step ({time.perf_counter() - t0:.0f}s incl. compile)",
+                      flush=True)
+    params, floors = next(iter(weight_sets.values()))
     for r in rows:
         base = next((o["ms_per_step"] for o in rows if o["variant"] == "lora_off" and o["ctx"] == r["ctx"]
-                     and "ms_per_step" in o), None)
+                     and "ms_per_step" in o), None)  # bf16 weights, LoRA off: the baseline of every row
         if "ms_per_step" in r and base:
             r["vs_lora_off"] = r["ms_per_step"] / base
             r["lora_increment_ms"] = r["ms_per_step"] - base
@@ -184,16 +198,17 @@ def main():
     except Exception as e:  # a count we could not take is reported, not fatal
         launches = "not counted: " + type(e).__name__
     result = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(), "jax": jax.__version__,
-              "model": "tiny" if args.tiny else "llama-8b-shaped", "dtype": "bfloat16", "batch": args.batch,
+              "model": "tiny" if args.tiny else "llama-8b-shaped", "dtype": "bfloat16", "weights": args.weights, "batch": args.batch,
               "distinct_adapters": args.batch, "rank": args.rank, "target_modules": 7,
-              "copy_bandwidth_tb_s": copy_bw / 1e12, "floor_bytes": dict(zip(map(str, args.ctx), floors)),
+              "copy_bandwidth_tb_s": copy_bw / 1e12,
+              "floor_bytes": {k: dict(zip(map(str, args.ctx), f)) for k, (_, f) in weight_sets.items()},
               "lora_floor_bytes": lora_floor, "lora_kernel_launches_per_decode_step": launches, "rows": rows,
               "kv_cache": "paged", "runtime": dataclasses.asdict(runtime),
               "command": "python3 scripts/bench_forward.py " + " ".join(sys.argv[1:])}
-    print(f"{'variant':<16}{'ctx':>6}{'ms/step':>10}{'floor ms':>10}{'% floor':>9}{'tok/s':>10}{'vs off':>8}")
+    print(f"{'variant':<20}{'ctx':>6}{'ms/step':>10}{'floor ms':>10}{'% floor':>9}{'tok/s':>10}{'vs off':>8}")
     for r in rows:
         if "ms_per_step" in r:
-            print(f"{r['variant']:<16}{r['ctx']:>6}{r['ms_per_step']:>10.3f}{r['floor_ms']:>10.3f}"
+            print(f"{r['variant']:<20}{r['ctx']:>6}{r['ms_per_step']:>10.3f}{r['floor_ms']:>10.3f}"
                   f"{r['pct_floor']:>8.0f}%{r['tok_per_s']:>10.0f}{r.get('vs_lora_off', 0):>8.3f}")
     print(f"LoRA kernel launches per decode step: {launches}  ({result['device']}, copy {copy_bw / 1e12:.2f} TB/s)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

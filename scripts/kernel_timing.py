@@ -146,6 +146,13 @@ def _init(op, sets, carry_index):
   return tuple(jnp.array(s[carry_index], copy=True) for s in sets)
 
 
+def time_op(op, sets, per_call_guess: float, carry_index: int | None = None) -> float:
+  """Seconds per call of op(*sets[k]), looped over the input sets for about LOOP_SECONDS per timed run."""
+  trips = int(max(2, min(200, LOOP_SECONDS / (per_call_guess * len(sets)))))
+  fn = _looped(op, len(sets), trips, carry_index)
+  return _median_time(fn, sets, _init(op, sets, carry_index), trips * len(sets))
+
+
 def time_case(c: Case, backend: str, copy_bw: float, skip_ragged_above: int, compare: tuple[str, ...] = ()) -> dict:
   nbytes = case_bytes(c)
   num_sets = int(max(1, min(MAX_ROTATE, ROTATE_BYTES // nbytes)))
@@ -158,11 +165,8 @@ def time_case(c: Case, backend: str, copy_bw: float, skip_ragged_above: int, com
       continue
     guess = {"gather_einsum": 10.0, "ragged_dot": 100.0}.get(name, 3.0)
     per_call = max(nbytes / copy_bw * guess, 10e-6)
-    trips = int(max(2, min(200, LOOP_SECONDS / (per_call * num_sets))))
-    fn = _looped(op, num_sets, trips, carry_index)
     try:
-      row[f"{name}_us"] = _median_time(fn, sets, _init(op, sets, carry_index),
-                                       trips * num_sets) * 1e6
+      row[f"{name}_us"] = time_op(op, sets, per_call, carry_index) * 1e6
     except Exception as e:  # noqa: BLE001 - a baseline that fails to run is reported, not fatal
       row[f"{name}_us"] = None
       row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
