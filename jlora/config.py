@@ -350,7 +350,9 @@ LORA_BACKENDS = ("auto", "xla", "reference", "interpret", "triton", "mosaic", "i
 ATTENTION_BACKENDS = ("auto", "xla", "mosaic", "interpret_mosaic", "pallas", "interpret")
 LAYER_LOOPS = ("auto", "scan", "split")
 DECODE_EXPANDS = ("gather", "triton")
-RUNTIME_ENV = {"lora_backend": "JLORA_LORA_BACKEND", "attention": "JLORA_ATTENTION", "layer_loop": "JLORA_LAYER_LOOP"}
+FP8_COMPUTES = ("auto", "w8a16", "w8a8")
+RUNTIME_ENV = {"lora_backend": "JLORA_LORA_BACKEND", "attention": "JLORA_ATTENTION", "layer_loop": "JLORA_LAYER_LOOP",
+               "fp8_compute": "JLORA_FP8_COMPUTE"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,6 +380,9 @@ class RuntimeConfig:
       decode_expand: how decode-sized GPU steps (<= 256 tokens) run the LoRA expand: "gather" (XLA's gather-einsum)
         or "triton" (the tiled kernel).
       decode_attention_programs: the paged decode kernel splits each row's pages until it has this many programs.
+      fp8_compute: how FP8 base weights multiply: "auto" ("w8a8" on GPU, else "w8a16"), "w8a16" (the fp8 weight
+        cast to the activations' dtype inside the dot) or "w8a8" (activations quantized to fp8 per token on the
+        fly, an fp8 x fp8 dot with float32 accumulation: cuBLASLt's FP8 GEMM on Hopper). Unused for 16-bit weights.
     """
 
     lora_backend: str = "auto"
@@ -386,10 +391,12 @@ class RuntimeConfig:
     fold_residual: bool = True
     decode_expand: str = "gather"
     decode_attention_programs: int = 512
+    fp8_compute: str = "auto"
 
     def __post_init__(self):
         for name, allowed in (("lora_backend", LORA_BACKENDS), ("attention", ATTENTION_BACKENDS),
-                              ("layer_loop", LAYER_LOOPS), ("decode_expand", DECODE_EXPANDS)):
+                              ("layer_loop", LAYER_LOOPS), ("decode_expand", DECODE_EXPANDS),
+                              ("fp8_compute", FP8_COMPUTES)):
             value = getattr(self, name)
             if value not in allowed:
                 env = f" (${RUNTIME_ENV[name]})" if name in RUNTIME_ENV else ""
@@ -402,7 +409,8 @@ class RuntimeConfig:
 
     @classmethod
     def from_env(cls, environ=None, **overrides) -> "RuntimeConfig":
-        """A config from $JLORA_LORA_BACKEND, $JLORA_ATTENTION and $JLORA_LAYER_LOOP (unset or empty: "auto"), with
+        """A config from $JLORA_LORA_BACKEND, $JLORA_ATTENTION, $JLORA_LAYER_LOOP and $JLORA_FP8_COMPUTE (unset or
+        empty: "auto"), with
         `overrides` on top. Call it once, where the program starts (the command line, a script's main)."""
         environ = os.environ if environ is None else environ
         values = {field: environ.get(var) or "auto" for field, var in RUNTIME_ENV.items()}
@@ -419,4 +427,5 @@ class RuntimeConfig:
             lora = "triton" if gpu else "mosaic" if platform == "tpu" else "xla"
         attention = self.attention if self.attention != "auto" else ("mosaic" if gpu else "xla")
         loop = self.layer_loop if self.layer_loop != "auto" else ("split" if gpu else "scan")
-        return dataclasses.replace(self, lora_backend=lora, attention=attention, layer_loop=loop)
+        fp8 = self.fp8_compute if self.fp8_compute != "auto" else ("w8a8" if gpu else "w8a16")
+        return dataclasses.replace(self, lora_backend=lora, attention=attention, layer_loop=loop, fp8_compute=fp8)

@@ -138,9 +138,10 @@ def main():
     ap.add_argument("--baseline-attention", nargs="*", default=[],
                     help="also time LoRA off with these decode attention backends (RuntimeConfig.attention), "
                          "e.g. pallas xla, beside the configured one")
-    ap.add_argument("--weights", nargs="+", choices=("bf16", "fp8"), default=["bf16"],
-                    help="base weight formats to time, each beside the others in the same run (fp8: W8A16, the "
-                         "layers' linear weights quantized per output channel as --quantization fp8 does)")
+    ap.add_argument("--weights", nargs="+", choices=("bf16", "fp8", "fp8_w8a16"), default=["bf16"],
+                    help="base weight formats to time, each beside the others in the same run (fp8: the layers' "
+                         "linear weights quantized per output channel as --quantization fp8 does, multiplied as "
+                         "RuntimeConfig.fp8_compute resolves (W8A8 on GPU); fp8_w8a16: the same weights, W8A16)")
     ap.add_argument("--out", default="benchmarks/results/forward_h200.json")
     args = ap.parse_args()
     config = TINY if args.tiny else LLAMA_8B
@@ -150,7 +151,7 @@ def main():
     split = split_layers_enabled(runtime)  # as the engine runs it: per-layer weights on GPU
     bank = random_bank(config, args.rank, args.batch, jax.random.key(2), dtype)
     lora_floor = floor_bytes(config, bf16_params, bank, args.batch, args.ctx[0])["lora"]
-    stacked = {kind: quantize_params(bf16_params) if kind == "fp8" else bf16_params for kind in args.weights}
+    stacked = {kind: quantize_params(bf16_params) if kind.startswith("fp8") else bf16_params for kind in args.weights}
     # Not donated: the formats share their norms and embedding (48 GB at most for the 8B shape with both).
     weight_sets = {kind: (split_layers(p) if split else p,
                           [floor_bytes(config, p, None, args.batch, c) for c in args.ctx])
@@ -171,6 +172,8 @@ def main():
                 if kind != "bf16" and base_name.startswith(("lora_reference", "lora_off_attention")):
                     continue  # other weight formats are timed on the default paths only
                 name = base_name + suffix
+                if kind == "fp8_w8a16":
+                    rt = dataclasses.replace(rt, fp8_compute="w8a16")
                 t0 = time.perf_counter()
                 row = {"variant": name, "weights": kind, "ctx": ctx, "batch": args.batch}
                 try:
@@ -205,10 +208,10 @@ def main():
               "lora_floor_bytes": lora_floor, "lora_kernel_launches_per_decode_step": launches, "rows": rows,
               "kv_cache": "paged", "runtime": dataclasses.asdict(runtime),
               "command": "python3 scripts/bench_forward.py " + " ".join(sys.argv[1:])}
-    print(f"{'variant':<20}{'ctx':>6}{'ms/step':>10}{'floor ms':>10}{'% floor':>9}{'tok/s':>10}{'vs off':>8}")
+    print(f"{'variant':<24}{'ctx':>6}{'ms/step':>10}{'floor ms':>10}{'% floor':>9}{'tok/s':>10}{'vs off':>8}")
     for r in rows:
         if "ms_per_step" in r:
-            print(f"{r['variant']:<20}{r['ctx']:>6}{r['ms_per_step']:>10.3f}{r['floor_ms']:>10.3f}"
+            print(f"{r['variant']:<24}{r['ctx']:>6}{r['ms_per_step']:>10.3f}{r['floor_ms']:>10.3f}"
                   f"{r['pct_floor']:>8.0f}%{r['tok_per_s']:>10.0f}{r.get('vs_lora_off', 0):>8.3f}")
     print(f"LoRA kernel launches per decode step: {launches}  ({result['device']}, copy {copy_bw / 1e12:.2f} TB/s)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

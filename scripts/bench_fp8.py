@@ -5,7 +5,7 @@ For each linear weight of a Llama-3-8B layer (qkv, o, gate_up, down) and a decod
   bf16        bf16 weights (the baseline)
   w8a16       jlora's FP8 path today (`jlora.model.quant.matmul`): fp8 weights cast to bf16 inside the dot,
               scaled per output channel after
-  w8a8        activations quantized per tensor on the fly, an fp8 x fp8 dot with f32 accumulation, both scales after
+  w8a8        activations quantized per token on the fly, an fp8 x fp8 dot with f32 accumulation, both scales after
   w8a8_nk     the same with the weight stored transposed ([d_out, d_in], K-major, the layout cuBLASLt's FP8 GEMM reads)
 Each time is the looped median of `kernel_timing.time_op`, rotating over enough weight sets that they do not sit in
 L2, and is held against its bytes floor (the weight in its format, x and the output, at the copy bandwidth measured
@@ -37,7 +37,8 @@ F32, BF16 = jnp.float32, jnp.bfloat16
 
 
 def _act_quant(x):
-    scale = jnp.maximum(jnp.max(jnp.abs(x.astype(F32))), 1e-12) / quant.FP8_MAX
+    """Per-token absmax: a scale per row of x, which (like the weight's per column) applies after the dot."""
+    scale = jnp.maximum(jnp.max(jnp.abs(x.astype(F32)), axis=-1, keepdims=True), 1e-12) / quant.FP8_MAX
     return (x.astype(F32) / scale).astype(quant.FP8), scale
 
 

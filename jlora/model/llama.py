@@ -95,7 +95,7 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
         """x2d @ layer[name] (FP8 weights with their scale: `quant`) + LoRA delta (+ bias). Row-parallel projections
         (o, down) pass the residual stream [B*T, d_out] and get it added, after the tensor-parallel reduce when there
         is one; or `row` alone: reduced, no residual (a post-norm comes between them)."""
-        y = quant.matmul(x2d, layer[name], layer.get(quant.scale_name(name)))
+        y = quant.matmul(x2d, layer[name], layer.get(quant.scale_name(name)), runtime.fp8_compute)
         fold = residual is not None and fold_residual
         if fold:
             y = y + residual

@@ -1,5 +1,7 @@
-"""FP8 base weights (W8A16): the four linear weights of every layer stored as float8_e4m3fn with one float32 scale per
-output channel, dequantized inside the matmul.
+"""FP8 base weights: the four linear weights of every layer stored as float8_e4m3fn with one float32 scale per
+output channel. W8A16 casts them to the activations' dtype inside the matmul; W8A8 (`RuntimeConfig.fp8_compute`, the
+GPU default) also quantizes the activations per token and multiplies fp8 by fp8 (cuBLASLt's FP8 GEMM on Hopper: at
+the 8B decode shapes 3.3 against W8A16's 4.1 ms of matmuls per step, `benchmarks/results/fp8_matmul_h200.json`).
 
 `x @ (q * s)` equals `(x @ q) * s` for a scale `s` per output column, so the product runs on the fp8 values (cast to
 the activations' dtype, which XLA fuses into the dot) and is scaled after. Quantization is absmax per output
@@ -51,9 +53,22 @@ def quantize_params(params, quantization: str = "fp8"):
     return {**params, "layers": layers}
 
 
-def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None) -> jax.Array:
-    """x @ w, for a plain weight or an FP8 one with its per-output-channel scale."""
+def quantize_activations(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(fp8 x, float32 scale [..., 1]): absmax per token (row), so the scale applies after the dot, as the weight's
+    per-column scale does."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    return (x.astype(jnp.float32) / scale).astype(FP8), scale
+
+
+def matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, compute: str = "w8a16") -> jax.Array:
+    """x @ w, for a plain weight or an FP8 one with its per-output-channel scale. `compute` ("w8a16" or "w8a8",
+    `RuntimeConfig.fp8_compute` resolved) says whether x stays in its dtype or is quantized per token too."""
     if scale is None:
         return x @ w
+    if compute == "w8a8":
+        xq, x_scale = quantize_activations(x)
+        y = jnp.dot(xq, w, preferred_element_type=jnp.float32)
+        return (y * x_scale * scale).astype(x.dtype)
     y = jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     return (y * scale).astype(x.dtype)

@@ -1,5 +1,6 @@
-"""FP8 base weights (W8A16): quantizing at load, FP8 checkpoints (compressed-tensors, written here with ml_dtypes),
-the forward against a float32 model of the same dequantized values, and LoRA on top through the engine."""
+"""FP8 base weights (W8A16, and W8A8 by `RuntimeConfig.fp8_compute`): quantizing at load, FP8 checkpoints
+(compressed-tensors, written here with ml_dtypes), the forward against a float32 model of the same dequantized
+values, and LoRA on top through the engine."""
 
 import json
 import os
@@ -12,6 +13,7 @@ import pytest
 from helpers import TINY, random_hf_tensors, write_adapter
 
 from jlora.checkpoint.hf import load_hf_dir, save_hf_dir
+from jlora.config import RuntimeConfig
 from jlora.errors import ModelLoadError
 from jlora.generate import LLM
 from jlora.lora.loader import bank_from_peft
@@ -133,3 +135,36 @@ def test_the_engine_serves_an_fp8_checkpoint_with_adapters_like_its_twin(dirs):
     from jlora.engine.engine import EngineConfig
     with pytest.raises(ValueError, match="FP8 weights are served on one device"):
         LLM(dirs["fp8"], progress=False, engine=EngineConfig(tp=2))
+
+
+def test_w8a8_quantizes_activations_per_token_and_scales_after_the_fp8_dot():
+    """quant.matmul(compute="w8a8") against numpy + ml_dtypes: x quantized per row by absmax, the fp8 x fp8 product
+    in float64, then the row and column scales; W8A16 of the same weight keeps x unquantized (a different value)."""
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((5, 64)) * rng.uniform(0.1, 10, (5, 1))).astype(np.float32)
+    x[3] = 0.0  # an all-zero row gets scale 1, not a division by zero
+    w = (rng.standard_normal((64, 48)) * 0.05).astype(np.float32)
+    q, s = quant.quantize_weight(jnp.asarray(w))
+    got = np.asarray(quant.matmul(jnp.asarray(x), q, s, "w8a8"))
+    amax = np.abs(x).max(axis=1, keepdims=True)
+    xs = np.where(amax > 0, amax / 448.0, 1.0).astype(np.float32)
+    xq = (x / xs).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    want = (xq @ np.asarray(q).astype(np.float64)) * xs * np.asarray(s)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    assert np.all(got[3] == 0.0)
+    w8a16 = np.asarray(quant.matmul(jnp.asarray(x), q, s, "w8a16"))
+    assert np.abs(w8a16 - want).max() > 1e-3 * np.abs(want).max()  # the activations' rounding shows
+
+
+def test_the_forward_takes_w8a8_from_the_runtime_config(dirs):
+    """RuntimeConfig(fp8_compute=...) reaches the layers: W8A8 logits differ from W8A16's, within FP8 rounding."""
+    config, params = load_hf_dir(dirs["fp8"])
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, config.vocab_size, (2, 8)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    fwd = jax.jit(forward, static_argnames=("config", "runtime"))
+    out = {c: np.asarray(fwd(params, None, tokens, positions, None, KVCache.zeros(config, 2, 8), config=config,
+                             runtime=RuntimeConfig(fp8_compute=c))[0]) for c in ("w8a16", "w8a8")}
+    diff = np.abs(out["w8a8"] - out["w8a16"]).max() / np.abs(out["w8a16"]).max()
+    assert 1e-4 < diff < 0.1, diff
+    assert RuntimeConfig().resolved("gpu").fp8_compute == "w8a8"
+    assert RuntimeConfig().resolved("cpu").fp8_compute == "w8a16"
