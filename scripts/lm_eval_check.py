@@ -109,7 +109,8 @@ def run_lm_eval(exe: str, model: str, mode: str, url: str, tokenizer: str, out: 
     done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"lm_eval failed ({done.returncode}):\n{done.stderr[-4000:]}")
-    results = json.load(open(glob.glob(os.path.join(out, "*", "results_*.json"))[0]))
+    with open(glob.glob(os.path.join(out, "*", "results_*.json"))[0]) as f:
+        results = json.load(f)
     samples = []
     with open(glob.glob(os.path.join(out, "*", "samples_jlora_mc_*.jsonl"))[0]) as f:
         for rec in map(json.loads, f):
