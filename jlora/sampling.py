@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jlora.errors import RequestError
+from jlora.structured import StructuredOutput
 
 
 SEED_RANGE = (0, 1 << 32)  # the device draws with a uint32 seed
@@ -90,7 +91,14 @@ class SamplingParams:
 
     `n` choices are returned per prompt; with `best_of`, that many are generated and the n of highest cumulative
     logprob returned. The engine runs one sequence per choice (`choices`): `LLM.generate` and the servers expand
-    them, and the prompt is prefilled once (the others start from its pages in the prefix cache)."""
+    them, and the prompt is prefilled once (the others start from its pages in the prefix cache).
+
+    `structured` (a `jlora.structured.StructuredOutput`: a JSON schema, any JSON object, a regex or a Lark grammar)
+    constrains the output: at every step the tokens the grammar does not allow are masked (-inf) before the
+    processors and sampling, and the request stops ("stop") once the grammar is complete. The grammar is compiled
+    when the engine takes the request, which refuses a bad one alone (`RequestError`); logprobs stay those of the
+    model's distribution, before the mask. It cannot be combined with min_tokens (the grammar decides where the
+    output ends)."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -110,6 +118,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     n: int = 1
     best_of: int | None = None
+    structured: StructuredOutput | None = None  # a dict {"kind", "spec"} is accepted
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -161,6 +170,22 @@ class SamplingParams:
             raise RequestError(f"stop_token_ids must be at most {MAX_STOP_TOKEN_IDS} integers in [0, {INT32_MAX}]")
         if not isinstance(self.ignore_eos, bool):
             raise RequestError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        self._check_structured()
+
+    def _check_structured(self) -> None:
+        value = self.structured
+        if isinstance(value, dict):  # as `dataclasses.asdict` wrote it (multi-host commands)
+            try:
+                value = StructuredOutput(**value)
+            except TypeError:
+                raise RequestError(f"structured must be a StructuredOutput or {{kind, spec}}, got keys "
+                                   f"{sorted(map(str, value))[:4]}") from None
+            object.__setattr__(self, "structured", value)
+        if value is not None and not isinstance(value, StructuredOutput):
+            raise RequestError(f"structured must be a StructuredOutput or null, got {type(value).__name__}")
+        if value is not None and self.min_tokens > 0:
+            raise RequestError(f"min_tokens={self.min_tokens} cannot be combined with structured output: the "
+                               "grammar decides where the output ends")
 
     def choices(self) -> list["SamplingParams"]:
         """The sequences to run: best_of (else n) of them, each with n=1; choice j's seed is seed + j (as in vLLM),

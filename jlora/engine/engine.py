@@ -1,8 +1,9 @@
 """The engine: requests in, a scheduled step, streamed outputs out.
 
-One step: schedule (pure Python) -> make the batch's adapters resident -> one jitted paged forward with
-on-device sampling (for decode, up to `num_scheduler_steps` forwards, each fed the last one's tokens on the device)
--> one device-to-host copy -> stop checks, incremental detokenization, page frees.
+One step: schedule (pure Python) -> make the batch's adapters resident -> grammar bitmasks of its structured rows
+(host) -> one jitted paged forward with on-device sampling (for decode, up to `num_scheduler_steps` forwards, each
+fed the last one's tokens on the device) -> one device-to-host copy -> matchers, stop checks, incremental
+detokenization (`output_processor`), page frees.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from jlora.config import LoraBankConfig, RuntimeConfig
 from jlora.engine import memory, mesh
 from jlora.engine.adapter_store import AdapterStore
 from jlora.engine.block_manager import PageAllocator
+from jlora.engine.grammars import Grammars
 from jlora.engine.memory import MemoryPlan, plan_memory
 from jlora.engine.metrics import engine_metrics
 from jlora.engine.logprobs import PromptScorer, check_logprobs
@@ -102,6 +104,7 @@ class Engine:
             if self.plan.num_pages < config.dp:
                 raise ValueError(f"{self.plan.num_pages} KV pages cannot be split over dp={config.dp} replicas")
             self.plan = dataclasses.replace(self.plan, num_pages=self.plan.num_pages // config.dp * config.dp)
+        self.grammars = Grammars(tokenizer, model.config.vocab_size)
         self.store = AdapterStore(model.config, self.plan.bank, roots=config.adapter_roots,
                                   max_cpu_loras=config.max_cpu_loras, dtype=dtype,
                                   layout=mesh.MeshBankLayout(sharded) if sharded else None)
@@ -111,7 +114,8 @@ class Engine:
                          max_num_seqs=config.max_num_seqs, dtype=dtype, runtime=config.runtime,
                          num_logprobs=config.num_logprobs, donate_params=donate_weights,
                          decode_steps=config.num_scheduler_steps, max_num_batched_tokens=config.max_num_batched_tokens,
-                         max_prefill_chunk=config.max_prefill_chunk)
+                         max_prefill_chunk=config.max_prefill_chunk,
+                         bitmask_words=0 if tokenizer is None else self.grammars.words)
         if sharded is None:
             self.runner = ModelRunner(model.config, model.params(), **runner_kw)
         else:
@@ -125,7 +129,7 @@ class Engine:
         self.prompt_scorer = PromptScorer()
         self.siblings = Siblings()
         self.requests: dict[str, Sequence] = {}
-        self.outputs = OutputProcessor(tokenizer)
+        self.outputs = OutputProcessor(tokenizer, self.grammars)
         self._ids = itertools.count()
         self.steps = 0
         self.preemptions = 0
@@ -171,6 +175,8 @@ class Engine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use")
+        if sampling.structured is not None:
+            self.grammars.add(request_id, sampling.structured)  # compiled now: a bad grammar fails here alone
         key = self.store.acquire(adapter)
         seq = Sequence(request_id, ids, sampling, key, adapter_name=adapter,
                        want_logprobs=logprobs or sampling.logprobs is not None,
@@ -276,7 +282,8 @@ class Engine:
             log.exception("making the step's adapters resident failed; failing its %d requests", len(batch.seqs))
             return self._fail(batch.seqs, _cause("loading the step's adapters failed", e))
         try:
-            out = self.runner.execute(batch, slots, self.store.bank, self._penalty_slots(batch.seqs))
+            bitmask = self.grammars.bitmask(batch.seqs, batch.chunks)
+            out = self.runner.execute(batch, slots, self.store.bank, self._penalty_slots(batch.seqs), bitmask)
         except Exception as e:  # noqa: BLE001 - which row caused it cannot be told: the batch fails
             log.exception("engine step failed; failing its %d requests", len(batch.seqs))
             return self._fail(batch.seqs, _cause("the engine step running this request failed", e))
@@ -327,6 +334,7 @@ class Engine:
         finally:
             self.store.release(seq.adapter)
             self.penalties.release(seq.request_id)
+            self.grammars.remove(seq.request_id)
         out = self.outputs.finish(seq, before, error, error_kind)
         del self.requests[seq.request_id]
         return out
@@ -347,6 +355,7 @@ class Engine:
         """Last resort after `_finish` itself failed: drop every trace of the request."""
         self.requests.pop(seq.request_id, None)
         self.outputs.remove(seq.request_id)
+        self.grammars.remove(seq.request_id)
         self.prompt_scorer.remove(seq)
         self.siblings.remove(seq)
         for queue in (self.scheduler.running, self.scheduler.waiting):

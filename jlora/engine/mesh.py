@@ -77,13 +77,13 @@ class MeshBankLayout:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "runtime", "num_logprobs"), donate_argnames=("cache", "penalty"))
-def _mesh_step(params, bank, cache, penalty, tokens, positions, lora_ids, page_table, logit_index, sampling, *,
-               model: ShardedModel, runtime, num_logprobs):
+def _mesh_step(params, bank, cache, penalty, tokens, positions, lora_ids, page_table, logit_index, sampling,
+               bitmask=None, *, model: ShardedModel, runtime, num_logprobs):
     """`model_runner._paged_step` through `ShardedModel.forward`; the sampling keys are derived inside the
     program (`sampler.step_sample`), so no per-process array enters it."""
     logits, cache = model.forward(params, bank, tokens, positions, lora_ids, cache, logit_index=logit_index,
                                   runtime=runtime, page_table=page_table)
-    out, penalty = step_sample(logits, sampling, penalty, num_logprobs)
+    out, penalty = step_sample(logits, sampling, penalty, num_logprobs, bitmask)
     return out, cache, penalty
 
 

@@ -1,7 +1,9 @@
 """Turns a scheduled batch into padded device arrays and runs the jitted paged step with on-device sampling.
 
 Shapes are padded to buckets (sequences and chunk lengths to powers of two, page-table widths too), so the set of
-compiled programs depends only on the buckets and the prefill/decode mode, never on adapters or request mix.
+compiled programs depends only on the buckets and the prefill/decode mode, never on adapters or request mix. A
+structured-output step adds a grammar bitmask to the one-step program; its presence (None or an int32 [B, words]
+array, one pytree structure each) is the only other thing the compile key sees.
 """
 
 from __future__ import annotations
@@ -54,11 +56,11 @@ class StepOutput:
 
 @functools.partial(jax.jit, static_argnames=("config", "runtime", "num_logprobs"),
                    donate_argnames=("cache", "penalty"))
-def _paged_step(params, bank, cache, penalty, tokens, positions, lora_ids, page_table, logit_index, sampling, *,
-                config, runtime, num_logprobs):
+def _paged_step(params, bank, cache, penalty, tokens, positions, lora_ids, page_table, logit_index, sampling,
+                bitmask=None, *, config, runtime, num_logprobs):
     logits, cache = forward(params, bank, tokens, positions, lora_ids, cache, config=config, logit_index=logit_index,
                             runtime=runtime, page_table=page_table)
-    out, penalty = step_sample(logits, sampling, penalty, num_logprobs)
+    out, penalty = step_sample(logits, sampling, penalty, num_logprobs, bitmask)
     return out, cache, penalty
 
 
@@ -91,6 +93,9 @@ class ModelRunner:
       num_logprobs: top logprobs a step computes per row (when a row asks).
       penalty_slots: sequences that can hold penalty state at once (`sampling_penalties.PenaltyState`); default
         max_num_seqs, the most that run at once.
+      bitmask_words: int32 words of a grammar bitmask row (`structured.bitmask_words`), or 0 if no step takes one.
+        Structured rows sample only in one-token decode steps (`scheduler`), so warm-up compiles the masked
+        variant of those alone ("decode_masked").
     """
 
     dp = 1  # data replicas: each owns a block of rows of every step and a block of pages
@@ -99,7 +104,7 @@ class ModelRunner:
                  max_num_seqs: int, dtype=jnp.float32, runtime: RuntimeConfig = RuntimeConfig(),
                  num_logprobs: int = 20, donate_params: bool = False, decode_steps: int = 1,
                  max_num_batched_tokens: int | None = None, max_prefill_chunk: int = 512,
-                 penalty_slots: int | None = None):
+                 penalty_slots: int | None = None, bitmask_words: int = 0):
         compiles.install()
         self.config, self.runtime = config, runtime.resolved()
         self.page_size, self.max_num_seqs = page_size, max_num_seqs
@@ -115,7 +120,7 @@ class ModelRunner:
                                                         dtype=dtype) != "xla"
         self.donate_params, self.decode_steps = donate_params, decode_steps
         self.params, self.cache = self._allocate(params, num_pages, page_size, dtype)
-        self.num_logprobs = num_logprobs
+        self.num_logprobs, self.bitmask_words = num_logprobs, bitmask_words
         self.penalty = self._place_state(functools.partial(PenaltyState.zeros, penalty_slots or max_num_seqs,
                                                            config.vocab_size, MAX_LOGIT_BIAS))
         self.shapes_run: set[tuple] = set()
@@ -217,9 +222,10 @@ class ModelRunner:
     def bucket_shapes(self, max_prefill_chunk: int) -> list[tuple[str, int, int, int]]:
         """Every (mode, sequences, tokens per row, page-table width) a step can have."""
         loops = ["decode_loop_greedy", "decode_loop", "decode_loop_logprobs"] if self.decode_steps > 1 else []
+        masked = ["decode_masked"] if self.bitmask_words else []
         shapes = []
         for b in _ladder(*self._seq_range()):
-            for m in ["decode"] + loops:
+            for m in ["decode"] + masked + loops:
                 shapes += [(m, self.dp * b, 1, P) for P in self.page_buckets(m, 1)]
             for T in _ladder(16, bucket(max_prefill_chunk, 16)):
                 if self.prefill_row_budget is None or b * T <= self.prefill_row_budget:
@@ -227,7 +233,8 @@ class ModelRunner:
         return shapes
 
     def _arrays(self, mode: str, B: int, T: int, P: int) -> dict:
-        """An all-padding step: positions -1 write nothing, no row has an adapter, and a decode row runs no step."""
+        """An all-padding step: positions -1 write nothing, no row has an adapter, a decode row runs no step, and a
+        "_masked" mode's bitmask allows every token."""
         a = {"tokens": np.zeros((B, T), np.int32), "positions": np.full((B, T), -1, np.int32),
              "lora_ids": np.full((B, T), -1, np.int32), "page_table": np.zeros((B, P), np.int32),
              "sampling": row_arrays(B, self.spare_slot)}
@@ -237,6 +244,8 @@ class ModelRunner:
             a["sampling"]["logprobs"][:] = mode == "decode_loop_logprobs"
         else:
             a["logit_index"] = np.zeros((B,), np.int32)
+        if mode.endswith("_masked"):
+            a["bitmask"] = np.full((B, self.bitmask_words), -1, np.int32)
         return a
 
     def warmup(self, bank, max_prefill_chunk: int, shapes=None) -> int:
@@ -266,9 +275,10 @@ class ModelRunner:
         return rows, self.dp * b
 
     def execute(self, batch: ScheduledBatch, slots: dict[str, int], bank,
-                penalty_slots: list[int] | None = None) -> StepOutput:
+                penalty_slots: list[int] | None = None, bitmask: np.ndarray | None = None) -> StepOutput:
         """Runs one step and returns its results in the order of `batch.seqs`; `penalty_slots[i]` is the penalty
-        slot of sequence i (None: every row on the spare slot, i.e. no processors)."""
+        slot of sequence i (None: every row on the spare slot, i.e. no processors); `bitmask[i]` the int32 grammar
+        bitmask row of sequence i (`engine.grammars`; None: no row is constrained), in a one-step batch only."""
         seqs, chunks = batch.seqs, batch.chunks
         steps = batch.steps or [1] * len(seqs)  # samples per sequence: several for a multi-step decode
         if max(steps) > (self.decode_steps if batch.mode == "decode" else 1):
@@ -277,13 +287,16 @@ class ModelRunner:
         # Multi-step whenever the scheduler asks for it, even for one token each (the tail of a burst): the loop then
         # runs steps nobody needs, but the one-step programs stay for page shortage alone, so fewer shapes compile.
         multi = batch.steps is not None and self.decode_steps > 1
+        if bitmask is not None and multi:
+            raise ValueError("a grammar bitmask needs a one-step batch: the decode loop samples several tokens")
         penalty_slots = penalty_slots or [self.spare_slot] * len(seqs)
         slot_of = [-1 if s.adapter is None else slots[s.adapter] for s in seqs]
         rows, B = self._rows(seqs, slot_of)
         T = 1 if batch.mode == "decode" else bucket(max(chunks), 16)
         widest = max(-(-(s.num_computed + c + k - 1) // self.page_size) for s, c, k in zip(seqs, chunks, steps))
         P = next(p for p in self.page_buckets(batch.mode, T) if p >= widest)
-        a = self._arrays("decode_loop_greedy" if multi else batch.mode, B, T, P)  # padding rows are greedy
+        masked = "" if bitmask is None else "_masked"
+        a = self._arrays("decode_loop_greedy" if multi else batch.mode + masked, B, T, P)  # padding rows are greedy
         for i, (s, c) in enumerate(zip(seqs, chunks)):
             row, start = rows[i], s.num_computed
             a["tokens"][row, :c] = s.token_ids[start:start + c]
@@ -296,7 +309,9 @@ class ModelRunner:
             else:
                 a["logit_index"][row] = c - 1
             fill_row(a["sampling"], row, s, penalty_slots[i], live=start + c == s.num_tokens)
-        mode = loop_kind(a["sampling"]) if multi else batch.mode
+        if bitmask is not None:
+            a["bitmask"][rows] = bitmask
+        mode = loop_kind(a["sampling"]) if multi else batch.mode + masked
         self.shapes_run.add((mode, B, T, P))
         out = self._run(bank, a)
         if multi:  # [B, k, ...] rows: the loop's leading step axis moves second

@@ -1,5 +1,5 @@
-"""A step's sampled tokens into their requests: logprob entries, incremental text, stop checks, and the
-`RequestOutput`s handed back. Pure Python: it reads a step's host arrays (`model_runner.StepOutput`).
+"""A step's sampled tokens into their requests: logprob entries, incremental text, grammar matchers, stop checks,
+and the `RequestOutput`s handed back. Pure Python: it reads a step's host arrays (`model_runner.StepOutput`).
 
 The engine calls `advance` for each row of a step; a request that stops is finished by the engine (which frees its
 pages and references) and its last output built here (`finish`).
@@ -7,6 +7,7 @@ pages and references) and its last output built here (`finish`).
 
 from __future__ import annotations
 
+from jlora.engine.grammars import Grammars
 from jlora.engine.logprobs import entry
 from jlora.engine.outputs import RequestOutput, held_back
 from jlora.engine.sequence import Sequence
@@ -18,10 +19,11 @@ class OutputProcessor:
 
     Args:
       tokenizer: a `jlora.tokenizer.Tokenizer`, or None (token ids only: no text, no stop strings).
+      grammars: the structured requests' matchers, advanced by every token they sample.
     """
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, grammars: Grammars):
+        self.tokenizer, self.grammars = tokenizer, grammars
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._text: dict[str, str] = {}
         self._sent: dict[str, int] = {}  # characters of the text given out in outputs
@@ -70,11 +72,16 @@ class OutputProcessor:
         return None, before
 
     def after_token(self, seq: Sequence) -> str | None:
-        """Stop checks after a new token: "stop", "length", or None while the request runs."""
+        """Stop checks after a new token: "stop", "length", or None while the request runs. A structured request
+        stops once its grammar is complete; a token outside it raises `grammars.GrammarError`."""
         sp, rid, token = seq.sampling, seq.request_id, seq.output_ids[-1]
         stopping = len(seq.output_ids) > sp.min_tokens  # before min_tokens nothing stops it (as in vLLM)
         if stopping and token in self.stop_ids(sp):
             self._drop_last(seq)  # like the text, token_ids (and logprobs) end before the stop token
+            return "stop"
+        complete = rid in self.grammars and self.grammars.advance(seq, token)
+        if complete and token in self.tokenizer.stop_ids:  # ignore_eos: the grammar's end, not part of the output
+            self._drop_last(seq)
             return "stop"
         if rid in self._detok:
             old = len(self._text[rid])
@@ -86,6 +93,8 @@ class OutputProcessor:
                 if hits:
                     self._text[rid] = text[:min(hits)]
                     return "stop"
+        if complete:
+            return "stop"
         if len(seq.output_ids) >= sp.max_tokens:
             return "length"
         return None

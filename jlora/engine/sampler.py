@@ -4,7 +4,8 @@ arrays they read (`row_arrays`, filled by `fill_row`).
 A one-step program (prefill, or decode when pages are short) decides on the device: if every row is greedy and
 no row uses processors or asks for logprobs, a conditional takes the argmax alone; otherwise it processes the logits
 (`sampling_penalties`), samples, computes logprobs only if some row asks (a second conditional), and counts the
-sampled tokens into the penalty state. The decode loop has no conditionals (XLA's GPU runtime reads a predicate
+sampled tokens into the penalty state. With a grammar bitmask (structured output: one-step programs only), the tokens it
+disallows are -inf before all of that; logprobs stay those of the raw logits. The decode loop has no conditionals (XLA's GPU runtime reads a predicate
 back to the host): whether it is greedy-only and whether it computes logprobs are static, so it is one of three
 programs per shape (`loop_kind`).
 """
@@ -17,6 +18,7 @@ import numpy as np
 
 from jlora import sampling_penalties as penalties
 from jlora.sampling import sample
+from jlora.structured import apply_bitmask
 
 # Per-row sampling arrays of every step program, with the value of a padding row.
 _ROW_FIELDS = {"temperature": (np.float32, 0.0), "top_k": (np.int32, 0), "top_p": (np.float32, 1.0),
@@ -67,19 +69,22 @@ def _logprobs(logits, token, num_logprobs: int):
     return jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0], top_ids, top_lp
 
 
-def step_sample(logits, s: dict, state: penalties.PenaltyState, num_logprobs: int):
-    """One token per row of logits [B, V], with rows `s` (see `row_arrays`). Returns ((token [B], log p [B],
-    top ids [B, n], top log p [B, n]), the penalty state); logprobs are zeros unless some row asks."""
+def step_sample(logits, s: dict, state: penalties.PenaltyState, num_logprobs: int, bitmask=None):
+    """One token per row of logits [B, V], with rows `s` (see `row_arrays`), among the tokens `bitmask` allows
+    (int32 [B, ceil(V / 32)], `structured.apply_bitmask`; None: all). Returns ((token [B], log p [B], top ids
+    [B, n], top log p [B, n]), the penalty state); logprobs, of the unmasked logits, are zeros unless some row
+    asks."""
     B = logits.shape[0]
     zeros = (jnp.zeros((B,), jnp.float32), jnp.zeros((B, num_logprobs), jnp.int32),
              jnp.zeros((B, num_logprobs), jnp.float32))
+    allowed = logits if bitmask is None else apply_bitmask(logits, bitmask)
 
     def greedy():
-        return (jnp.argmax(logits, axis=-1).astype(jnp.int32), *zeros), state
+        return (jnp.argmax(allowed, axis=-1).astype(jnp.int32), *zeros), state
 
     def full():
         rows = penalties.gather(state, s["slot"])
-        processed = penalties.apply(logits, rows, s, s["steps"])
+        processed = penalties.apply(allowed, rows, s, s["steps"])
         token = sample(processed, s["temperature"], s["top_k"], s["top_p"], _keys(s), min_p=s["min_p"])
         lp = jax.lax.cond(jnp.any(s["logprobs"]), lambda: _logprobs(logits, token, num_logprobs), lambda: zeros)
         rows = penalties.count(rows, token, s["live"])

@@ -11,6 +11,10 @@ device or in the running batch go first, and a request whose adapter cannot join
 of stalling the queue behind it. A request that has waited `affinity_max_wait_s` is overdue: overdue requests go first,
 in queue order, and nothing passes one that cannot be admitted yet, so from then on it waits only as it would at the
 head of a FIFO queue.
+
+A structured sequence (`Sequence.structured`: its output follows a grammar) samples only in one-token decode steps,
+where the host computes each token's mask before the step: its prefill stops one token short of the end (the decode
+step computes that token and samples), and a decode batch holding one runs one token per sequence.
 """
 
 from __future__ import annotations
@@ -138,6 +142,11 @@ class Scheduler:
             prefix = self.allocator.match(seq, lambda start: self._chunk(seq, start, budget)) if admitting else None
             start = prefix.num_tokens if admitting else seq.num_computed
             chunk = self._chunk(seq, start, budget)
+            if chunk == 0:  # structured, all but its last token cached: it joins the next decode step
+                self.allocator.reserve(seq, start, prefix)  # its cached pages alone: never short
+                seq.num_computed = start
+                self._admit(seq)
+                continue
             if seqs and not self.prefill_fits(len(seqs) + 1, max(chunks + [chunk])):
                 break  # the rest wait for the next step, in order
             if not self.allocator.reserve(seq, start + chunk, prefix):
@@ -150,12 +159,15 @@ class Scheduler:
             return None
         for seq in seqs:
             if seq.status is Status.WAITING:
-                self.waiting.remove(seq)
-                seq.status = Status.RUNNING
-                self._order += 1
-                seq.order = self._order
-                self.running.append(seq)
+                self._admit(seq)
         return ScheduledBatch("prefill", seqs, chunks)
+
+    def _admit(self, seq: Sequence) -> None:
+        self.waiting.remove(seq)
+        seq.status = Status.RUNNING
+        self._order += 1
+        seq.order = self._order
+        self.running.append(seq)
 
     def _overdue(self, seq: Sequence) -> bool:
         return self.clock() - seq.arrival_time >= self.config.affinity_max_wait_s
@@ -173,16 +185,17 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, start: int, budget: int) -> int:
         """The prefill chunk of `seq` from token `start`. A chunk that reaches the end samples a token, so decode
-        needs nothing more until then."""
-        return min(seq.num_tokens - start, budget, self.config.max_prefill_chunk)
+        needs nothing more until then; a structured sequence's stops one short (its decode step samples)."""
+        return min(seq.num_tokens - start - int(seq.structured), budget, self.config.max_prefill_chunk)
 
     def _schedule_decode(self) -> ScheduledBatch | None:
         preempted = []
         while True:
             ready = [s for s in self.running if s.remaining == 1][:self.config.max_num_seqs]
-            # Several tokens per sequence where pages allow (never past max_tokens), else one before preempting.
+            # Several tokens per sequence where pages allow (never past max_tokens) and no sequence is structured,
+            # else one before preempting.
             steps = [max(1, min(self.config.num_scheduler_steps, s.tokens_left)) for s in ready]
-            if self.allocator.can_grow(ready, [k - 1 for k in steps]):
+            if not any(s.structured for s in ready) and self.allocator.can_grow(ready, [k - 1 for k in steps]):
                 break
             steps = None  # one token each, through the one-step program
             if self.allocator.can_grow(ready) or not self.running:

@@ -66,5 +66,10 @@ class Sequence:
         return self.sampling.max_tokens - len(self.output_ids)
 
     @property
+    def structured(self) -> bool:
+        """Whether its output follows a grammar: every token it samples needs a mask from the host first."""
+        return self.sampling.structured is not None
+
+    @property
     def is_finished(self) -> bool:
         return self.status is Status.FINISHED

@@ -17,11 +17,12 @@ CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?'\n:
 
 
 def tiny_tokenizer() -> Tokenizer:
-    """One token per character (78 tokens, so ids fit TINY's vocab of 97); <|im_end|> is EOS."""
+    """One token per character (78 tokens, so ids fit TINY's vocab of 97); <|im_end|> is EOS. The decoder
+    (byte fallback, then fuse) is one llguidance reads, so structured output runs on the tiny model too."""
     vocab = {t: i for i, t in enumerate(SPECIALS + list(CHARS))}
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.add_special_tokens(SPECIALS[1:])
-    backend.decoder = decoders.Fuse()
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     return Tokenizer(backend, bos_token=None, eos_token="<|im_end|>", chat_template=CHATML)
 
 
