@@ -160,6 +160,18 @@ class PageAllocator:
         seq.pages = []
         seq.num_cached_pages = 0
 
+    def drop_cached(self) -> int:
+        """Forgets every cached page, whose contents were lost with the device's KV cache: the parked ones become
+        free. Called when no sequence holds a page; returns how many were dropped."""
+        if self._refs:
+            raise AssertionError(f"{len(self._refs)} pages are still held: free their sequences first")
+        dropped = 0
+        for replica in range(self.replicas):
+            while self.cache is not None and (page := self.cache.evict(replica)) is not None:
+                self._free[replica].append(page)
+                dropped += 1
+        return dropped
+
     def _hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """The keys of the first `num_blocks` blocks of `seq` (computed once per sequence: its tokens only grow)."""
         extend_hashes(seq.block_hashes, seq.token_ids, self.page_size, seq.cache_salt, num_blocks)

@@ -133,6 +133,7 @@ class Engine:
         self._ids = itertools.count()
         self.steps = 0
         self.preemptions = 0
+        self.device_state_resets = 0  # failed steps that took the KV cache with them (`_recompute_all`)
         log.info("memory plan: %s", self.plan.describe())
 
     # -- requests -----------------------------------------------------------------------------------------
@@ -286,7 +287,10 @@ class Engine:
             out = self.runner.execute(batch, slots, self.store.bank, self._penalty_slots(batch.seqs), bitmask)
         except Exception as e:  # noqa: BLE001 - which row caused it cannot be told: the batch fails
             log.exception("engine step failed; failing its %d requests", len(batch.seqs))
-            return self._fail(batch.seqs, _cause("the engine step running this request failed", e))
+            failed = self._fail(batch.seqs, _cause("the engine step running this request failed", e))
+            if self.runner.recover():
+                self._recompute_all()
+            return failed
         self.steps += 1
         now = time.perf_counter()
         changed = []
@@ -384,6 +388,20 @@ class Engine:
             self.scheduler.preempt(seq)
         self.preemptions += len(waiting)
         return []
+
+    def _recompute_all(self) -> None:
+        """The failed step took the device's KV cache and penalty state with it (`ModelRunner.recover` allocated
+        them afresh): every other request goes back to the queue, to be recomputed from its tokens, and the prefix
+        cache, whose pages were lost, is emptied. Nothing is lost but the time to recompute."""
+        live = list(self.scheduler.running) + [s for s in self.scheduler.waiting if s.pages or s.num_computed]
+        for seq in live:
+            self.scheduler.preempt(seq)
+        self.preemptions += len(live)
+        self.device_state_resets += 1
+        dropped = self.allocator.drop_cached()
+        self.penalties.clear()
+        log.warning("the failed step took the KV cache with it: reallocated; %d requests requeued for recompute, "
+                    "%d cached prefix pages dropped", len(live), dropped)
 
     def close(self) -> None:
         """Stops the adapter loader threads."""

@@ -118,8 +118,10 @@ class MeshRunner(ModelRunner):
         return self.model.dp
 
     def _place(self, params, num_pages: int, page_size: int, dtype):
-        return (self.model.place_params(params, split=split_layers_enabled(self.runtime)),
-                self.model.pages_zeros(num_pages, page_size, dtype))
+        return self.model.place_params(params, split=split_layers_enabled(self.runtime)), self._new_cache()
+
+    def _new_cache(self):
+        return self.model.pages_zeros(self.num_pages, self.page_size, self.dtype)
 
     def _place_state(self, make):
         """Penalty state, replicated over the mesh (every row of a step may name any slot); made on the devices,

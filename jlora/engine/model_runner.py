@@ -119,10 +119,12 @@ class ModelRunner:
         self.decode_any_width = attention.paged_backend(config, 1, self.runtime, page_size=page_size,
                                                         dtype=dtype) != "xla"
         self.donate_params, self.decode_steps = donate_params, decode_steps
+        self.num_pages, self.dtype = num_pages, dtype
         self.params, self.cache = self._allocate(params, num_pages, page_size, dtype)
         self.num_logprobs, self.bitmask_words = num_logprobs, bitmask_words
-        self.penalty = self._place_state(functools.partial(PenaltyState.zeros, penalty_slots or max_num_seqs,
-                                                           config.vocab_size, MAX_LOGIT_BIAS))
+        self._penalty_zeros = functools.partial(PenaltyState.zeros, penalty_slots or max_num_seqs,
+                                                config.vocab_size, MAX_LOGIT_BIAS)
+        self.penalty = self._place_state(self._penalty_zeros)
         self.shapes_run: set[tuple] = set()
 
     def _allocate(self, params, num_pages: int, page_size: int, dtype):
@@ -149,7 +151,24 @@ class ModelRunner:
     def _place(self, params, num_pages: int, page_size: int, dtype):
         if split_layers_enabled(self.runtime):
             params = split_layers(params, donate=self.donate_params)
-        return params, KVCache.pages(self.config, num_pages, page_size, dtype)
+        return params, self._new_cache()
+
+    def _new_cache(self):
+        return KVCache.pages(self.config, self.num_pages, self.page_size, self.dtype)
+
+    def recover(self) -> bool:
+        """After a failed step: whether the step took the KV cache or the penalty state with it. A jitted step
+        donates both, so a call that fails after taking them leaves their arrays deleted and every later step would
+        fail. Then both are allocated afresh (the survivors freed first) and True is returned: every sequence's
+        cached keys and values, and every penalty slot, are lost, and the caller must recompute them."""
+        leaves = jax.tree.leaves((self.cache, self.penalty))
+        if not any(x.is_deleted() for x in leaves):
+            return False
+        for x in leaves:
+            if not x.is_deleted():
+                x.delete()
+        self.cache, self.penalty = self._new_cache(), self._place_state(self._penalty_zeros)
+        return True
 
     def _place_state(self, make) -> PenaltyState:
         return make()

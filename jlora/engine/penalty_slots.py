@@ -66,6 +66,11 @@ class PenaltySlots:
     def slot(self, request_id: str) -> int | None:
         return self._slot.get(request_id)
 
+    def clear(self) -> None:
+        """Releases every slot (the device state was lost: the next `assign` writes each again)."""
+        for rid in list(self._slot):
+            self.release(rid)
+
     def release(self, request_id: str) -> None:
         slot = self._slot.pop(request_id, None)
         if slot is not None:

@@ -30,6 +30,8 @@ COUNTERS = (
     ("tokens_generated", "jlora_generation_tokens", "Tokens generated."),
     ("steps", "jlora_engine_steps", "Engine steps run."),
     ("preemptions", "jlora_preemptions", "Sequences preempted for lack of KV pages."),
+    ("device_state_resets", "jlora_device_state_resets",
+     "Failed steps that took the KV cache with them (reallocated; the other requests recomputed)."),
     ("compilations", "jlora_compilations", "XLA compilations in this process."),
     ("adapter_device_hits", "jlora_adapter_device_cache_hits", "Adapter lookups found in a device slot."),
     ("adapter_device_misses", "jlora_adapter_device_cache_misses", "Adapter lookups that had to write a slot."),

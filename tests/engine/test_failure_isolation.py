@@ -3,6 +3,7 @@ Adapter replacement: running requests finish on the old weights, new requests ge
 
 import os
 
+import jax
 import numpy as np
 import pytest
 from helpers import write_adapter
@@ -74,6 +75,46 @@ def test_a_failing_step_fails_its_batch_alone_and_the_engine_keeps_serving(tiny)
     done = drain(engine)
     assert done["early"].token_ids == lone(tiny, [1, 2, 3, 4], "r4")
     assert done["later"].token_ids == lone(tiny, [7, 8, 9], None)
+    assert_idle(engine)
+
+
+def test_a_failing_step_that_took_the_kv_cache_loses_nothing_else(tiny):
+    """A step that dies after its donated KV cache and penalty state were taken (their arrays deleted, as a device
+    failure inside the call leaves them): its request fails; the engine reallocates both, recomputes the running
+    requests from their tokens (same greedy and penalised outputs as alone), empties the prefix cache of lost
+    pages, and keeps serving."""
+    engine = make_engine(tiny)
+    run = engine.runner._run
+    greedy = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)  # longer than a decode burst
+    penalised = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, repetition_penalty=1.5,
+                               frequency_penalty=0.7)
+
+    def dies_after_donation(bank, a):
+        if engine.runner.poison:
+            for x in jax.tree.leaves((engine.runner.cache, engine.runner.penalty)):
+                x.delete()
+            raise RuntimeError("INTERNAL: CUDA error: an illegal memory access was encountered")
+        return run(bank, a)
+
+    engine.runner.poison = False
+    engine.runner._run = dies_after_donation
+    engine.add_request([1, 2, 3, 4, 5, 6, 7, 8, 9], greedy, "r4", request_id="a")
+    engine.add_request([7, 8, 9], penalised, None, request_id="b")
+    while len(engine.requests["a"].output_ids) < 2 or len(engine.requests["b"].output_ids) < 2:
+        assert not [o for o in engine.step() if o.finished]
+    engine.add_request([5, 6], GREEDY, "r8", request_id="bad")
+    engine.runner.poison = True
+    outs = engine.step()  # the prefill of "bad" alone
+    engine.runner.poison = False
+    assert [(o.request_id, o.finish_reason) for o in outs] == [("bad", "error")]
+    assert "illegal memory access" in outs[0].error
+    assert engine.device_state_resets == 1 and engine.allocator.cache.num_cached == 0
+    assert not any(x.is_deleted() for x in jax.tree.leaves((engine.runner.cache, engine.runner.penalty)))
+    done = drain(engine)
+    assert len(done["a"].token_ids) == 30 and done["a"].token_ids == lone(tiny, [1, 2, 3, 4, 5, 6, 7, 8, 9], "r4", greedy)
+    assert done["b"].token_ids == lone(tiny, [7, 8, 9], None, penalised)
+    engine.add_request([1, 2, 3, 4, 5, 6, 7, 8, 9], greedy, "r4", request_id="again")  # no stale prefix pages
+    assert drain(engine)["again"].token_ids == done["a"].token_ids
     assert_idle(engine)
 
 
