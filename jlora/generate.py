@@ -112,7 +112,8 @@ class LLM:
         best_of, the n of highest cumulative logprob, best first). With
         `SamplingParams.logprobs` / `prompt_logprobs`, each output has `logprobs` (per output token: {"token",
         "logprob", "top": {id: logprob}}), `cumulative_logprob` and `prompt_logprobs` (None first); max_tokens=0
-        with prompt_logprobs scores the prompt alone.
+        with prompt_logprobs scores the prompt alone. With `SamplingParams.structured`, each output follows its JSON
+        schema, regex or grammar.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -128,6 +129,8 @@ class LLM:
             self._check_adapter(a)
             ids = engine._encode(p)
             check_logprobs(sp, engine.runner.num_logprobs, mesh=engine.config.tp * engine.config.dp > 1)
+            if sp.structured is not None:
+                engine.grammars.compiler().grammar(sp.structured)  # compiled (and cached) now: RequestError if bad
             if len(ids) + sp.max_tokens > engine.max_model_len:
                 raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {sp.max_tokens} exceeds the "
                                    f"context length {engine.max_model_len}")

@@ -24,8 +24,8 @@ JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separ
 
 @dataclasses.dataclass(frozen=True)
 class StructuredOutput:
-    """What a request's output must match: `kind` one of KINDS, `spec` the JSON schema (text), regex or Lark
-    grammar (unused for json_object)."""
+    """What a request's output must match: `kind` one of KINDS, `spec` the JSON schema (text), regex, or grammar in
+    Lark or GBNF syntax (llama.cpp's, which vLLM and SGLang take; unused for json_object)."""
 
     kind: str
     spec: str = ""
@@ -82,7 +82,7 @@ class GrammarCompiler:
             elif spec.kind == "regex":
                 grammar = M.grammar_from_regex(spec.spec)
             else:
-                grammar = M.grammar_from_lark(spec.spec)
+                grammar = M.grammar_from_lark(self._lark(spec.spec))
         except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
             raise RequestError(f"invalid {spec.kind}: {e}") from None
         error, messages = M.validate_grammar_with_warnings(grammar, self.tokenizer)
@@ -91,6 +91,15 @@ class GrammarCompiler:
         if len(self._grammars) < 256:
             self._grammars[spec] = grammar
         return grammar
+
+    def _lark(self, text: str) -> str:
+        """Lark text as it is; GBNF converted to Lark."""
+        from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+
+        try:
+            return any_to_lark(text)
+        except GbnfToLarkError as e:
+            raise ValueError(f"not Lark, and not GBNF either: {e}") from None
 
     def matcher(self, spec: StructuredOutput) -> "Matcher":
         return Matcher(self._ll.LLMatcher(self.tokenizer, self.grammar(spec), log_level=0), self.words)

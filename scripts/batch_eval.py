@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "seed", "stop",
                    "stop_token_ids", "ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                   "logit_bias", "logprobs", "n", "best_of")
+                   "logit_bias", "logprobs", "n", "best_of", "response_format")
 
 EPILOG = """\
 input (JSONL, one request per line):
@@ -26,7 +26,8 @@ input (JSONL, one request per line):
   "id" (default: the line number), "adapter" (default: --adapter; none or "base" = the base model) and
   sampling fields (vLLM's meanings): temperature, top_p, top_k, min_p, max_tokens, min_tokens, seed, stop,
   stop_token_ids, ignore_eos, presence_penalty, frequency_penalty, repetition_penalty, logit_bias ({"id": bias}),
-  logprobs (k: each output token's logprob and the k most likely), n and best_of.
+  logprobs (k: each output token's logprob and the k most likely), n, best_of and response_format (OpenAI's:
+  {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema"}}).
 
 output (JSONL, one line per record, in completion order):
   {"id": "q1", "adapter": "french", "text": "...", "prompt_tokens": 7, "completion_tokens": 32,
@@ -124,14 +125,16 @@ class InProcess:
                                                  max_num_seqs=args.max_num_seqs, runtime=RuntimeConfig.from_env()))
 
     async def complete(self, rec: dict, adapter: str | None, fields: dict) -> dict:
-        from jlora.serve import choices
+        from jlora.serve import choices, structured_fields
         from jlora.serve.protocol import check_output, prepare, render_chat
 
         info = self.service.info
         prompt = render_chat(info, rec["messages"]) if "messages" in rec else rec["prompt"]
         fields = dict(fields)
         k = fields.pop("logprobs", None)
-        completion = prepare(info, fields, prompt=prompt, adapter=info.adapter_for(adapter), logprobs=k)
+        structured = structured_fields.response_format(fields.pop("response_format", None))
+        completion = prepare(info, fields, prompt=prompt, adapter=info.adapter_for(adapter), logprobs=k,
+                             structured=structured)
         streams = (await choices.start_choices(self.service, [completion]))[0]
         outs = [await s.result() for s in streams]
         for out in outs:

@@ -14,11 +14,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from jlora.serve import choices
 from jlora.serve.async_engine import ServerClosedError
 from jlora.serve.proto import jlora_pb2, jlora_pb2_grpc
 from jlora.serve.protocol import check_output, error_message, error_status, prepare
 from jlora.serve.security import AuthError, SecurityConfig, bearer
 from jlora.serve.service import AdapterInfo, Service
+from jlora.structured import StructuredOutput
 
 log = logging.getLogger("jlora.serve.grpc")
 
@@ -26,7 +28,7 @@ MAX_RECEIVE_BYTES = 4 << 20  # a request: prompts of a few hundred thousand toke
 MAX_SEND_BYTES = 16 << 20
 SERVICE_NAME = jlora_pb2.DESCRIPTOR.services_by_name["Jlora"].full_name
 _SAMPLING_OPTIONAL = ("temperature", "top_p", "top_k", "max_tokens", "seed", "min_p", "presence_penalty",
-                      "frequency_penalty", "repetition_penalty", "min_tokens")
+                      "frequency_penalty", "repetition_penalty", "min_tokens", "n", "best_of")
 ADMIN_METHODS = (f"/{SERVICE_NAME}/LoadAdapter", f"/{SERVICE_NAME}/UnloadAdapter")
 WATCHDOG_POLL_S = 0.5
 
@@ -36,6 +38,14 @@ def _sampling_fields(sp: jlora_pb2.SamplingParams) -> dict:
     fields.update(stop=list(sp.stop), stop_token_ids=list(sp.stop_token_ids), ignore_eos=sp.ignore_eos,
                   logit_bias={str(k): v for k, v in sp.logit_bias.items()})
     return fields
+
+
+def _structured(sp: jlora_pb2.SamplingParams) -> StructuredOutput | None:
+    """The `structured` oneof: json_schema, json_object (true), regex or grammar; None when unset."""
+    which = sp.WhichOneof("structured")
+    if which is None or (which == "json_object" and not sp.json_object):
+        return None
+    return StructuredOutput("json_object") if which == "json_object" else StructuredOutput(which, getattr(sp, which))
 
 
 class _Undecodable:
@@ -150,45 +160,60 @@ class JloraServicer(jlora_pb2_grpc.JloraServicer):
                        token_ids=list(request.prompt_token_ids) or None,
                        messages=[{"role": m.role, "content": m.content} for m in request.messages] or None,
                        adapter=info.adapter_for(request.adapter, "adapter"),
-                       zero_tokens_ok=counts["prompt_logprobs"] is not None, **counts)
+                       zero_tokens_ok=counts["prompt_logprobs"] is not None, structured=_structured(sp), **counts)
 
-    async def _start(self, request: jlora_pb2.GenerateRequest, context):
-        """Validates and queues a request; aborts the RPC with the error's code if it is refused."""
+    async def _start(self, request: jlora_pb2.GenerateRequest, context, stream: bool):
+        """Validates and queues a request's choices; (their streams, the completion). Aborts the RPC with the
+        error's code if it is refused."""
         try:
             completion = await self.service.prepare(self._prepare, request)
+            choices.check_choices([completion], stream)
             remaining = context.time_remaining()
             deadline = None if remaining is None else time.monotonic() + remaining
-            return await self.service.start(completion, deadline=deadline)
+            group, = await choices.start_choices(self.service, [completion], deadline=deadline)
+            return group, completion
         except Exception as e:  # noqa: BLE001 - every refusal becomes a status code with its message
             await self._fail(context, e)
 
     async def Generate(self, request, context):
         started = time.perf_counter()
-        stream = await self._start(request, context)
+        streams, completion = await self._start(request, context, stream=False)
         error = None
         try:
-            out = await stream.result()
-            check_output(out)
+            outs = await asyncio.gather(*(s.result() for s in streams))
+            for out in outs:
+                check_output(out)
         except Exception as e:  # noqa: BLE001
             error = e
         finally:
-            stream.abort()  # a no-op once finished; frees everything if the RPC was cancelled
+            for s in streams:
+                s.abort()  # a no-op once finished; frees everything if the RPC was cancelled
         if error is not None:
             await self._fail(context, error)
         self.service.observe("grpc", started)
+        sp, group = completion.sampling, choices.PromptGroup()
+        picked = choices.best(outs, sp.n, group)  # keeps the first choice's prompt logprobs in `group`
+
+        def lps(out):  # logprobs that best_of alone asked for are not shown
+            return _logprobs(out.logprobs or []) if sp.logprobs is not None else []
+
+        listed = [jlora_pb2.Choice(index=j, text=o.text, token_ids=o.token_ids, finish_reason=o.finish_reason,
+                                   logprobs=lps(o), cumulative_logprob=o.cumulative_logprob)
+                  for j, o in enumerate(picked)]
+        top = picked[0]
         return jlora_pb2.GenerateResponse(
-            request_id=out.request_id, text=out.text, token_ids=out.token_ids, finish_reason=out.finish_reason,
-            usage=jlora_pb2.Usage(prompt_tokens=len(out.prompt_token_ids), completion_tokens=len(out.token_ids)),
-            logprobs=_logprobs(out.logprobs or []), cumulative_logprob=out.cumulative_logprob,
-            prompt_logprobs=_logprobs(out.prompt_logprobs or [], out.prompt_token_ids))
+            request_id=top.request_id, text=top.text, token_ids=top.token_ids, finish_reason=top.finish_reason,
+            usage=jlora_pb2.Usage(prompt_tokens=len(top.prompt_token_ids),
+                                  completion_tokens=sum(len(o.token_ids) for o in picked)),
+            logprobs=lps(top), cumulative_logprob=top.cumulative_logprob, choices=listed,
+            prompt_logprobs=_logprobs(group.prompt_logprobs or [], top.prompt_token_ids))
 
     async def GenerateStream(self, request, context):
         started = time.perf_counter()
-        stream = await self._start(request, context)
-        sent = sent_lp = 0
-        first = True
+        streams, _ = await self._start(request, context, stream=True)
+        sent, sent_lp, opened = [0] * len(streams), [0] * len(streams), set()
         try:
-            async for out in stream:
+            async for k, out in choices.merged(streams):
                 error = None
                 try:
                     check_output(out)
@@ -197,18 +222,21 @@ class JloraServicer(jlora_pb2_grpc.JloraServicer):
                 if error is not None:
                     await self._fail(context, error)
                 msg = jlora_pb2.GenerateStreamResponse(request_id=out.request_id, text=out.delta,
-                                                       token_ids=out.token_ids[sent:], finished=out.finished,
-                                                       logprobs=_logprobs((out.logprobs or [])[sent_lp:]))
-                if first and out.prompt_logprobs:
+                                                       token_ids=out.token_ids[sent[k]:], finished=out.finished,
+                                                       logprobs=_logprobs((out.logprobs or [])[sent_lp[k]:]),
+                                                       index=k)
+                if k not in opened and out.prompt_logprobs:
                     msg.prompt_logprobs.extend(_logprobs(out.prompt_logprobs, out.prompt_token_ids))
-                first, sent, sent_lp = False, len(out.token_ids), len(out.logprobs or [])
+                opened.add(k)
+                sent[k], sent_lp[k] = len(out.token_ids), len(out.logprobs or [])
                 if out.finished:
                     msg.finish_reason = out.finish_reason
                     msg.usage.prompt_tokens = len(out.prompt_token_ids)
                     msg.usage.completion_tokens = len(out.token_ids)
                 yield msg
         finally:
-            stream.abort()
+            for s in streams:
+                s.abort()
         self.service.observe("grpc_stream", started)
 
     async def ListAdapters(self, request, context):

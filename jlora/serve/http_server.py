@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jlora.errors import JloraError, RequestError
-from jlora.serve import choices
+from jlora.serve import choices, structured_fields
 from jlora.serve import openai_format as oai
 from jlora.serve.async_engine import RequestStream, ServerClosedError
 from jlora.serve.metrics import CONTENT_TYPE
@@ -205,7 +205,8 @@ def build_app(service: Service, security: SecurityConfig = SecurityConfig()) -> 
         want = choices.wants(body, chat)
         model = body.get("model") or info.name
         fields = dict(body)
-        counts = dict(logprobs=want.logprobs, prompt_logprobs=want.prompt_logprobs)
+        counts = dict(logprobs=want.logprobs, prompt_logprobs=want.prompt_logprobs,
+                      structured=structured_fields.openai(body))
         if chat:
             if fields.get("max_tokens") is None:
                 fields["max_tokens"] = body.get("max_completion_tokens")
@@ -271,7 +272,8 @@ def build_app(service: Service, security: SecurityConfig = SecurityConfig()) -> 
 
     @app.post("/generate")
     async def generate(request: Request):
-        """SGLang-style: {"text" | "input_ids", "sampling_params": {..., "lora_path"}, "stream"}."""
+        """SGLang-style: {"text" | "input_ids", "sampling_params": {..., "lora_path", "regex" | "json_schema" |
+        "ebnf"}, "stream"}."""
         started = time.perf_counter()
         body = await _json_body(request)
         params = body.get("sampling_params") or {}
@@ -284,7 +286,8 @@ def build_app(service: Service, security: SecurityConfig = SecurityConfig()) -> 
         adapter = await _adapter_of_lora_path(params.get("lora_path", body.get("lora_path")))
         completion = await service.prepare(prepare, info, params, prompt=body.get("text"),
                                            token_ids=body.get("input_ids"), adapter=adapter,
-                                           max_tokens_key="max_new_tokens", min_tokens_key="min_new_tokens")
+                                           max_tokens_key="max_new_tokens", min_tokens_key="min_new_tokens",
+                                           structured=structured_fields.generate(params))
         stream = await service.start(completion)
 
         def result(out):

@@ -9,7 +9,7 @@ from jlora.serve.protocol import show
 
 # Fields this server does not implement, with the value that means "off". A request that sets one to anything
 # else is refused by name rather than silently ignored.
-UNSUPPORTED = {"suffix": None, "tools": None, "response_format": None}
+UNSUPPORTED = {"suffix": None, "tools": None}
 
 
 def check_supported(body: dict) -> None:

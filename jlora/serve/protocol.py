@@ -16,6 +16,7 @@ from jlora.errors import (AdapterError, AdapterPathError, CapacityError, JloraEr
 from jlora.sampling import SamplingParams, check_text
 from jlora.serve.async_engine import DEADLINE_ERROR, ServerClosedError
 from jlora.serve.security import AuthError, ForbiddenError
+from jlora.structured import StructuredOutput
 
 DEFAULT_MAX_TOKENS = 16  # completions, /generate and gRPC; chat defaults to the rest of the context
 BASE_ALIASES = ("", "base")  # `model`/`adapter` values that mean the base model, besides its served name
@@ -149,10 +150,12 @@ def _logit_bias(value) -> dict[int, float]:
 
 
 def sampling_params(fields: dict[str, Any], *, max_tokens: int, min_tokens_key: str = "min_tokens",
-                    logprobs: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+                    logprobs: int | None = None, prompt_logprobs: int | None = None,
+                    structured: StructuredOutput | None = None) -> SamplingParams:
     """`SamplingParams` from wire fields: temperature, top_p, top_k, min_p, seed, stop, stop_token_ids, ignore_eos,
     presence_penalty, frequency_penalty, repetition_penalty, logit_bias, min_tokens (`min_tokens_key`), n and
-    best_of; the logprobs counts come from the front end, whose fields for them differ per API.
+    best_of; the logprobs counts and the structured output come from the front end, whose fields for them differ
+    per API (`structured_fields`).
     Types are checked here, values (ranges) by `SamplingParams`; both raise `RequestError` naming the field."""
     stop = fields.get("stop") or ()
     if isinstance(stop, str):
@@ -178,7 +181,7 @@ def sampling_params(fields: dict[str, Any], *, max_tokens: int, min_tokens_key: 
                           min_tokens=_number(fields, min_tokens_key, int, default=0),
                           logit_bias=_logit_bias(fields.get("logit_bias")), logprobs=logprobs,
                           prompt_logprobs=prompt_logprobs, n=_number(fields, "n", int, default=1),
-                          best_of=_number(fields, "best_of", int))
+                          best_of=_number(fields, "best_of", int), structured=structured)
 
 
 def render_chat(info: ModelInfo, messages: Any) -> str:
@@ -241,7 +244,8 @@ def prompt_ids(info: ModelInfo, prompt: Any = None, token_ids: Any = None, messa
 def prepare(info: ModelInfo, fields: dict[str, Any], *, prompt=None, token_ids=None, messages=None,
             adapter: str | None = None, max_tokens_key: str = "max_tokens", min_tokens_key: str = "min_tokens",
             default_max_tokens: int | None = DEFAULT_MAX_TOKENS, logprobs: int | None = None,
-            prompt_logprobs: int | None = None, zero_tokens_ok: bool = False) -> Completion:
+            prompt_logprobs: int | None = None, zero_tokens_ok: bool = False,
+            structured: StructuredOutput | None = None) -> Completion:
     """Validates one request. `default_max_tokens=None` means the rest of the context; `zero_tokens_ok`: a
     max_tokens of 0 is allowed (completions with echo)."""
     ids = prompt_ids(info, prompt, token_ids, messages)
@@ -262,5 +266,5 @@ def prepare(info: ModelInfo, fields: dict[str, Any], *, prompt=None, token_ids=N
         raise RequestError(f"prompt of {len(ids)} tokens + {max_tokens_key} {max_tokens} exceeds the context "
                            f"length {ctx}: at most {ctx - len(ids)} new tokens fit")
     sp = sampling_params(fields, max_tokens=max_tokens, min_tokens_key=min_tokens_key, logprobs=logprobs,
-                         prompt_logprobs=prompt_logprobs)
+                         prompt_logprobs=prompt_logprobs, structured=structured)
     return Completion(ids, sp, adapter)

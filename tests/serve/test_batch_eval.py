@@ -74,6 +74,10 @@ SAMPLED = [{"id": "pen", "prompt": "hello there", "adapter": "alpha", "max_token
            {"id": "clp", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "logprobs": 1},
            {"id": "n", "prompt": "abc", "adapter": "beta", "temperature": 1.0, "seed": 4, "n": 3, "max_tokens": 5},
            {"id": "best", "prompt": "xyz", "temperature": 1.0, "seed": 8, "n": 2, "best_of": 3, "max_tokens": 5},
+           {"id": "json", "prompt": "abc", "temperature": 1.0, "seed": 2, "max_tokens": 30, "response_format": {
+               "type": "json_schema", "json_schema": {"name": "n", "schema": {
+                   "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}},
+                   "required": ["n"], "additionalProperties": False}}}},
            {"id": "bad", "prompt": "abc", "presence_penalty": 5}]
 
 
@@ -92,7 +96,8 @@ def test_sampling_fields_logprobs_and_choices_in_process_and_against_the_server(
         assert len(rows["n"]["choices"]) == 3 and rows["n"]["completion_tokens"] == 15
         assert rows["n"]["text"] == rows["n"]["choices"][0]["text"] and len(rows["best"]["choices"]) == 2
         assert rows["pen"]["completion_tokens"] >= 2
-    for i in ("pen", "lp", "clp", "n", "best"):
+        assert set(json.loads(rows["json"]["text"])) == {"n"} and rows["json"]["finish_reason"] == "stop"
+    for i in ("pen", "lp", "clp", "n", "best", "json"):
         assert local[i]["text"] == remote[i]["text"] and local[i].get("choices") == remote[i].get("choices"), i
     for i in ("lp", "clp"):
         for a, b in zip(local[i]["logprobs"], remote[i]["logprobs"]):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1djlora/serve/proto/jlora.proto\x12\x08jlora.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa1\x05\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\x05min_p\x18\t \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x01H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x01H\x08\x88\x01\x01\x12\x17\n\nmin_tokens\x18\r \x01(\x05H\t\x88\x01\x01\x12;\n\nlogit_bias\x18\x0e \x03(\x0b\x32\'.jlora.v1.SamplingParams.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\n\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\x05H\x0b\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"e\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x14\n\x07logprob\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12!\n\x03top\x18\x03 \x03(\x0b\x32\x14.jlora.v1.TopLogprobB\n\n\x08_logprob\"\xa1\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.jlora.v1.ChatMessage\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.jlora.v1.SamplingParams\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x91\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.jlora.v1.Usage\x12(\n\x08logprobs\x18\x06 \x03(\x0b\x32\x16.jlora.v1.TokenLogprob\x12/\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x16.jlora.v1.TokenLogprob\x12\x1f\n\x12\x63umulative_logprob\x18\x08 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_cumulative_logprob\"\xf1\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.jlora.v1.Usage\x12(\n\x08logprobs\x18\x07 \x03(\x0b\x32\x16.jlora.v1.TokenLogprob\x12/\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x16.jlora.v1.TokenLogprob\">\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x13\n\x0brank_bucket\x18\x03 \x01(\x05\"\x15\n\x13ListAdaptersRequest\"S\n\x14ListAdaptersResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\'\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x15.jlora.v1.AdapterInfo\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"=\n\x13LoadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.jlora.v1.AdapterInfo\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"-\n\x15UnloadAdapterResponse\x12\x14\n\x0cunloaded_now\x18\x01 \x01(\x08\x32\x88\x03\n\x05Jlora\x12\x41\n\x08Generate\x12\x19.jlora.v1.GenerateRequest\x1a\x1a.jlora.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x19.jlora.v1.GenerateRequest\x1a .jlora.v1.GenerateStreamResponse0\x01\x12M\n\x0cListAdapters\x12\x1d.jlora.v1.ListAdaptersRequest\x1a\x1e.jlora.v1.ListAdaptersResponse\x12J\n\x0bLoadAdapter\x12\x1c.jlora.v1.LoadAdapterRequest\x1a\x1d.jlora.v1.LoadAdapterResponse\x12P\n\rUnloadAdapter\x12\x1e.jlora.v1.UnloadAdapterRequest\x1a\x1f.jlora.v1.UnloadAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1djlora/serve/proto/jlora.proto\x12\x08jlora.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb9\x06\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x03\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x12\n\x05min_p\x18\t \x01(\x01H\x06\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\n \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x01H\x08\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x01H\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\r \x01(\x05H\n\x88\x01\x01\x12;\n\nlogit_bias\x18\x0e \x03(\x0b\x32\'.jlora.v1.SamplingParams.LogitBiasEntry\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0b\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\x05H\x0c\x88\x01\x01\x12\x15\n\x0bjson_schema\x18\x11 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x12 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x13 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x14 \x01(\tH\x00\x12\x0e\n\x01n\x18\x15 \x01(\x05H\r\x88\x01\x01\x12\x14\n\x07\x62\x65st_of\x18\x16 \x01(\x05H\x0e\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x0c\n\nstructuredB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x08\n\x06_min_pB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x04\n\x02_nB\n\n\x08_best_of\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"e\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x14\n\x07logprob\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12!\n\x03top\x18\x03 \x03(\x0b\x32\x14.jlora.v1.TopLogprobB\n\n\x08_logprob\"\xa1\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\'\n\x08messages\x18\x03 \x03(\x0b\x32\x15.jlora.v1.ChatMessage\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.jlora.v1.SamplingParams\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\xb1\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12(\n\x08logprobs\x18\x05 \x03(\x0b\x32\x16.jlora.v1.TokenLogprob\x12\x1f\n\x12\x63umulative_logprob\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_cumulative_logprob\"\xb4\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x1e\n\x05usage\x18\x05 \x01(\x0b\x32\x0f.jlora.v1.Usage\x12(\n\x08logprobs\x18\x06 \x03(\x0b\x32\x16.jlora.v1.TokenLogprob\x12/\n\x0fprompt_logprobs\x18\x07 \x03(\x0b\x32\x16.jlora.v1.TokenLogprob\x12\x1f\n\x12\x63umulative_logprob\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12!\n\x07\x63hoices\x18\t \x03(\x0b\x32\x10.jlora.v1.ChoiceB\x15\n\x13_cumulative_logprob\"\x80\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1e\n\x05usage\x18\x06 \x01(\x0b\x32\x0f.jlora.v1.Usage\x12(\n\x08logprobs\x18\x07 \x03(\x0b\x32\x16.jlora.v1.TokenLogprob\x12/\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x16.jlora.v1.TokenLogprob\x12\r\n\x05index\x18\t \x01(\x05\">\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x13\n\x0brank_bucket\x18\x03 \x01(\x05\"\x15\n\x13ListAdaptersRequest\"S\n\x14ListAdaptersResponse\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\'\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x15.jlora.v1.AdapterInfo\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"=\n\x13LoadAdapterResponse\x12&\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32\x15.jlora.v1.AdapterInfo\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"-\n\x15UnloadAdapterResponse\x12\x14\n\x0cunloaded_now\x18\x01 \x01(\x08\x32\x88\x03\n\x05Jlora\x12\x41\n\x08Generate\x12\x19.jlora.v1.GenerateRequest\x1a\x1a.jlora.v1.GenerateResponse\x12O\n\x0eGenerateStream\x12\x19.jlora.v1.GenerateRequest\x1a .jlora.v1.GenerateStreamResponse0\x01\x12M\n\x0cListAdapters\x12\x1d.jlora.v1.ListAdaptersRequest\x1a\x1e.jlora.v1.ListAdaptersResponse\x12J\n\x0bLoadAdapter\x12\x1c.jlora.v1.LoadAdapterRequest\x1a\x1d.jlora.v1.LoadAdapterResponse\x12P\n\rUnloadAdapter\x12\x1e.jlora.v1.UnloadAdapterRequest\x1a\x1f.jlora.v1.UnloadAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,35 +36,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATMESSAGE']._serialized_start=43
   _globals['_CHATMESSAGE']._serialized_end=87
   _globals['_SAMPLINGPARAMS']._serialized_start=90
-  _globals['_SAMPLINGPARAMS']._serialized_end=763
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=531
-  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=579
-  _globals['_TOPLOGPROB']._serialized_start=765
-  _globals['_TOPLOGPROB']._serialized_end=812
-  _globals['_TOKENLOGPROB']._serialized_start=814
-  _globals['_TOKENLOGPROB']._serialized_end=915
-  _globals['_GENERATEREQUEST']._serialized_start=918
-  _globals['_GENERATEREQUEST']._serialized_end=1079
-  _globals['_USAGE']._serialized_start=1081
-  _globals['_USAGE']._serialized_end=1138
-  _globals['_GENERATERESPONSE']._serialized_start=1141
-  _globals['_GENERATERESPONSE']._serialized_end=1414
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1417
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1658
-  _globals['_ADAPTERINFO']._serialized_start=1660
-  _globals['_ADAPTERINFO']._serialized_end=1722
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1724
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1745
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1747
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1830
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1832
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1880
-  _globals['_LOADADAPTERRESPONSE']._serialized_start=1882
-  _globals['_LOADADAPTERRESPONSE']._serialized_end=1943
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1945
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1981
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=1983
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2028
-  _globals['_JLORA']._serialized_start=2031
-  _globals['_JLORA']._serialized_end=2423
+  _globals['_SAMPLINGPARAMS']._serialized_end=915
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=651
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=699
+  _globals['_TOPLOGPROB']._serialized_start=917
+  _globals['_TOPLOGPROB']._serialized_end=964
+  _globals['_TOKENLOGPROB']._serialized_start=966
+  _globals['_TOKENLOGPROB']._serialized_end=1067
+  _globals['_GENERATEREQUEST']._serialized_start=1070
+  _globals['_GENERATEREQUEST']._serialized_end=1231
+  _globals['_USAGE']._serialized_start=1233
+  _globals['_USAGE']._serialized_end=1290
+  _globals['_CHOICE']._serialized_start=1293
+  _globals['_CHOICE']._serialized_end=1470
+  _globals['_GENERATERESPONSE']._serialized_start=1473
+  _globals['_GENERATERESPONSE']._serialized_end=1781
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1784
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2040
+  _globals['_ADAPTERINFO']._serialized_start=2042
+  _globals['_ADAPTERINFO']._serialized_end=2104
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=2106
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=2127
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2129
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2212
+  _globals['_LOADADAPTERREQUEST']._serialized_start=2214
+  _globals['_LOADADAPTERREQUEST']._serialized_end=2262
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=2264
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=2325
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2327
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2363
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2365
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2410
+  _globals['_JLORA']._serialized_start=2413
+  _globals['_JLORA']._serialized_end=2805
 # @@protoc_insertion_point(module_scope)

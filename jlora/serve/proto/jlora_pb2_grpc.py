@@ -72,7 +72,7 @@ class JloraServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GenerateStream(self, request, context):
-        """One completion, streamed: each message carries the new tokens and text; the last one has `finished`.
+        """One completion, streamed: each message carries the new tokens and text; the last one has `finished` (per choice).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
