@@ -7,7 +7,8 @@ The library API, imported on first use (so `import jlora` and the command line s
 - `LoraBank.from_peft(config, {name: dir})` -> (bank, {name: slot id}): PEFT directories in a device bank;
 - `forward(params, bank, tokens, positions, lora_ids, cache, config=...)`: the model as a pure function, with one
   adapter id per row `[B]` or per token `[B, T]`; `KVCache` and `RuntimeConfig` go with it;
-- `LLM(model, adapters)`: the engine, with `generate`, `chat`, `score`, `close` (and `with`), and `SamplingParams`.
+- `LLM(model, adapters)`: the engine, with `generate`, `chat`, `score`, `close` (and `with`), and `SamplingParams`
+  (with `StructuredOutput`: a JSON schema, any JSON object, a regex or a grammar the output must follow).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ _EXPORTS = {
     "RuntimeConfig": "jlora.config",
     "LLM": "jlora.generate",
     "SamplingParams": "jlora.sampling",
+    "StructuredOutput": "jlora.structured",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -70,3 +70,23 @@ def test_prefill_always_runs_one_sequence():
     seqs = _waiting(scheduler, [40, 3])
     batch = scheduler.schedule()
     assert batch.seqs == seqs[:1] and list(scheduler.waiting) == seqs[1:]
+
+
+def test_structured_sequences_sample_only_in_one_token_decode_steps():
+    """A structured sequence's prefill stops one token short (its decode step samples); a one-token prompt is
+    admitted straight to decode; a decode batch holding one runs one token per sequence, its neighbours too."""
+    from jlora.structured import StructuredOutput
+    json_object = SamplingParams(max_tokens=50, structured=StructuredOutput("json_object"))
+    scheduler = Scheduler(SchedulerConfig(num_scheduler_steps=8), PageAllocator(64, 4))
+    plain = _running(scheduler, 7, max_tokens=50, rid="plain")
+    long, one = Sequence("long", list(range(9)), json_object), Sequence("one", [5], json_object)
+    scheduler.add(long)
+    scheduler.add(one)
+    batch = scheduler.schedule()
+    assert batch.mode == "prefill" and batch.seqs == [long] and batch.chunks == [8]
+    assert one.status is Status.RUNNING and one.num_computed == 0 and not one.pages  # nothing to prefill
+    long.num_computed += 8
+    batch = scheduler.schedule()
+    assert batch.mode == "decode" and set(batch.seqs) == {plain, long, one} and batch.steps is None
+    assert len(one.pages) == 1
+    scheduler.allocator.check_invariants([plain, long, one])
