@@ -65,6 +65,7 @@ class GrammarCompiler:
             raise ValueError("structured output needs an end-of-sequence token to end a completed output")
         self.tokenizer = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=eos)
         self._grammars: dict[StructuredOutput, str] = {}
+        self._executor = None  # llguidance's thread pool, made at the first batch of masks
 
     def grammar(self, spec: StructuredOutput) -> str:
         """llguidance's grammar for `spec`, validated; raises `RequestError` naming what is wrong."""
@@ -103,6 +104,20 @@ class GrammarCompiler:
 
     def matcher(self, spec: StructuredOutput) -> "Matcher":
         return Matcher(self._ll.LLMatcher(self.tokenizer, self.grammar(spec), log_level=0), self.words)
+
+    def fill(self, bitmask: np.ndarray, rows: list[tuple[int, "Matcher"]]) -> None:
+        """Writes each (row, matcher)'s allowed next tokens into bitmask[row] (int32 [B, words], C-contiguous);
+        several rows in parallel on llguidance's thread pool."""
+        if bitmask.dtype != np.int32 or bitmask.ndim != 2 or bitmask.shape[1] != self.words or \
+                not bitmask.flags["C_CONTIGUOUS"] or not all(0 <= r < bitmask.shape[0] for r, _ in rows):
+            raise ValueError(f"a bitmask is int32 [B, {self.words}], C-contiguous, with every row in [0, B)")
+        if len(rows) == 1:
+            rows[0][1].fill(bitmask[rows[0][0]])
+            return
+        if self._executor is None:
+            self._executor = self._ll.LLExecutor()
+        self._executor.unsafe_compute_mask_ptr([(m._m, r) for r, m in rows], bitmask.ctypes.data, self.words * 4,
+                                               bitmask.shape[0])
 
 
 class Matcher:

@@ -117,3 +117,17 @@ def test_apply_bitmask_against_a_bit_by_bit_reference():
         for i in range(V):
             allowed = (int(mask[b, i // 32]) & 0xFFFFFFFF) >> (i % 32) & 1
             assert got[b, i] == (logits[b, i] if allowed else -np.inf)
+
+
+def test_a_batch_of_masks_filled_in_parallel_equals_each_alone(setup):
+    tok, _, compiler = setup
+    specs = [StructuredOutput("json_schema", json.dumps(SCHEMA)), StructuredOutput("regex", "[0-9]+"),
+             StructuredOutput("json_object")]
+    matchers = [compiler.matcher(s) for s in specs]
+    for t in tok.encode('{"name": "ab', add_special_tokens=False):
+        assert matchers[0].advance(t)
+    bitmask = np.full((5, compiler.words), -1, np.int32)
+    compiler.fill(bitmask, [(4, matchers[0]), (1, matchers[1]), (2, matchers[2])])
+    for row, m in ((4, matchers[0]), (1, matchers[1]), (2, matchers[2])):
+        assert np.array_equal(bitmask[row], m.mask())
+    assert (bitmask[[0, 3]] == -1).all()  # rows without a matcher are left alone

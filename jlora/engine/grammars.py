@@ -4,7 +4,8 @@ rows of a step, and each sampled token fed back to its matcher. Pure host code (
 The grammar compiler (the tokenizer's token trie, about 0.4 s for a 49k vocabulary) is built at the first
 structured request. A request's matcher is made when the engine takes it, so a bad grammar fails that request alone
 (`RequestError`). Before a step, `bitmask` fills one row per sequence of the batch (all ones for those without a
-grammar or that sample nothing); after it, `advance` feeds each sampled token to its matcher.
+grammar or that sample nothing; the structured rows in parallel on llguidance's threads); after it, `advance` feeds
+each sampled token to its matcher.
 """
 
 from __future__ import annotations
@@ -52,16 +53,17 @@ class Grammars:
     def bitmask(self, seqs: list[Sequence], chunks: list[int]) -> np.ndarray | None:
         """int32 [len(seqs), words] rows of a step (1 = allowed), or None when no sequence samples under a grammar.
         A row is all ones unless its sequence is structured and its chunk reaches its end (it samples)."""
+        if not self._matchers:
+            return None
         rows = [i for i, (s, c) in enumerate(zip(seqs, chunks))
                 if s.request_id in self._matchers and s.num_computed + c == s.num_tokens]
         if not rows:
             return None
         out = np.full((len(seqs), self.words), -1, np.int32)
+        self.compiler().fill(out, [(i, self._matchers[seqs[i].request_id]) for i in rows])
         for i in rows:
-            rid = seqs[i].request_id
-            self._matchers[rid].fill(out[i])
             if not out[i].any():  # nothing fits: sample anything, and fail the request when its token comes back
-                self._stuck.add(rid)
+                self._stuck.add(seqs[i].request_id)
                 out[i] = -1
         return out
 

@@ -83,7 +83,7 @@ def response_format(value) -> StructuredOutput | None:
 def _vllm(value) -> StructuredOutput | None:
     if not isinstance(value, dict):
         raise RequestError(f"structured_outputs must be an object, got {show(value)}")
-    unknown = sorted(set(value) - set(VLLM_KEYS) - {"whitespace_pattern", "disable_additional_properties"})
+    unknown = sorted(set(value) - set(VLLM_KEYS))
     if unknown:
         raise RequestError(f"structured_outputs.{unknown[0]} is not supported (only {', '.join(VLLM_KEYS)})")
     given = [k for k in VLLM_KEYS if value.get(k) not in (None, False)]

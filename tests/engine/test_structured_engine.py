@@ -157,13 +157,20 @@ def test_bad_grammars_fail_their_request_alone(engine):
         SamplingParams(min_tokens=2, structured=JSON)
     stuck = engine.add_request("stuck ", SamplingParams(max_tokens=20, structured=JSON))
     good = engine.add_request("good ", SamplingParams(seed=1, max_tokens=40, structured=JSON))
-    engine.grammars._matchers[stuck].fill = lambda row: row.fill(0)  # a point where no token of the vocabulary fits
+    compiler, fill = engine.grammars.compiler(), engine.grammars.compiler().fill
+
+    def no_token_for_stuck(bitmask, rows):  # a point where no token of the vocabulary fits
+        fill(bitmask, rows)
+        bitmask[[r for r, m in rows if m is engine.grammars._matchers.get(stuck)]] = 0
+
+    compiler.fill = no_token_for_stuck
     done = {}
     while engine.has_unfinished():
         done.update((o.request_id, o) for o in engine.step() if o.finished)
     assert done[stuck].finish_reason == "error" and "allows no token" in done[stuck].error
     assert done[ok].finish_reason == "length" and len(done[ok].token_ids) == 8
     assert done[good].finish_reason == "stop" and json.loads(done[good].text)
+    del compiler.fill
     assert not engine.grammars._matchers and engine.allocator.num_free == engine.allocator.num_pages
 
 

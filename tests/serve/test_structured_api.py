@@ -76,6 +76,7 @@ def test_vllm_fields(client):
     ({"response_format": {"type": "xml"}}, "response_format must be"),
     ({"structured_outputs": {"regex": "(unclosed"}}, "invalid regex"),
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "exactly one of"),
+    ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "whitespace_pattern is not supported"),
     ({"guided_grammar": "root ::= ("}, "invalid grammar"),
     ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "ask for structured output once"),
     ({"response_format": {"type": "json_object"}, "min_tokens": 2}, "min_tokens"),

@@ -1,0 +1,128 @@
+"""The throughput cost of structured output: N sampled requests without and with a JSON schema, on one engine in one
+run (and a mix of both, where the unconstrained half shares one-token steps with the structured half).
+
+Every mode runs once untimed, twice over (the second pass finds the prompt in the prefix cache, as the timed runs
+do), so that the timed runs compile nothing; then each mode is timed. Reported per mode: output tokens, seconds,
+tokens/s, engine steps, the host seconds spent filling grammar bitmasks (`Grammars.bitmask`, on the engine thread
+before each step), programs compiled while timed (should be 0), and how many structured outputs parse and validate
+(jsonschema). Prints a table and writes benchmarks/results/structured_<platform>.json.
+
+  python scripts/bench_structured.py                                   # CPU, the default model
+  JAX_PLATFORMS=cuda python scripts/bench_structured.py --requests 256 --max-num-seqs 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 16},
+    "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
+    "ok": {"type": "boolean"}},
+    "required": ["name", "age", "tags", "ok"], "additionalProperties": False}
+PROMPT = "Describe a made-up person as JSON with a name, an age, colour tags and whether they are ok."
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="model name, .gguf file or HF directory")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--requests", type=int, default=32, help="requests per mode")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--num-scheduler-steps", type=int, default=8)
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/structured_<platform>.json)")
+    return p.parse_args(argv)
+
+
+def requests(args, mode: str, seed: int):
+    from jlora.sampling import SamplingParams
+    from jlora.structured import StructuredOutput
+
+    spec = StructuredOutput("json_schema", json.dumps(SCHEMA))
+    # Unconstrained requests ignore EOS, so their length is max_tokens; a structured one ends with its grammar.
+    return [SamplingParams(temperature=1.0, seed=seed + i, max_tokens=args.max_tokens, ignore_eos=not structured,
+                           structured=spec if structured else None)
+            for i in range(args.requests)
+            for structured in [mode == "json_schema" or (mode == "mixed" and i % 2 == 0)]]
+
+
+def timed(llm, prompt, sps) -> dict:
+    import jsonschema
+
+    from jlora.engine.compiles import compile_count
+
+    grammars = llm.engine.grammars
+    fill, spent = grammars.bitmask, [0.0]
+
+    def counted(*a):
+        t = time.perf_counter()
+        try:
+            return fill(*a)
+        finally:
+            spent[0] += time.perf_counter() - t
+
+    grammars.bitmask = counted
+    steps, compiles = llm.engine.steps, compile_count()
+    t0 = time.perf_counter()
+    outs = llm.generate([prompt] * len(sps), sampling=sps)
+    seconds = time.perf_counter() - t0
+    grammars.bitmask = fill
+    valid = 0
+    for out, sp in zip(outs, sps):
+        if sp.structured is not None:
+            try:
+                jsonschema.validate(json.loads(out.text), SCHEMA)
+                valid += 1
+            except (ValueError, jsonschema.ValidationError):
+                pass
+    tokens = sum(len(o.token_ids) for o in outs)
+    return {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
+            "steps": llm.engine.steps - steps, "mask_s": round(spent[0], 3), "compiles": compile_count() - compiles,
+            "structured": sum(sp.structured is not None for sp in sps), "valid": valid}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import jax
+
+    from jlora.engine.engine import EngineConfig
+    from jlora.generate import LLM
+
+    per_seq = -(-(256 + args.max_tokens) // 16)
+    llm = LLM(args.model, dtype=args.dtype, progress=False, engine=EngineConfig(
+        max_num_seqs=args.max_num_seqs, num_pages=args.max_num_seqs * per_seq + 16, page_size=16,
+        max_model_len=256 + args.max_tokens, num_scheduler_steps=args.num_scheduler_steps))
+    prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    modes = ("plain", "json_schema", "mixed")
+    for seed in (0, 100):  # compiles every mode's step shapes, fresh and from the prefix cache
+        for mode in modes:
+            timed(llm, prompt, requests(args, mode, seed=seed))
+    rows = [{"mode": mode, **timed(llm, prompt, requests(args, mode, seed=1000))} for mode in modes]
+    plain = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["vs_plain"] = round(row["tokens_per_s"] / plain, 3)
+    print(f"{'mode':<12} {'tokens':>7} {'s':>8} {'tok/s':>8} {'x plain':>8} {'steps':>6} {'mask s':>7} "
+          f"{'compiles':>8} {'valid':>7}")
+    for r in rows:
+        print(f"{r['mode']:<12} {r['tokens']:>7} {r['seconds']:>8.2f} {r['tokens_per_s']:>8.1f} {r['vs_plain']:>8.3f} "
+              f"{r['steps']:>6} {r['mask_s']:>7.3f} {r['compiles']:>8} {r['valid']:>3}/{r['structured']:<3}")
+    result = {"platform": jax.default_backend(), "device": jax.devices()[0].device_kind, "model": args.model,
+              "dtype": args.dtype, "requests": args.requests, "max_tokens": args.max_tokens,
+              "max_num_seqs": args.max_num_seqs, "num_scheduler_steps": args.num_scheduler_steps,
+              "schema": SCHEMA, "rows": rows}
+    out = args.out or os.path.join(ROOT, "benchmarks", "results", f"structured_{jax.default_backend()}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {out}")
+    llm.close()
+
+
+if __name__ == "__main__":
+    main()
