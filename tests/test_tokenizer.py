@@ -1,6 +1,7 @@
 """Incremental detokenization against full decoding (the default model's tokenizer); chat templates of a directory."""
 
 import json
+import os
 
 import pytest
 
@@ -68,3 +69,19 @@ def test_chat_template_jinja_file_clobbers_tokenizer_config(tmp_path):
     cfg["chat_template"] = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "plain"}]
     (tmp_path / "m" / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert Tokenizer.from_dir(d).apply_chat_template(CHAT) == "plain"
+
+
+CHAT_FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "chat_template")
+RENDERINGS = json.load(open(os.path.join(CHAT_FIXTURES, "renderings.json"), encoding="utf-8"))["cases"]
+
+
+@pytest.mark.parametrize("case", RENDERINGS, ids=[f"{c['dir']}-{c['name']}-{c['add_generation_prompt']}"
+                                                  for c in RENDERINGS])
+def test_a_transformers_5_directory_renders_chats_as_transformers(case):
+    """Directories written by transformers 5's save_pretrained (scripts/golden/chat_template.py): the template only
+    in chat_template.jinja. jlora's rendering equals transformers' own."""
+    folder = os.path.join(CHAT_FIXTURES, case["dir"])
+    assert "chat_template" not in json.load(open(os.path.join(folder, "tokenizer_config.json")))
+    tok = Tokenizer.from_dir(folder)
+    text = tok.apply_chat_template(case["messages"], add_generation_prompt=case["add_generation_prompt"])
+    assert text == case["text"]
