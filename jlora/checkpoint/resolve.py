@@ -112,7 +112,8 @@ def load_model(model: str = DEFAULT_MODEL, dtype=jnp.float32, progress: bool = T
       dtype: of the weights: a jnp dtype or its name ("float32", "bfloat16").
       chat_template: a template file's path or the template text; replaces the model's own.
       quantization: "fp8" stores the layers' linear weights in FP8 with a scale per output channel, quantized at
-        load (W8A16: `jlora.model.quant`); an FP8 checkpoint is served that way without it.
+        load (`jlora.model.quant`; W8A8 or W8A16 by `RuntimeConfig.fp8_compute`); an FP8 checkpoint is served that
+        way without it.
 
     Returns:
       (Llama, Tokenizer or None when the directory has no tokenizer.json). `Llama.params()` is the plain dict of
