@@ -226,11 +226,12 @@ class ModelRunner:
     def page_buckets(self, mode: str, T: int) -> list[int]:
         """Page-table widths a step can have. A prefill step's table is as wide as its chunk bucket (what fresh
         prompts need) or, for a longer context (a later chunk, a recomputed sequence), the widest; a decode step's is
-        the widest on the Pallas kernel, else any power of two in range."""
+        the widest on the Pallas kernel, else any power of two in range. A masked decode step's (a structured row) is
+        always the widest: one such program per sequence bucket, since few steps carry a grammar."""
         lo, hi = self._page_range()
         if mode == "prefill":
             return sorted({min(hi, max(lo, bucket(-(-T // self.page_size)))), hi})
-        return [hi] if self.decode_any_width else _ladder(lo, hi)
+        return [hi] if self.decode_any_width or mode == "decode_masked" else _ladder(lo, hi)
 
     def prefill_fits(self, num_seqs: int, longest_chunk: int) -> bool:
         """Whether a prefill step of this many sequences, the longest chunk this long, keeps its padded rows
@@ -313,8 +314,8 @@ class ModelRunner:
         rows, B = self._rows(seqs, slot_of)
         T = 1 if batch.mode == "decode" else bucket(max(chunks), 16)
         widest = max(-(-(s.num_computed + c + k - 1) // self.page_size) for s, c, k in zip(seqs, chunks, steps))
-        P = next(p for p in self.page_buckets(batch.mode, T) if p >= widest)
         masked = "" if bitmask is None else "_masked"
+        P = next(p for p in self.page_buckets(batch.mode + masked, T) if p >= widest)
         a = self._arrays("decode_loop_greedy" if multi else batch.mode + masked, B, T, P)  # padding rows are greedy
         for i, (s, c) in enumerate(zip(seqs, chunks)):
             row, start = rows[i], s.num_computed
