@@ -201,7 +201,8 @@ def main():
     except Exception as e:  # a count we could not take is reported, not fatal
         launches = "not counted: " + type(e).__name__
     result = {"device": jax.devices()[0].device_kind, "platform": jax.default_backend(), "jax": jax.__version__,
-              "model": "tiny" if args.tiny else "llama-8b-shaped", "dtype": "bfloat16", "weights": args.weights, "batch": args.batch,
+              "model": "tiny" if args.tiny else "llama-8b-shaped", "dtype": "bfloat16", "weights": args.weights,
+              "batch": args.batch,
               "distinct_adapters": args.batch, "rank": args.rank, "target_modules": 7,
               "copy_bandwidth_tb_s": copy_bw / 1e12,
               "floor_bytes": {k: dict(zip(map(str, args.ctx), f)) for k, (_, f) in weight_sets.items()},

@@ -4,10 +4,10 @@ arrays they read (`row_arrays`, filled by `fill_row`).
 A one-step program (prefill, or decode when pages are short) decides on the device: if every row is greedy and
 no row uses processors or asks for logprobs, a conditional takes the argmax alone; otherwise it processes the logits
 (`sampling_penalties`), samples, computes logprobs only if some row asks (a second conditional), and counts the
-sampled tokens into the penalty state. With a grammar bitmask (structured output: one-step programs only), the tokens it
-disallows are -inf before all of that; logprobs stay those of the raw logits. The decode loop has no conditionals (XLA's GPU runtime reads a predicate
-back to the host): whether it is greedy-only and whether it computes logprobs are static, so it is one of three
-programs per shape (`loop_kind`).
+sampled tokens into the penalty state. With a grammar bitmask (structured output: one-step programs only), the
+tokens it disallows are -inf before all of that; logprobs stay those of the raw logits. The decode loop has no
+conditionals (XLA's GPU runtime reads a predicate back to the host): whether it is greedy-only and whether it computes
+logprobs are static, so it is one of three programs per shape (`loop_kind`).
 """
 
 from __future__ import annotations
