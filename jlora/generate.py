@@ -14,8 +14,10 @@ from jlora.engine.engine import Engine, EngineConfig, RequestOutput
 from jlora.engine.logprobs import check_logprobs
 from jlora.errors import AdapterError, RequestError, UnknownAdapterError
 from jlora.lora.peft import read_spec
+from jlora.model import Llama
 from jlora.sampling import SamplingParams
 from jlora.scoring import ScoreOutput
+from jlora.tokenizer import Tokenizer
 
 __all__ = ["LLM", "RequestOutput", "ScoreOutput"]
 
@@ -48,15 +50,27 @@ class LLM:
                 read_spec(path)
             except AdapterError as e:
                 raise AdapterError(f"adapter {name!r} at {path!r}: {e}", adapter=name) from None
-        llama, self.tokenizer = load_model(model, jnp.dtype(dtype), progress=progress, chat_template=chat_template,
-                                           quantization=quantization)
-        self.config = llama.config
+        llama, tokenizer = load_model(model, jnp.dtype(dtype), progress=progress, chat_template=chat_template,
+                                      quantization=quantization)
         cfg = engine or EngineConfig()
         cfg = dataclasses.replace(cfg, bank=bank or cfg.bank, max_model_len=max_model_len or cfg.max_model_len,
                                   runtime=runtime or cfg.runtime)
-        self._engine = Engine(llama, self.tokenizer, cfg, donate_weights=True)  # the engine owns the weights
+        self._start(llama, tokenizer, cfg)
         for name, path in (adapters or {}).items():
             self.load_adapter(name, path)
+
+    @classmethod
+    def from_model(cls, model: Llama, tokenizer: Tokenizer, engine: EngineConfig | None = None) -> "LLM":
+        """An LLM over a model already in memory (`jlora.load_model`'s pair, or weights made in code, as the
+        benchmarks do); the engine takes over the model's weights."""
+        self = cls.__new__(cls)
+        self._engine = None
+        self._start(model, tokenizer, engine or EngineConfig())
+        return self
+
+    def _start(self, model: Llama, tokenizer: Tokenizer, cfg: EngineConfig) -> None:
+        self.tokenizer, self.config = tokenizer, model.config
+        self._engine = Engine(model, tokenizer, cfg, donate_weights=True)  # the engine owns the weights
 
     @property
     def engine(self) -> Engine:

@@ -129,8 +129,8 @@ def shrink(x: jax.Array, a: jax.Array, slot_ids: jax.Array, meta: SegmentMetadat
   num_tokens, d_in = x.shape
   (a,), layer_arr, num_slots = stacked.in_place((a,), layer)
   rank = a.shape[2]
-  blocks = tuning.gpu_shrink_blocks(num_tokens, d_in, rank, jnp.promote_types(x.dtype, a.dtype).itemsize)
   bt = meta.block_t
+  blocks = tuning.gpu_shrink_blocks(num_tokens, d_in, rank, jnp.promote_types(x.dtype, a.dtype).itemsize, bt)
   bk = min(blocks.block_k, max(16, pl.next_power_of_2(d_in)))
   k_total = _cdiv(d_in, bk)
   splits = max(1, min(blocks.k_splits, k_total))

@@ -46,11 +46,35 @@ def block_t(num_tokens: int, backend: str) -> int:
   return 16
 
 
-def gpu_shrink_blocks(num_tokens: int, d_in: int, rank: int, itemsize: int = 2) -> GpuShrinkBlocks:
+# Shared memory a Triton shrink may ask for, under Hopper's 227 KiB per block. Its pipeline holds num_stages - 1
+# copies of the x tile [block_t, block_k] and the A tile [block_k, rank padded to a power of two]: on the H200, a
+# rank-128 bucket's fused q|k|v (384 -> 512 columns) at block_k 128 and 3 stages asked for exactly
+# 2 * 128 * (16 + 512) * 2 = 270,336 bytes and failed.
+GPU_SHRINK_SMEM_BYTES = 200 * 1024
+
+
+def shrink_smem_bytes(blocks: GpuShrinkBlocks, block_t: int, rank: int, itemsize: int) -> int:
+  rank_p = max(16, 1 << max(0, rank - 1).bit_length())  # as triton_lora._padded
+  return max(1, blocks.num_stages - 1) * blocks.block_k * (block_t + rank_p) * itemsize
+
+
+def gpu_shrink_blocks(num_tokens: int, d_in: int, rank: int, itemsize: int = 2, block_t: int = 16
+                      ) -> GpuShrinkBlocks:
+  """The measured tiling for this shape, with block_k halved (then stages cut) until the pipeline's shared memory
+  fits GPU_SHRINK_SMEM_BYTES (wide fused ranks)."""
+  blocks = _gpu_shrink_tiling(num_tokens, d_in, rank, itemsize)
+  while shrink_smem_bytes(blocks, block_t, rank, itemsize) > GPU_SHRINK_SMEM_BYTES and blocks.block_k > 16:
+    blocks = dataclasses.replace(blocks, block_k=blocks.block_k // 2)
+  while shrink_smem_bytes(blocks, block_t, rank, itemsize) > GPU_SHRINK_SMEM_BYTES and blocks.num_stages > 2:
+    blocks = dataclasses.replace(blocks, num_stages=blocks.num_stages - 1)
+  return blocks
+
+
+def _gpu_shrink_tiling(num_tokens: int, d_in: int, rank: int, itemsize: int = 2) -> GpuShrinkBlocks:
   if itemsize >= 4:
     # float32 operands take twice the shared memory per stage: the bf16 decode tiling asks for 240 KiB
     # at rank 48 (fused qkv) and fails on Hopper's 227 KiB, so halve the K block and keep two stages.
-    bf16 = gpu_shrink_blocks(num_tokens, d_in, rank)
+    bf16 = _gpu_shrink_tiling(num_tokens, d_in, rank)
     return dataclasses.replace(bf16, block_k=max(16, bf16.block_k // 2), num_stages=2)
   if num_tokens <= 256 and d_in >= 2048:
     # Decode: few tiles when few adapters are in the batch, so split d_in 16 ways over programs per tile. H100

@@ -52,18 +52,32 @@ def child(args) -> dict:
         bank=LoraBankConfig(buckets=(16,), slots=(8,))))
     build_s = time.perf_counter() - t0
     before = compile_count()
+    events = {"hits": 0, "compiles": 0}
+
+    def count(event, *a, **kw):
+        if event == "/jax/compilation_cache/cache_hits":
+            events["hits"] += 1
+        elif event == "/jax/core/compile/backend_compile_duration":
+            events["compiles"] += 1
+
+    jax.monitoring.register_event_listener(count)
+    jax.monitoring.register_event_duration_secs_listener(count)
     t1 = time.perf_counter()
     shapes = engine.warmup()
     warmup_s = time.perf_counter() - t1
     return {"build_s": round(build_s, 3), "warmup_s": round(warmup_s, 3), "start_s": round(build_s + warmup_s, 3),
             "shapes": shapes, "programs": compile_count() - before, "compile_s": round(compile_seconds(), 3),
+            "cache_hits": events["hits"], "compiled": events["compiles"],
             "platform": jax.default_backend(), "device": jax.devices()[0].device_kind}
 
 
-def _run(argv: list[str], cache_dir: str | None) -> dict:
+def _run(argv: list[str], cache_dir: str | None, log: str | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", *argv] + (["--cache-dir", cache_dir] if cache_dir else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if log:
+        with open(log, "w") as f:
+            f.write(r.stderr)
     if r.returncode != 0:
         return {"error": f"exit {r.returncode}: {r.stderr.strip()[-2000:]}"}
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -77,6 +91,7 @@ def main() -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--skip-no-cache", action="store_true",
                    help="skip run (a): the cold-cache run, which compiles every program too, is then the baseline")
+    p.add_argument("--log-dir", default=None, help="keep each start's stderr here (e.g. with JAX_DEBUG_LOG_MODULES)")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/restart_<platform>.json)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)
@@ -91,7 +106,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="jlora-xla-") as cache:
         for name in names:  # the JSON is rewritten after each run, so a run cut short keeps the ones before
             t0 = time.perf_counter()
-            runs[name] = _run(sizes, None if name == "no cache" else cache)
+            log = os.path.join(args.log_dir, name.replace(" ", "_") + ".log") if args.log_dir else None
+            runs[name] = _run(sizes, None if name == "no cache" else cache, log)
             print(f"{name}: {time.perf_counter() - t0:.1f} s wall", flush=True)
             _write(args, runs)
     print(f"{'start':<12}{'build s':>10}{'warm-up s':>11}{'total s':>10}{'programs':>10}")

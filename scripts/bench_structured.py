@@ -9,6 +9,11 @@ before each step), programs compiled while timed (should be 0), and how many str
 
   python scripts/bench_structured.py                                   # CPU, the default model
   JAX_PLATFORMS=cuda python scripts/bench_structured.py --requests 256 --max-num-seqs 256
+
+`--random-weights SHAPE --tokenizer DIR` runs a model of that shape with random weights and the tokenizer of DIR (a
+directory with tokenizer.json, e.g. the default model's converted copy under ~/.cache/jlora/converted), for machines
+without the model's package. The grammar work is the tokenizer's; what a random model samples inside the grammar is
+noise, so "valid" then counts outputs cut by max_tokens too.
 """
 
 from __future__ import annotations
@@ -25,6 +30,11 @@ SCHEMA = {"type": "object", "properties": {
     "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 3},
     "ok": {"type": "boolean"}},
     "required": ["name", "age", "tags", "ok"], "additionalProperties": False}
+# Shapes for --random-weights: the default model's, and an 8B Llama's (the vocabulary is the tokenizer's).
+SHAPES = {"smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9, num_kv_heads=3,
+                               head_dim=64, rope_theta=100000.0, tie_word_embeddings=True),
+          "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32, num_kv_heads=8,
+                           head_dim=128, rope_theta=500000.0)}
 PROMPT = "Describe a made-up person as JSON with a name, an age, colour tags and whether they are ok."
 
 
@@ -36,6 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--num-scheduler-steps", type=int, default=8)
+    p.add_argument("--random-weights", choices=sorted(SHAPES), default=None,
+                   help="random weights of this shape instead of --model (needs --tokenizer)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer directory for --random-weights")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/structured_<platform>.json)")
     return p.parse_args(argv)
 
@@ -87,6 +100,26 @@ def timed(llm, prompt, sps) -> dict:
             "structured": sum(sp.structured is not None for sp in sps), "valid": valid}
 
 
+def random_llm(args, ecfg):
+    """An LLM over random weights of shape `args.random_weights`, with the tokenizer of `args.tokenizer`."""
+    import jax
+    import jax.numpy as jnp
+
+    from jlora.config import ModelConfig
+    from jlora.generate import LLM
+    from jlora.model import Llama, init_params
+    from jlora.tokenizer import Tokenizer
+
+    if not args.tokenizer:
+        raise SystemExit("--random-weights needs --tokenizer DIR")
+    tokenizer = Tokenizer.from_dir(args.tokenizer)
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=8192,
+                         **SHAPES[args.random_weights])
+    dtype = jnp.dtype(args.dtype)
+    params = jax.jit(lambda k: init_params(config, k, dtype))(jax.random.key(0))
+    return LLM.from_model(Llama(config, params), tokenizer, ecfg)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     import jax
@@ -95,15 +128,22 @@ def main(argv=None) -> None:
     from jlora.generate import LLM
 
     per_seq = -(-(256 + args.max_tokens) // 16)
-    llm = LLM(args.model, dtype=args.dtype, progress=False, engine=EngineConfig(
-        max_num_seqs=args.max_num_seqs, num_pages=args.max_num_seqs * per_seq + 16, page_size=16,
-        max_model_len=256 + args.max_tokens, num_scheduler_steps=args.num_scheduler_steps))
+    ecfg = EngineConfig(max_num_seqs=args.max_num_seqs, num_pages=args.max_num_seqs * per_seq + 16, page_size=16,
+                        max_model_len=256 + args.max_tokens, num_scheduler_steps=args.num_scheduler_steps)
+    if args.random_weights:
+        llm = random_llm(args, ecfg)
+    else:
+        llm = LLM(args.model, dtype=args.dtype, progress=False, engine=ecfg)
     prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
     modes = ("plain", "json_schema", "mixed")
     for seed in (0, 100):  # compiles every mode's step shapes, fresh and from the prefix cache
         for mode in modes:
-            timed(llm, prompt, requests(args, mode, seed=seed))
-    rows = [{"mode": mode, **timed(llm, prompt, requests(args, mode, seed=1000))} for mode in modes]
+            r = timed(llm, prompt, requests(args, mode, seed=seed))
+            print(f"warm-up {mode} (seed {seed}): {r['seconds']:.1f} s, {r['compiles']} programs", flush=True)
+    rows = []
+    for mode in modes:
+        rows.append({"mode": mode, **timed(llm, prompt, requests(args, mode, seed=1000))})
+        print(f"timed {mode}: {rows[-1]['tokens_per_s']:.1f} tok/s", flush=True)
     plain = rows[0]["tokens_per_s"]
     for row in rows:
         row["vs_plain"] = round(row["tokens_per_s"] / plain, 3)
@@ -112,7 +152,8 @@ def main(argv=None) -> None:
     for r in rows:
         print(f"{r['mode']:<12} {r['tokens']:>7} {r['seconds']:>8.2f} {r['tokens_per_s']:>8.1f} {r['vs_plain']:>8.3f} "
               f"{r['steps']:>6} {r['mask_s']:>7.3f} {r['compiles']:>8} {r['valid']:>3}/{r['structured']:<3}")
-    result = {"platform": jax.default_backend(), "device": jax.devices()[0].device_kind, "model": args.model,
+    model = f"{args.random_weights}-shaped, random weights" if args.random_weights else args.model
+    result = {"platform": jax.default_backend(), "device": jax.devices()[0].device_kind, "model": model,
               "dtype": args.dtype, "requests": args.requests, "max_tokens": args.max_tokens,
               "max_num_seqs": args.max_num_seqs, "num_scheduler_steps": args.num_scheduler_steps,
               "schema": SCHEMA, "rows": rows}

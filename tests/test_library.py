@@ -205,3 +205,14 @@ def test_close_and_context_manager(files, tmp_path):
     for call in (lambda: llm.generate([[1, 2]]), lambda: llm.score([[1]], [[2]]), lambda: llm.params):
         with pytest.raises(RuntimeError, match="closed"):
             call()
+
+
+def test_from_model_serves_the_same_as_the_path(files, llm):
+    """`LLM.from_model` over `load_model`'s pair generates what the path-built LLM does (the base, greedy)."""
+    model, tokenizer = jlora.load_model(files["model"])
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    sp = jlora.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    with jlora.LLM.from_model(model, tokenizer) as other:
+        got = [o.token_ids for o in other.generate(prompts, sampling=sp)]
+        assert other.tokenizer is tokenizer and other.config == model.config
+    assert got == [o.token_ids for o in llm.generate(prompts, sampling=sp)]

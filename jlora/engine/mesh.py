@@ -132,16 +132,18 @@ class MeshRunner(ModelRunner):
         return _write_replicated(self.penalty, slot, counts, flags, bias_ids, bias, mesh=self.model.mesh)
 
     def _run(self, bank, a: dict):
-        a = distributed.broadcast_step(a)  # process 0's batch, on every process
-        if "row_steps" in a:
-            out, self.cache, penalty = _mesh_decode(self.params, bank, self.cache, self._loop_state(a), **a,
-                                                    model=self.model, runtime=self.runtime,
-                                                    max_steps=self.decode_steps, **self._loop_flags(a))
-        else:
-            out, self.cache, penalty = _mesh_step(self.params, bank, self.cache, self.penalty, **a, model=self.model,
-                                                  runtime=self.runtime, num_logprobs=self.num_logprobs)
+        program, args, kwargs = self._step_call(bank, distributed.broadcast_step(a))  # process 0's batch, everywhere
+        out, self.cache, penalty = program(*args, **kwargs)
         self.penalty = self.penalty if penalty is None else penalty
         return jax.tree.map(distributed.to_host, out)
+
+    def _step_call(self, bank, a: dict):
+        state = (self.params, bank, self.cache)
+        if "row_steps" in a:
+            return _mesh_decode, (*state, self._loop_state(a)), dict(
+                a, model=self.model, runtime=self.runtime, max_steps=self.decode_steps, **self._loop_flags(a))
+        return _mesh_step, (*state, self.penalty), dict(a, model=self.model, runtime=self.runtime,
+                                                         num_logprobs=self.num_logprobs)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",), donate_argnums=(0,))

@@ -8,8 +8,10 @@ array, one pytree structure each) is the only other thing the compile key sees.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -195,16 +197,19 @@ class ModelRunner:
         """One jitted step on host arrays `a` (a decode loop when `a` has "row_steps"); returns, on the host,
         (tokens, logprobs, top ids, top logprobs) with a leading [decode_steps] axis for a decode loop, which
         returns tokens alone unless a row asks for logprobs."""
-        if "row_steps" in a:
-            out, self.cache, penalty = _paged_decode(self.params, bank, self.cache, self._loop_state(a), **a,
-                                                     config=self.config, runtime=self.runtime,
-                                                     max_steps=self.decode_steps, **self._loop_flags(a))
-        else:
-            out, self.cache, penalty = _paged_step(self.params, bank, self.cache, self.penalty, **a,
-                                                   config=self.config, runtime=self.runtime,
-                                                   num_logprobs=self.num_logprobs)
+        program, args, kwargs = self._step_call(bank, a)
+        out, self.cache, penalty = program(*args, **kwargs)
         self.penalty = self.penalty if penalty is None else penalty
         return jax.device_get(out)  # the step's one device-to-host transfer
+
+    def _step_call(self, bank, a: dict):
+        """(jitted program, positional arguments, keyword arguments) of the step on host arrays `a`."""
+        state = (self.params, bank, self.cache)
+        if "row_steps" in a:
+            return _paged_decode, (*state, self._loop_state(a)), dict(
+                a, config=self.config, runtime=self.runtime, max_steps=self.decode_steps, **self._loop_flags(a))
+        return _paged_step, (*state, self.penalty), dict(a, config=self.config, runtime=self.runtime,
+                                                          num_logprobs=self.num_logprobs)
 
     def _loop_state(self, a: dict):
         """The penalty state a decode loop takes: none for the greedy program."""
@@ -268,17 +273,34 @@ class ModelRunner:
             a["bitmask"] = np.full((B, self.bitmask_words), -1, np.int32)
         return a
 
-    def warmup(self, bank, max_prefill_chunk: int, shapes=None) -> int:
-        """Compiles every bucket shape (or the given ones) with all-padding batches (nothing is written); returns
-        how many."""
+    def warmup(self, bank, max_prefill_chunk: int, shapes=None, workers: int | None = None) -> int:
+        """Compiles every bucket shape (or the given ones) and runs each once with an all-padding batch (nothing is
+        written); returns how many. The programs compile on `workers` threads at once (default: one per core, at
+        most 8; XLA compiles outside the GIL), then run one after another from JAX's caches."""
         shapes = self.bucket_shapes(max_prefill_chunk) if shapes is None else list(shapes)
         V = self.config.vocab_size  # the penalty-slot write: one program, here on the spare slot alone
         self.write_penalty_rows([(self.spare_slot, np.zeros(V, np.int32), np.zeros(V, np.int8),
                                   np.zeros(MAX_LOGIT_BIAS, np.int32), np.zeros(MAX_LOGIT_BIAS, np.float32))])
+        self.precompile(bank, shapes, workers)
         for mode, B, T, P in shapes:
             self._run(bank, self._arrays(mode, B, T, P))
             self.shapes_run.add((mode, B, T, P))
         return len(shapes)
+
+    def precompile(self, bank, shapes, workers: int | None = None) -> None:
+        """Lowers and compiles the step programs of `shapes` on a thread pool, without running them: a later step
+        of one of these shapes finds its program in JAX's caches. One process only (the processes of a
+        multi-host mesh must compile the same programs in the same order)."""
+        workers = workers or min(8, len(os.sched_getaffinity(0)))
+        if workers <= 1 or len(shapes) <= 1 or jax.process_count() > 1:
+            return
+
+        def compile_one(shape):
+            program, args, kwargs = self._step_call(bank, self._arrays(*shape))
+            program.lower(*args, **kwargs).compile()
+
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jlora-compile") as pool:
+            list(pool.map(compile_one, shapes))
 
     def _rows(self, seqs, slot_of: list[int]) -> tuple[list[int], int]:
         """(row of each sequence, rows B). Data replica r runs rows [r B / dp, (r + 1) B / dp), so a sequence goes

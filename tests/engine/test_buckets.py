@@ -6,7 +6,10 @@ import jax.numpy as jnp
 import pytest
 from helpers import TINY
 
+from jlora.config import LoraBankConfig
+from jlora.engine.compiles import compile_count
 from jlora.engine.model_runner import ModelRunner
+from jlora.lora.bank import init_bank
 from jlora.model import init_params
 
 
@@ -48,3 +51,21 @@ def test_without_a_token_budget_every_prefill_shape_exists(params):
     assert runner.prefill_row_budget is None and runner.prefill_fits(64, 512)
     prefill = {(B, T) for m, B, T, P in runner.bucket_shapes(64) if m == "prefill"}
     assert prefill == {(b, t) for b in (8, 16, 32, 64) for t in (16, 32, 64)}
+
+
+def test_precompiled_shapes_run_without_compiling_again(params):
+    """`warmup` compiles its programs on a thread pool (`precompile`); each then runs from JAX's caches: the
+    threaded compiles are the ones the steps use, not extra work."""
+    runner = ModelRunner(TINY, params, num_pages=16, page_size=4, max_model_len=32, max_num_seqs=8,
+                         max_num_batched_tokens=64, max_prefill_chunk=16, decode_steps=2)
+    bank = init_bank(TINY, LoraBankConfig(buckets=(4,), slots=(2,)), jnp.float32)
+    shapes = runner.bucket_shapes(16)
+    assert len(shapes) >= 4
+    before = compile_count()
+    runner.precompile(bank, shapes, workers=2)
+    compiled = compile_count() - before
+    assert compiled >= len(shapes)  # every step program (and the small ops that make its inputs)
+    before = compile_count()
+    for shape in shapes:
+        runner._run(bank, runner._arrays(*shape))
+    assert compile_count() == before, "a precompiled step shape compiled again when it ran"
