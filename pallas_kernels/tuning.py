@@ -49,7 +49,8 @@ def block_t(num_tokens: int, backend: str) -> int:
 # Shared memory a Triton shrink may ask for, under Hopper's 227 KiB per block. Its pipeline holds num_stages - 1
 # copies of the x tile [block_t, block_k] and the A tile [block_k, rank padded to a power of two]: on the H200, a
 # rank-128 bucket's fused q|k|v (384 -> 512 columns) at block_k 128 and 3 stages asked for exactly
-# 2 * 128 * (16 + 512) * 2 = 270,336 bytes and failed.
+# 2 * 128 * (16 + 512) * 2 = 270,336 bytes and failed. Float32 operands need more than this count (240 KiB at
+# rank 48, below), so they keep their own halved tiling first.
 GPU_SHRINK_SMEM_BYTES = 200 * 1024
 
 
