@@ -1,7 +1,5 @@
 """`jlora generate` as a user runs it."""
 
-import json
-
 import pytest
 from helpers import write_adapter, write_model
 
@@ -28,17 +26,6 @@ def test_generate_with_adapters_json(tmp_path, capsys):
     assert "no tokenizer" in capsys.readouterr().err
 
 
-def test_generate_default_model_mixed_adapters(tmp_path, capsys):
-    ad = write_adapter(str(tmp_path / "a"), config=_smollm_config(), r=4, std=0.3)
-    code = main(["generate", "--lora", f"mine={ad}", "--adapter", "base", "--adapter", "mine", "--json",
-                 "--max-tokens", "5", "The capital of France is", "The capital of France is"])
-    assert code == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["adapter"] for r in rows] == [None, "mine"]
-    assert all(1 <= r["completion_tokens"] <= 5 for r in rows)
-    assert rows[0]["text"] != rows[1]["text"]
-
-
 def test_bad_adapter_is_a_clean_error(tmp_path, capsys):
     code = main(["generate", "--lora", f"x={tmp_path / 'missing'}", "hi"])
     assert code == 2 and "AdapterError" in capsys.readouterr().err
@@ -47,12 +34,6 @@ def test_bad_adapter_is_a_clean_error(tmp_path, capsys):
 def test_bad_sampling_is_a_clean_error(capsys):
     assert main(["generate", "--top-p", "1.5", "hi"]) == 2
     assert "top_p" in capsys.readouterr().err
-
-
-def _smollm_config():
-    from jlora.checkpoint.resolve import resolve_model_dir
-    from jlora.config import ModelConfig
-    return ModelConfig.from_json(resolve_model_dir("smollm2-135m-instruct", progress=False) + "/config.json")
 
 
 def test_parallel_flags_reach_the_engine(monkeypatch, capsys):

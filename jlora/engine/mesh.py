@@ -137,13 +137,8 @@ class MeshRunner(ModelRunner):
         self.penalty = self.penalty if penalty is None else penalty
         return jax.tree.map(distributed.to_host, out)
 
-    def _step_call(self, bank, a: dict):
-        state = (self.params, bank, self.cache)
-        if "row_steps" in a:
-            return _mesh_decode, (*state, self._loop_state(a)), dict(
-                a, model=self.model, runtime=self.runtime, max_steps=self.decode_steps, **self._loop_flags(a))
-        return _mesh_step, (*state, self.penalty), dict(a, model=self.model, runtime=self.runtime,
-                                                         num_logprobs=self.num_logprobs)
+    def _programs(self):
+        return _mesh_step, _mesh_decode, {"model": self.model, "runtime": self.runtime}
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",), donate_argnums=(0,))

@@ -204,12 +204,16 @@ class ModelRunner:
 
     def _step_call(self, bank, a: dict):
         """(jitted program, positional arguments, keyword arguments) of the step on host arrays `a`."""
+        step, decode, static = self._programs()
         state = (self.params, bank, self.cache)
         if "row_steps" in a:
-            return _paged_decode, (*state, self._loop_state(a)), dict(
-                a, config=self.config, runtime=self.runtime, max_steps=self.decode_steps, **self._loop_flags(a))
-        return _paged_step, (*state, self.penalty), dict(a, config=self.config, runtime=self.runtime,
-                                                          num_logprobs=self.num_logprobs)
+            return decode, (*state, self._loop_state(a)), dict(a, **static, max_steps=self.decode_steps,
+                                                               **self._loop_flags(a))
+        return step, (*state, self.penalty), dict(a, **static, num_logprobs=self.num_logprobs)
+
+    def _programs(self):
+        """(one-step program, decode-loop program, the static arguments both take)."""
+        return _paged_step, _paged_decode, {"config": self.config, "runtime": self.runtime}
 
     def _loop_state(self, a: dict):
         """The penalty state a decode loop takes: none for the greedy program."""

@@ -101,8 +101,8 @@ def test_preemption_under_tiny_page_budget(tiny):
 def test_no_new_compilations_after_warmup_over_a_broad_mix(tiny):
     """Two sequence buckets (up to 16 sequences), prompts longer than a prefill chunk, greedy and sampled
     requests, penalties, logit_bias, min_p and logprobs, and preemption (too few pages for them all): after warm-up
-    nothing compiles."""
-    engine = make_engine(tiny, max_num_seqs=16, max_prefill_chunk=16, num_pages=24)
+    nothing compiles. Pages of 8 tokens make every page table one width (the widths are `test_buckets.py`'s)."""
+    engine = make_engine(tiny, max_num_seqs=16, max_prefill_chunk=16, num_pages=12, page_size=8)
     shapes = engine.warmup()
     before = compile_count()
     rng = np.random.default_rng(7)
