@@ -1,11 +1,13 @@
 """The throughput cost of structured output: N sampled requests without and with a JSON schema, on one engine in one
 run (and a mix of both, where the unconstrained half shares one-token steps with the structured half).
 
-Every mode runs once untimed, twice over (the second pass finds the prompt in the prefix cache, as the timed runs
+The engine's warm-up compiles every step program first (on a thread pool, as `jlora serve --warmup` does). Every
+mode then runs once untimed, twice over (the second pass finds the prompt in the prefix cache, as the timed runs
 do), so that the timed runs compile nothing; then each mode is timed. Reported per mode: output tokens, seconds,
 tokens/s, engine steps, the host seconds spent filling grammar bitmasks (`Grammars.bitmask`, on the engine thread
 before each step), programs compiled while timed (should be 0), and how many structured outputs parse and validate
-(jsonschema). Prints a table and writes benchmarks/results/structured_<platform>.json.
+(jsonschema). The adapter bank is one rank-16 slot: no request uses an adapter, and a small bank compiles faster.
+Prints a table and writes benchmarks/results/structured_<platform>.json.
 
   python scripts/bench_structured.py                                   # CPU, the default model
   JAX_PLATFORMS=cuda python scripts/bench_structured.py --requests 256 --max-num-seqs 256
@@ -124,17 +126,22 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     import jax
 
+    from jlora.config import LoraBankConfig
     from jlora.engine.engine import EngineConfig
     from jlora.generate import LLM
 
     per_seq = -(-(256 + args.max_tokens) // 16)
     ecfg = EngineConfig(max_num_seqs=args.max_num_seqs, num_pages=args.max_num_seqs * per_seq + 16, page_size=16,
-                        max_model_len=256 + args.max_tokens, num_scheduler_steps=args.num_scheduler_steps)
+                        max_model_len=256 + args.max_tokens, num_scheduler_steps=args.num_scheduler_steps,
+                        max_prefill_chunk=128, bank=LoraBankConfig(buckets=(16,), slots=(1,)))
     if args.random_weights:
         llm = random_llm(args, ecfg)
     else:
         llm = LLM(args.model, dtype=args.dtype, progress=False, engine=ecfg)
     prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+    t0 = time.perf_counter()
+    shapes = llm.engine.warmup()  # every step program, compiled on a thread pool
+    print(f"warm-up: {shapes} step programs in {time.perf_counter() - t0:.1f} s", flush=True)
     modes = ("plain", "json_schema", "mixed")
     for seed in (0, 100):  # compiles every mode's step shapes, fresh and from the prefix cache
         for mode in modes:
