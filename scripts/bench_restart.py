@@ -103,6 +103,8 @@ def main() -> None:
              "--max-model-len", str(args.max_model_len)] + (["--tiny"] if args.tiny else [])
     names = ["cold cache", "warm cache"] if args.skip_no_cache else ["no cache", "cold cache", "warm cache"]
     runs = {}
+    if args.log_dir:
+        os.makedirs(args.log_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="jlora-xla-") as cache:
         for name in names:  # the JSON is rewritten after each run, so a run cut short keeps the ones before
             t0 = time.perf_counter()

@@ -5,7 +5,7 @@ The engine's warm-up compiles every step program first (on a thread pool, as `jl
 mode then runs once untimed, twice over (the second pass finds the prompt in the prefix cache, as the timed runs
 do), so that the timed runs compile nothing; then each mode is timed. Reported per mode: output tokens, seconds,
 tokens/s, engine steps, the host seconds spent filling grammar bitmasks (`Grammars.bitmask`, on the engine thread
-before each step), programs compiled while timed (should be 0), and how many structured outputs parse and validate
+while each masked step's forward runs), programs compiled while timed (should be 0), and how many structured outputs parse and validate
 (jsonschema). The adapter bank is one rank-16 slot: no request uses an adapter, and a small bank compiles faster.
 Prints a table and writes benchmarks/results/structured_<platform>.json.
 

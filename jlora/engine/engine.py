@@ -1,14 +1,16 @@
 """The engine: requests in, a scheduled step, streamed outputs out.
 
-One step: schedule (pure Python) -> make the batch's adapters resident -> grammar bitmasks of its structured rows
-(host) -> one jitted paged forward with on-device sampling (for decode, up to `num_scheduler_steps` forwards, each
-fed the last one's tokens on the device) -> one device-to-host copy -> matchers, stop checks, incremental
+One step: schedule (pure Python) -> make the batch's adapters resident -> one jitted paged forward with on-device
+sampling (for decode, up to `num_scheduler_steps` forwards, each fed the last one's tokens on the device; with
+structured rows, the forward and then the sampling, the host filling the rows' grammar bitmasks in between, while
+the forward runs) -> one device-to-host copy -> matchers, stop checks, incremental
 detokenization (`output_processor`), page frees.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import secrets
@@ -283,7 +285,8 @@ class Engine:
             log.exception("making the step's adapters resident failed; failing its %d requests", len(batch.seqs))
             return self._fail(batch.seqs, _cause("loading the step's adapters failed", e))
         try:
-            bitmask = self.grammars.bitmask(batch.seqs, batch.chunks)
+            bitmask = (functools.partial(self.grammars.bitmask, batch.seqs, batch.chunks)  # filled during the forward
+                       if self.grammars.constrains(batch.seqs, batch.chunks) else None)
             out = self.runner.execute(batch, slots, self.store.bank, self._penalty_slots(batch.seqs), bitmask)
         except Exception as e:  # noqa: BLE001 - which row caused it cannot be told: the batch fails
             log.exception("engine step failed; failing its %d requests", len(batch.seqs))

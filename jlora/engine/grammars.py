@@ -50,6 +50,11 @@ class Grammars:
         self._matchers.pop(request_id, None)
         self._stuck.discard(request_id)
 
+    def constrains(self, seqs: list[Sequence], chunks: list[int]) -> bool:
+        """Whether a step of these sequences samples a token under a grammar (`bitmask` then returns rows)."""
+        return bool(self._matchers) and any(s.request_id in self._matchers and s.num_computed + c == s.num_tokens
+                                            for s, c in zip(seqs, chunks))
+
     def bitmask(self, seqs: list[Sequence], chunks: list[int]) -> np.ndarray | None:
         """int32 [len(seqs), words] rows of a step (1 = allowed), or None when no sequence samples under a grammar.
         A row is all ones unless its sequence is structured and its chunk reaches its end (it samples)."""

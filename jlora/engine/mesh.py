@@ -131,7 +131,11 @@ class MeshRunner(ModelRunner):
     def _write_state(self, slot, counts, flags, bias_ids, bias):
         return _write_replicated(self.penalty, slot, counts, flags, bias_ids, bias, mesh=self.model.mesh)
 
-    def _run(self, bank, a: dict):
+    overlap_masks = False  # one program: a process's bitmask reaches the others with the step's arrays
+
+    def _run(self, bank, a: dict, fill_mask=None):
+        if fill_mask is not None:
+            fill_mask()
         program, args, kwargs = self._step_call(bank, distributed.broadcast_step(a))  # process 0's batch, everywhere
         out, self.cache, penalty = program(*args, **kwargs)
         self.penalty = self.penalty if penalty is None else penalty

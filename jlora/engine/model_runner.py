@@ -66,6 +66,20 @@ def _paged_step(params, bank, cache, penalty, tokens, positions, lora_ids, page_
     return out, cache, penalty
 
 
+@functools.partial(jax.jit, static_argnames=("config", "runtime"), donate_argnames=("cache",))
+def _paged_logits(params, bank, cache, tokens, positions, lora_ids, page_table, logit_index, *, config, runtime):
+    """The forward half of a masked one-step program: logits [B, V] stay on the device while the host fills the
+    grammar bitmask (`ModelRunner.overlap_masks`)."""
+    return forward(params, bank, tokens, positions, lora_ids, cache, config=config, logit_index=logit_index,
+                   runtime=runtime, page_table=page_table)
+
+
+@functools.partial(jax.jit, static_argnames=("num_logprobs",), donate_argnames=("penalty",))
+def _masked_sample(logits, penalty, sampling, bitmask, *, num_logprobs):
+    """The sampling half: `sampler.step_sample` among the tokens `bitmask` allows."""
+    return step_sample(logits, sampling, penalty, num_logprobs, bitmask)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "runtime", "max_steps", "greedy", "num_logprobs"),
                    donate_argnames=("cache", "penalty"))
 def _paged_decode(params, bank, cache, penalty, tokens, positions, lora_ids, page_table, row_steps, sampling, *,
@@ -101,6 +115,9 @@ class ModelRunner:
     """
 
     dp = 1  # data replicas: each owns a block of rows of every step and a block of pages
+    # A masked step runs as two programs, the forward and then the sampling, so that the host fills the grammar
+    # bitmask while the forward runs (a mesh runs it as one program, the bitmask filled first).
+    overlap_masks = True
 
     def __init__(self, config: ModelConfig, params, *, num_pages: int, page_size: int, max_model_len: int,
                  max_num_seqs: int, dtype=jnp.float32, runtime: RuntimeConfig = RuntimeConfig(),
@@ -193,14 +210,43 @@ class ModelRunner:
     def _write_state(self, slot, counts, flags, bias_ids, bias) -> PenaltyState:
         return write_slots(self.penalty, slot, counts, flags, bias_ids, bias)
 
-    def _run(self, bank, a: dict):
+    def _run(self, bank, a: dict, fill_mask=None):
         """One jitted step on host arrays `a` (a decode loop when `a` has "row_steps"); returns, on the host,
         (tokens, logprobs, top ids, top logprobs) with a leading [decode_steps] axis for a decode loop, which
-        returns tokens alone unless a row asks for logprobs."""
+        returns tokens alone unless a row asks for logprobs. `fill_mask()` writes a masked step's bitmask rows
+        into `a["bitmask"]`: once the forward is dispatched, where `overlap_masks`."""
+        if "bitmask" in a and self.overlap_masks:
+            forward_args, _ = self._masked_args(a)
+            logits, self.cache = _paged_logits(self.params, bank, self.cache, **forward_args,
+                                               config=self.config, runtime=self.runtime)
+            if fill_mask is not None:
+                fill_mask()  # on the host, while the device runs the forward
+            out, self.penalty = _masked_sample(logits, self.penalty, a["sampling"], a["bitmask"],
+                                               num_logprobs=self.num_logprobs)
+            return jax.device_get(out)
+        if fill_mask is not None:
+            fill_mask()
         program, args, kwargs = self._step_call(bank, a)
         out, self.cache, penalty = program(*args, **kwargs)
         self.penalty = self.penalty if penalty is None else penalty
         return jax.device_get(out)  # the step's one device-to-host transfer
+
+    def _masked_args(self, a: dict):
+        """A masked step's arrays, split: (the forward's keyword arguments, the sampling's)."""
+        sample = ("sampling", "bitmask")
+        return {k: v for k, v in a.items() if k not in sample}, {k: a[k] for k in sample}
+
+    def _lower(self, bank, a: dict) -> list:
+        """The lowered programs of the step on host arrays `a`, in the order a step runs them."""
+        if "bitmask" in a and self.overlap_masks:
+            forward_args, sample_args = self._masked_args(a)
+            forward_half = _paged_logits.lower(self.params, bank, self.cache, **forward_args, config=self.config,
+                                               runtime=self.runtime)
+            logits = forward_half.out_info[0]
+            return [forward_half, _masked_sample.lower(logits, self.penalty, **sample_args,
+                                                       num_logprobs=self.num_logprobs)]
+        program, args, kwargs = self._step_call(bank, a)
+        return [program.lower(*args, **kwargs)]
 
     def _step_call(self, bank, a: dict):
         """(jitted program, positional arguments, keyword arguments) of the step on host arrays `a`."""
@@ -292,19 +338,21 @@ class ModelRunner:
         return len(shapes)
 
     def precompile(self, bank, shapes, workers: int | None = None) -> None:
-        """Lowers and compiles the step programs of `shapes` on a thread pool, without running them: a later step
-        of one of these shapes finds its program in JAX's caches. One process only (the processes of a
-        multi-host mesh must compile the same programs in the same order)."""
+        """Compiles the step programs of `shapes` on a thread pool, without running them: a later step of one of
+        these shapes finds its program in JAX's caches. Lowering stays on this thread, in the order of `shapes`,
+        and each program goes to the pool as soon as it is lowered: Mosaic GPU kernels lowered on concurrent
+        threads serialized differently from one process to the next, so the persistent cache missed them on a
+        restart. One process only (the processes of a multi-host mesh must compile the same programs in the same
+        order)."""
         workers = workers or min(8, len(os.sched_getaffinity(0)))
         if workers <= 1 or len(shapes) <= 1 or jax.process_count() > 1:
             return
-
-        def compile_one(shape):
-            program, args, kwargs = self._step_call(bank, self._arrays(*shape))
-            program.lower(*args, **kwargs).compile()
-
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jlora-compile") as pool:
-            list(pool.map(compile_one, shapes))
+            futures = []
+            for shape in shapes:
+                futures += [pool.submit(lowered.compile) for lowered in self._lower(bank, self._arrays(*shape))]
+            for f in futures:
+                f.result()
 
     def _rows(self, seqs, slot_of: list[int]) -> tuple[list[int], int]:
         """(row of each sequence, rows B). Data replica r runs rows [r B / dp, (r + 1) B / dp), so a sequence goes
@@ -324,7 +372,8 @@ class ModelRunner:
                 penalty_slots: list[int] | None = None, bitmask: np.ndarray | None = None) -> StepOutput:
         """Runs one step and returns its results in the order of `batch.seqs`; `penalty_slots[i]` is the penalty
         slot of sequence i (None: every row on the spare slot, i.e. no processors); `bitmask[i]` the int32 grammar
-        bitmask row of sequence i (`engine.grammars`; None: no row is constrained), in a one-step batch only."""
+        bitmask row of sequence i (`engine.grammars`; None: no row is constrained), in a one-step batch only. It may
+        be a function returning those rows (or None): it is then called while the step's forward runs."""
         seqs, chunks = batch.seqs, batch.chunks
         steps = batch.steps or [1] * len(seqs)  # samples per sequence: several for a multi-step decode
         if max(steps) > (self.decode_steps if batch.mode == "decode" else 1):
@@ -355,11 +404,14 @@ class ModelRunner:
             else:
                 a["logit_index"][row] = c - 1
             fill_row(a["sampling"], row, s, penalty_slots[i], live=start + c == s.num_tokens)
-        if bitmask is not None:
-            a["bitmask"][rows] = bitmask
+        def fill_mask():
+            m = bitmask() if callable(bitmask) else bitmask
+            if m is not None:
+                a["bitmask"][rows] = m
+
         mode = loop_kind(a["sampling"]) if multi else batch.mode + masked
         self.shapes_run.add((mode, B, T, P))
-        out = self._run(bank, a)
+        out = self._run(bank, a, None if bitmask is None else fill_mask)
         if multi:  # [B, k, ...] rows: the loop's leading step axis moves second
             out = tuple(np.moveaxis(x, 0, 1)[rows] for x in (out if isinstance(out, tuple) else (out,)))
             return StepOutput(out[0], *(out[1:] if len(out) > 1 else (None,) * 3), np.asarray(steps))

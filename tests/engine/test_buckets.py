@@ -1,6 +1,8 @@
 """The runner's step shapes (what `warmup` compiles) against hand-counted sets: prefill rows within the row budget,
 page tables of the widths a step can need."""
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -69,3 +71,36 @@ def test_precompiled_shapes_run_without_compiling_again(params):
     for shape in shapes:
         runner._run(bank, runner._arrays(*shape))
     assert compile_count() == before, "a precompiled step shape compiled again when it ran"
+
+
+def test_precompile_lowers_on_the_calling_thread_in_shape_order(params, monkeypatch):
+    """Only XLA's compiles go to the pool: the programs are lowered one after another on the calling thread, so
+    every process serializes them (Mosaic GPU kernels included) the same way and the persistent cache finds them
+    after a restart."""
+    runner = ModelRunner(TINY, params, num_pages=16, page_size=4, max_model_len=32, max_num_seqs=4,
+                         max_num_batched_tokens=32, max_prefill_chunk=8, decode_steps=1)
+    bank = init_bank(TINY, LoraBankConfig(buckets=(4,), slots=(2,)), jnp.float32)
+    shapes = runner.bucket_shapes(8)[:4]
+    lowered, step_call = [], runner._step_call
+
+    class Recorder:
+        def __init__(self, program, rows):
+            self.program, self.rows = program, rows
+
+        def lower(self, *args, **kwargs):
+            lowered.append((threading.current_thread(), self.rows))
+            return self.program.lower(*args, **kwargs)
+
+    def recording_step_call(bank, arrays):
+        program, args, kwargs = step_call(bank, arrays)
+        return Recorder(program, _signature(arrays)), args, kwargs
+
+    monkeypatch.setattr(runner, "_step_call", recording_step_call)
+    runner.precompile(bank, shapes, workers=2)
+    assert [thread for thread, _ in lowered] == [threading.current_thread()] * len(shapes)
+    assert [rows for _, rows in lowered] == [_signature(runner._arrays(*s)) for s in shapes]
+
+
+def _signature(arrays):
+    """What tells two step inputs apart: their fields and the token array's shape."""
+    return tuple(sorted(arrays)), arrays["tokens"].shape

@@ -89,12 +89,12 @@ def test_a_failing_step_that_took_the_kv_cache_loses_nothing_else(tiny):
     penalised = SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True, repetition_penalty=1.5,
                                frequency_penalty=0.7)
 
-    def dies_after_donation(bank, a):
+    def dies_after_donation(bank, a, fill_mask=None):
         if engine.runner.poison:
             for x in jax.tree.leaves((engine.runner.cache, engine.runner.penalty)):
                 x.delete()
             raise RuntimeError("INTERNAL: CUDA error: an illegal memory access was encountered")
-        return run(bank, a)
+        return run(bank, a, fill_mask)
 
     engine.runner.poison = False
     engine.runner._run = dies_after_donation

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from train.tiny import tiny_tokenizer
 
+from jlora.engine import model_runner
 from jlora.engine.compiles import compile_count
 from jlora.engine.engine import Engine, EngineConfig
 from jlora.engine.grammars import Grammars
@@ -177,3 +178,25 @@ def test_bad_grammars_fail_their_request_alone(engine):
 def test_structured_without_a_tokenizer_is_refused():
     with pytest.raises(RequestError, match="needs the model's tokenizer"):
         Grammars(None, 97).add("r", JSON)
+
+
+def test_the_bitmask_is_filled_while_the_forward_runs(engine, monkeypatch):
+    """A masked step dispatches its forward first and fills the bitmask after (the host works while the device
+    does), then samples: every fill comes between a forward and its sampling, and the outputs still follow the
+    grammar."""
+    events = []
+
+    def recording(name, program):
+        def call(*args, **kwargs):
+            events.append(name)
+            return program(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(model_runner, "_paged_logits", recording("forward", model_runner._paged_logits))
+    monkeypatch.setattr(model_runner, "_masked_sample", recording("sample", model_runner._masked_sample))
+    monkeypatch.setattr(engine.grammars, "bitmask", recording("fill", engine.grammars.bitmask))
+    outs = run(engine, [("person: ", SamplingParams(temperature=1.0, seed=7 + i, max_tokens=60, structured=JSON))
+                        for i in range(2)])
+    for out in outs:
+        jsonschema.validate(json.loads(out.text), SCHEMA)
+    assert events and events == ["forward", "fill", "sample"] * (len(events) // 3), events[:9]
