@@ -142,7 +142,7 @@ class LLM:
                 raise RequestError(f"sampling must be SamplingParams, got {type(sp).__name__}")
             self._check_adapter(a)
             ids = engine._encode(p)
-            check_logprobs(sp, engine.runner.num_logprobs, mesh=engine.config.tp * engine.config.dp > 1)
+            check_logprobs(sp, engine.runner.num_logprobs, engine.runner.processes)
             if sp.structured is not None:
                 engine.grammars.compiler().grammar(sp.structured)  # compiled (and cached) now: RequestError if bad
             if len(ids) + sp.max_tokens > engine.max_model_len:
@@ -195,8 +195,9 @@ class LLM:
         fit the device slots together, each is scored in turn.
         """
         engine = self.engine
-        if engine.config.tp * engine.config.dp > 1:
-            raise NotImplementedError("LLM.score runs on one device; this LLM runs on a mesh (tp or dp > 1)")
+        if engine.runner.processes > 1:
+            raise NotImplementedError(f"LLM.score runs within one process; this LLM's mesh spans "
+                                      f"{engine.runner.processes} processes")
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):  # one pair
             prompts, continuations = [prompts], [continuations]
         prompts, continuations = list(prompts), list(continuations)
@@ -225,7 +226,7 @@ class LLM:
                 scored = scoring.score_rows(engine.runner.params, store.bank, rows, config=self.config,
                                             runtime=engine.runner.runtime,
                                             token_budget=engine.config.max_num_batched_tokens,
-                                            max_len=engine.max_model_len)
+                                            max_len=engine.max_model_len, model=engine.runner.model)
                 for i, s in zip(chosen, scored):
                     out[i] = s
         finally:

@@ -15,8 +15,7 @@ import numpy as np
 
 from jlora.config import ModelConfig, RuntimeConfig
 from jlora.errors import RequestError
-from jlora.model.kv_cache import KVCache
-from jlora.model.llama import forward
+from jlora.model.sequences import sequence_logits
 
 MIN_LENGTH = 16  # the shortest padded sequence: short texts share one program
 
@@ -84,23 +83,21 @@ def check_pair(prompt: list[int], continuation: list[int], vocab_size: int, max_
                            f"the context length {max_len}")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime"))
+@functools.partial(jax.jit, static_argnames=("config", "runtime", "model"))
 def sequence_logprobs(params, bank, tokens: jax.Array, lora_ids: jax.Array, *, config: ModelConfig,
-                      runtime: RuntimeConfig = RuntimeConfig()):
+                      runtime: RuntimeConfig = RuntimeConfig(), model=None):
     """Semantics: logprob[b, t] = log_softmax(logits[b, t])[tokens[b, t + 1]] (in float32) and
     greedy[b, t] = argmax(logits[b, t]) == tokens[b, t + 1], for t < T - 1, where logits = forward(tokens).
 
     Args:
-      params, bank: the base weights and the LoRA bank, as `forward` takes them.
+      params, bank: the base weights and the LoRA bank, as `forward` takes them (placed on `model`'s mesh, if
+        given: a `ShardedModel`).
       tokens: [B, T] int32, each row from position 0; padding at a row's end changes nothing before it.
       lora_ids: [B] int32 global slot id per row; -1 for the base model.
     Returns:
       (logprob [B, T - 1] float32, greedy [B, T - 1] bool).
     """
-    B, T = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    cache = KVCache.zeros(config, B, T, params["embed"].dtype)
-    logits, _ = forward(params, bank, tokens, positions, lora_ids, cache, config=config, runtime=runtime)
+    logits = sequence_logits(params, bank, tokens, lora_ids, config=config, runtime=runtime, model=model)
     logits = logits[:, :-1].astype(jnp.float32)  # [B, T - 1, V]: the prediction of each next token
     targets = tokens[:, 1:]
     logp = jax.nn.log_softmax(logits, axis=-1)
@@ -134,10 +131,13 @@ def plan_batches(lengths: list[int], token_budget: int, max_len: int) -> list[tu
 
 
 def score_rows(params, bank, rows: list[tuple[list[int], list[int], int]], *, config: ModelConfig,
-               runtime: RuntimeConfig, token_budget: int, max_len: int) -> list[ScoreOutput]:
-    """Scores (prompt ids, continuation ids, global slot or -1) rows, checked by `check_pair`."""
+               runtime: RuntimeConfig, token_budget: int, max_len: int, model=None) -> list[ScoreOutput]:
+    """Scores (prompt ids, continuation ids, global slot or -1) rows, checked by `check_pair`; on `model`'s mesh
+    if given (a `ShardedModel`: calls of a multiple of its dp rows)."""
     out: list[ScoreOutput | None] = [None] * len(rows)
+    dp = 1 if model is None else model.dp
     for idx, B, T in plan_batches([len(p) + len(c) for p, c, _ in rows], token_budget, max_len):
+        B = -(-B // dp) * dp
         idx = sorted(idx, key=lambda i: rows[i][2])  # rows of one adapter side by side: fewer LoRA tiles
         tokens = np.zeros((B, T), np.int32)
         slots = np.full((B,), -1, np.int32)
@@ -146,7 +146,7 @@ def score_rows(params, bank, rows: list[tuple[list[int], list[int], int]], *, co
             tokens[b, :len(p) + len(c)] = p + c
             slots[b] = slot
         logp, greedy = jax.device_get(sequence_logprobs(params, bank, tokens, slots, config=config,
-                                                        runtime=runtime))
+                                                        runtime=runtime, model=model))
         for b, i in enumerate(idx):
             p, c, _ = rows[i]
             span = slice(len(p) - 1, len(p) + len(c) - 1)  # the predictions of the continuation's tokens

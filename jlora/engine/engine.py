@@ -155,7 +155,7 @@ class Engine:
             raise RequestError("the engine runs one sequence per request: expand n and best_of with "
                                "SamplingParams.choices (LLM.generate and the servers do)")
         ids = self._encode(prompt)
-        check_logprobs(sampling, self.runner.num_logprobs, mesh=self.config.tp * self.config.dp > 1)
+        check_logprobs(sampling, self.runner.num_logprobs, self.runner.processes)
         V = self.model_config.vocab_size
         bad = [i for i, _ in sampling.logit_bias if i >= V]
         if bad:

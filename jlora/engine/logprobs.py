@@ -20,21 +20,21 @@ import numpy as np
 
 from jlora.config import ModelConfig, RuntimeConfig
 from jlora.errors import RequestError
-from jlora.model.kv_cache import KVCache
-from jlora.model.llama import forward
+from jlora.model.sequences import sequence_logits
 
 MIN_LENGTH = 16  # the shortest padded prompt: short prompts share one program
 
 
-def check_logprobs(sp, num_logprobs: int, mesh: bool) -> None:
+def check_logprobs(sp, num_logprobs: int, processes: int = 1) -> None:
     """Raises `RequestError` if the engine cannot give what `sp` asks: more top logprobs than it computes, or
-    prompt logprobs on a mesh (the extra forward runs on one device)."""
+    prompt logprobs on a mesh of several processes (the extra forward runs on process 0's devices alone)."""
     for name in ("logprobs", "prompt_logprobs"):
         value = getattr(sp, name)
         if value is not None and value > num_logprobs:
             raise RequestError(f"{name} must be at most {num_logprobs} on this engine, got {value}")
-    if sp.prompt_logprobs is not None and mesh:
-        raise RequestError("prompt logprobs (echo with logprobs) run on one device; this engine runs on a mesh")
+    if sp.prompt_logprobs is not None and processes > 1:
+        raise RequestError("prompt logprobs (echo with logprobs) run within one process; this engine's mesh spans "
+                           f"{processes} processes")
 
 
 def entry(token: int, logprob: float, top_ids, top_logprobs, k: int) -> dict:
@@ -43,22 +43,20 @@ def entry(token: int, logprob: float, top_ids, top_logprobs, k: int) -> dict:
             "top": dict(zip(map(int, top_ids[:k]), map(float, top_logprobs[:k])))}
 
 
-@functools.partial(jax.jit, static_argnames=("config", "runtime", "num"))
-def prompt_logprobs(params, bank, tokens, lora_ids, *, config: ModelConfig, runtime: RuntimeConfig, num: int):
+@functools.partial(jax.jit, static_argnames=("config", "runtime", "num", "model"))
+def prompt_logprobs(params, bank, tokens, lora_ids, *, config: ModelConfig, runtime: RuntimeConfig, num: int,
+                    model=None):
     """Semantics: for t < T - 1, with lp = log_softmax(forward(tokens)[b, t]) in float32,
     picked[b, t] = lp[tokens[b, t + 1]] and (top ids, top lp)[b, t] = the `num` largest of lp.
 
     Args:
       tokens: [B, T] int32 from position 0; padding at a row's end changes nothing before it.
       lora_ids: [B] int32 global adapter slot per row, -1 for the base model.
+      model: the `ShardedModel` whose mesh holds params and bank, or None (one device).
     Returns:
       picked [B, T - 1] float32, top ids [B, T - 1, num] int32, top lp [B, T - 1, num] float32.
     """
-    B, T = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    cache = KVCache.zeros(config, B, T, params["embed"].dtype)
-    logits, _ = forward(params, bank, tokens, positions, jnp.broadcast_to(lora_ids[:, None], (B, T)), cache,
-                        config=config, runtime=runtime)
+    logits = sequence_logits(params, bank, tokens, lora_ids, config=config, runtime=runtime, model=model)
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     top_lp, top_ids = jax.lax.top_k(logp, num)
@@ -85,18 +83,20 @@ def plan(lengths: list[int], token_budget: int) -> list[tuple[list[int], int, in
 
 
 def score_prompts(params, bank, rows: list[tuple[list[int], int, int]], *, config: ModelConfig,
-                  runtime: RuntimeConfig, num: int, token_budget: int) -> list[list]:
+                  runtime: RuntimeConfig, num: int, token_budget: int, model=None) -> list[list]:
     """Prompt logprobs of (prompt ids, global slot or -1, k) rows: per prompt token, None for the first, then
-    `entry` dicts with the k most likely."""
+    `entry` dicts with the k most likely. On `model`'s mesh if given (calls of a multiple of its dp rows)."""
     out: list[list | None] = [None] * len(rows)
+    dp = 1 if model is None else model.dp
     for idx, B, T in plan([len(p) for p, _, _ in rows], token_budget):
+        B = -(-B // dp) * dp
         tokens = np.zeros((B, T), np.int32)
         slots = np.full((B,), -1, np.int32)
         for b, i in enumerate(idx):
             tokens[b, :len(rows[i][0])] = rows[i][0]
             slots[b] = rows[i][1]
         picked, top_ids, top_lp = jax.device_get(prompt_logprobs(params, bank, tokens, slots, config=config,
-                                                                 runtime=runtime, num=num))
+                                                                 runtime=runtime, num=num, model=model))
         for b, i in enumerate(idx):
             ids, _, k = rows[i]
             out[i] = [None] + [entry(ids[t + 1], picked[b, t], top_ids[b, t], top_lp[b, t], k)
@@ -135,7 +135,8 @@ class PromptScorer:
                     for s in asking]
             scored = score_prompts(engine.runner.params, store.bank, rows, config=engine.model_config,
                                    runtime=engine.runner.runtime, num=engine.runner.num_logprobs,
-                                   token_budget=engine.config.max_num_batched_tokens)
+                                   token_budget=engine.config.max_num_batched_tokens,
+                                   model=engine.runner.model)
             for s, lp in zip(asking, scored):
                 s.prompt_logprobs = lp
         self.pending = []

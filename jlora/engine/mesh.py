@@ -117,6 +117,10 @@ class MeshRunner(ModelRunner):
     def dp(self) -> int:
         return self.model.dp
 
+    @property
+    def processes(self) -> int:
+        return jax.process_count()
+
     def _place(self, params, num_pages: int, page_size: int, dtype):
         return self.model.place_params(params, split=split_layers_enabled(self.runtime)), self._new_cache()
 

@@ -115,6 +115,8 @@ class ModelRunner:
     """
 
     dp = 1  # data replicas: each owns a block of rows of every step and a block of pages
+    processes = 1  # JAX processes that run every step together
+    model = None  # the `ShardedModel` of a mesh runner
     # A masked step runs as two programs, the forward and then the sampling, so that the host fills the grammar
     # bitmask while the forward runs (a mesh runs it as one program, the bitmask filled first).
     overlap_masks = True

@@ -8,7 +8,8 @@ model's 2 kv heads are copied) one engine serves the same staggered greedy reque
 and adapters of rank 4, 8 and 16, two of them registered only after the engine has run steps, with fewer rank-8
 slots than rank-8 adapters (so slots are evicted and rewritten). Reports per mesh the generated tokens, whether
 every bank array and weight kept its placement, and for tp=2 the compile count before and after the requests
-(after `Engine.warmup`).
+(after `Engine.warmup`). Per mesh too, an `LLM` over the same engine settings scores continuations (`LLM.score`)
+and a request's prompt logprobs (echo), under the base and two adapters.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from jlora.checkpoint.hf import load_hf_dir  # noqa: E402
 from jlora.config import LoraBankConfig, RuntimeConfig  # noqa: E402
 from jlora.engine.compiles import compile_count  # noqa: E402
 from jlora.engine.engine import Engine, EngineConfig  # noqa: E402
+from jlora.generate import LLM  # noqa: E402
 from jlora.model import Llama  # noqa: E402
 from jlora.model.sharded import bank_specs, param_specs  # noqa: E402
 from jlora.sampling import SamplingParams  # noqa: E402
@@ -99,6 +101,30 @@ def serve(model, paths, tp, dp, warmup=False, runtime=RuntimeConfig()) -> dict:
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def score(model, paths, tp, dp) -> dict:
+    """`LLM.loglikelihood` of three (prompt, continuation) pairs and the prompt logprobs of three requests, under
+    the base, a rank-8 and a rank-16 adapter, on one mesh."""
+    llm = LLM.from_model(model, None, EngineConfig(max_num_seqs=8, max_num_batched_tokens=48, max_prefill_chunk=16,
+                                                   page_size=4, num_pages=48, max_model_len=32, bank=BANK, tp=tp,
+                                                   dp=dp))
+    with llm:
+        for name in EARLY:
+            llm.engine.store.register(name, paths[name])
+        rng = np.random.default_rng(1)
+        V, adapters = model.config.vocab_size, [None, "r8", "r16"]
+        prompts = [rng.integers(0, V, n).tolist() for n in (5, 9, 3)]
+        continuations = [rng.integers(0, V, n).tolist() for n in (4, 2, 6)]
+        scored = llm.loglikelihood(prompts, continuations, adapter=adapters)
+        engine, done = llm.engine, {}
+        for i, (p, a) in enumerate(zip(prompts, adapters)):
+            engine.add_request(p, SamplingParams(max_tokens=0, prompt_logprobs=2), a, request_id=str(i))
+        while engine.has_unfinished():
+            done.update((o.request_id, o) for o in engine.step() if o.finished)
+        echo = [[e["logprob"] for e in done[str(i)].prompt_logprobs[1:]] for i in range(len(prompts))]
+        top = [[sorted(e["top"]) for e in done[str(i)].prompt_logprobs[1:]] for i in range(len(prompts))]
+    return {"token_logprobs": [s.token_logprobs for s in scored], "prompt_logprobs": echo, "prompt_top": top}
+
+
 def main() -> None:
     assert jax.device_count() == 8, jax.devices()
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,6 +134,9 @@ def main() -> None:
                                      **({"targets": t} if t else {}))
                  for i, (name, (r, t)) in enumerate(ADAPTERS.items())}
         results = {f"tp{tp}dp{dp}": serve(model, paths, tp, dp, warmup=(tp, dp) == (2, 1)) for tp, dp in MESHES}
+        for tp, dp in MESHES:  # the LLM takes over its weights: each gets a copy
+            own = Llama(config, jax.tree.map(np.array, params))
+            results[f"tp{tp}dp{dp}"]["score"] = score(own, paths, tp, dp)
         # The GPU layout: per-layer weights placed on the mesh.
         results["tp2dp2_split"] = serve(model, paths, 2, 2, runtime=RuntimeConfig(layer_loop="split"))
     print(json.dumps(results))

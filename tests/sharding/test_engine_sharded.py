@@ -5,6 +5,7 @@ The engines run in a subprocess (`_engine_check.py`), since the device count mus
 
 import os
 
+import numpy as np
 import pytest
 from _common import run_check
 
@@ -33,6 +34,18 @@ def test_greedy_tokens_equal_one_device(report, mesh):
 def test_slot_writes_keep_the_bank_placement(report, mesh):
     assert report[mesh]["misplaced"] == []
     assert report[mesh]["slot_writes"] == report["tp1dp1"]["slot_writes"]
+
+
+@pytest.mark.parametrize("mesh", ["tp2dp1", "tp2dp2", "tp4dp1"])
+def test_score_and_prompt_logprobs_equal_one_device(report, mesh):
+    """`LLM.score` and echo's prompt logprobs on a mesh: the one-device values (fp32; the reductions run in
+    another order), under the base and two adapters."""
+    ref, got = report["tp1dp1"]["score"], report[mesh]["score"]
+    for key in ("token_logprobs", "prompt_logprobs"):
+        for r, g in zip(ref[key], got[key], strict=True):
+            np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5, err_msg=key)
+    assert got["prompt_top"] == ref["prompt_top"]
+    assert len({round(sum(lp), 3) for lp in ref["token_logprobs"]}) == 3  # three distinct scores
 
 
 def test_split_layers_case_ran_split(report):
