@@ -34,7 +34,6 @@ from jlora.engine.siblings import Siblings
 from jlora.engine.scheduler import Scheduler, SchedulerConfig
 from jlora.engine.sequence import Sequence, Status
 from jlora.errors import AdapterError, CapacityError, RequestError, UnknownAdapterError
-from jlora.model import quant
 from jlora.sampling import MAX_LOGIT_BIAS, SamplingParams
 
 log = logging.getLogger("jlora.engine")
@@ -99,8 +98,6 @@ class Engine:
         if config.memory_pool_fraction is not None:
             config = self.config = memory.fill_pool(model.config, model.params(), config, dtype)
         self.plan: MemoryPlan = plan_memory(model.config, config, dtype)
-        if config.tp * config.dp > 1 and quant.is_quantized(model.params()):
-            raise ValueError("FP8 weights are served on one device: tp and dp with --quantization fp8 are not built")
         sharded = mesh.sharded_model(model.config, config.tp, config.dp) if config.tp * config.dp > 1 else None
         if config.dp > 1:  # each data replica owns an equal block of pages
             if self.plan.num_pages < config.dp:

@@ -49,6 +49,12 @@ _LAYER_AXES = {
     "k_norm": ("layers", "head_dim"),
     "w_gate_up": ("layers", "embed", "mlp"),  # [L, D, 2F], shard-major gate|up
     "w_down": ("layers", "mlp", "embed"),  # row-parallel
+    # FP8 weights' scales, one per output column (`quant`): split like those columns; a row-parallel weight's
+    # output columns are whole on every shard, so its scale is replicated (it scales each partial sum alike).
+    "w_qkv_scale": ("layers", "heads"),
+    "w_o_scale": ("layers", "embed"),
+    "w_gate_up_scale": ("layers", "mlp"),
+    "w_down_scale": ("layers", "embed"),
 }
 _TOP_AXES = {"embed": ("vocab", "embed"), "final_norm": ("embed",), "lm_head": ("embed", "vocab")}
 # LoRA bank: A [L, S, d_in, n*r] and each B_j [L, S, r, d_j].
@@ -124,12 +130,15 @@ def _pad_axis(x, axis: int, size: int):
 
 
 def to_shard_layout(params: Params, plan: ShardPlan) -> Params:
-    """Permutes the fused columns shard-major, copies kv heads, pads the vocab. NumPy or jax arrays."""
+    """Permutes the fused columns shard-major (and an FP8 weight's scales with them), copies kv heads, pads the
+    vocab. NumPy or jax arrays."""
     layers = dict(params["layers"])
-    layers["w_qkv"] = layers["w_qkv"][..., plan.qkv_columns()]
-    if "b_qkv" in layers:
-        layers["b_qkv"] = layers["b_qkv"][..., plan.qkv_columns()]
-    layers["w_gate_up"] = layers["w_gate_up"][..., plan.gate_up_columns()]
+    for name in ("w_qkv", "b_qkv", "w_qkv_scale"):  # the bias and an FP8 scale: one value per column
+        if name in layers:
+            layers[name] = layers[name][..., plan.qkv_columns()]
+    for name in ("w_gate_up", "w_gate_up_scale"):
+        if name in layers:
+            layers[name] = layers[name][..., plan.gate_up_columns()]
     out = {**params, "layers": layers, "embed": _pad_axis(params["embed"], 0, plan.vocab_padded)}
     if "lm_head" in params:
         out["lm_head"] = _pad_axis(params["lm_head"], 1, plan.vocab_padded)

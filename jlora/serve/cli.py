@@ -65,7 +65,8 @@ def chat_template_file(text: str) -> str:
 def add_quantization_arg(p) -> None:
     p.add_argument("--quantization", choices=["fp8"], default=None,
                    help="fp8: the layers' linear weights in FP8 with a scale per output channel, quantized at load "
-                        "(W8A16, one device; an FP8 checkpoint is served so without it)")
+                        "(W8A8 on GPUs, else W8A16; with --tp/--dp too; an FP8 checkpoint is served so "
+                        "without it)")
 
 
 def _modules(text: str) -> str:

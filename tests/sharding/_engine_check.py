@@ -9,7 +9,7 @@ and adapters of rank 4, 8 and 16, two of them registered only after the engine h
 slots than rank-8 adapters (so slots are evicted and rewritten). Reports per mesh the generated tokens, whether
 every bank array and weight kept its placement, and for tp=2 the compile count before and after the requests
 (after `Engine.warmup`). Per mesh too, an `LLM` over the same engine settings scores continuations (`LLM.score`)
-and a request's prompt logprobs (echo), under the base and two adapters.
+and a request's prompt logprobs (echo), under the base and two adapters; and FP8 weights serve on tp=2 x dp=2.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from jlora.config import LoraBankConfig, RuntimeConfig  # noqa: E402
 from jlora.engine.compiles import compile_count  # noqa: E402
 from jlora.engine.engine import Engine, EngineConfig  # noqa: E402
 from jlora.generate import LLM  # noqa: E402
-from jlora.model import Llama  # noqa: E402
+from jlora.model import Llama, quant  # noqa: E402
 from jlora.model.sharded import bank_specs, param_specs  # noqa: E402
 from jlora.sampling import SamplingParams  # noqa: E402
 
@@ -134,6 +134,10 @@ def main() -> None:
                                      **({"targets": t} if t else {}))
                  for i, (name, (r, t)) in enumerate(ADAPTERS.items())}
         results = {f"tp{tp}dp{dp}": serve(model, paths, tp, dp, warmup=(tp, dp) == (2, 1)) for tp, dp in MESHES}
+        # FP8 weights (per-channel scales split with their columns) on one device and on tp=2 x dp=2.
+        fp8 = quant.quantize_params(params)
+        for tp, dp in [(1, 1), (2, 2)]:
+            results[f"fp8_tp{tp}dp{dp}"] = serve(Llama(config, jax.tree.map(np.array, fp8)), paths, tp, dp)
         for tp, dp in MESHES:  # the LLM takes over its weights: each gets a copy
             own = Llama(config, jax.tree.map(np.array, params))
             results[f"tp{tp}dp{dp}"]["score"] = score(own, paths, tp, dp)

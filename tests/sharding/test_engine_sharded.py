@@ -48,6 +48,15 @@ def test_score_and_prompt_logprobs_equal_one_device(report, mesh):
     assert len({round(sum(lp), 3) for lp in ref["token_logprobs"]}) == 3  # three distinct scores
 
 
+def test_fp8_weights_on_a_mesh_generate_what_they_do_on_one_device(report):
+    """FP8 weights with their per-column scales, split with the columns (replicated for row-parallel weights):
+    tp=2 x dp=2 generates the one-device FP8 tokens, every scale placed as its spec says."""
+    one, mesh = report["fp8_tp1dp1"], report["fp8_tp2dp2"]
+    assert mesh["tokens"] == one["tokens"]
+    assert mesh["misplaced"] == []
+    assert one["tokens"] != report["tp1dp1"]["tokens"], "FP8 rounding changed no token: the check is too weak"
+
+
 def test_split_layers_case_ran_split(report):
     assert report["tp2dp2_split"]["split_layers"] and not report["tp2dp2"]["split_layers"]
 
