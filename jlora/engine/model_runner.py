@@ -406,6 +406,7 @@ class ModelRunner:
             else:
                 a["logit_index"][row] = c - 1
             fill_row(a["sampling"], row, s, penalty_slots[i], live=start + c == s.num_tokens)
+
         def fill_mask():
             m = bitmask() if callable(bitmask) else bitmask
             if m is not None:
