@@ -136,6 +136,12 @@ def _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config:
     return h, cache_k, cache_v
 
 
+# The split loop calls every layer through this one nested jit: the layers' arrays share their shapes, so a program
+# traces and lowers the layer once and calls it L times (XLA inlines the calls), where tracing each layer in turn
+# lowered L copies of it. The layer index is an array argument, as in the scan.
+_layer_call = jax.jit(_layer, static_argnames=("config", "runtime", "reduce"))
+
+
 def split_layers_enabled(runtime: RuntimeConfig = RuntimeConfig()) -> bool:
     """Whether `runtime.layer_loop` (resolved by platform) runs per-layer weight arrays ("split": a Python loop over
     layers) rather than stacked [L, ...] weights ("scan": one compiled layer body). "auto" splits on GPU only.
@@ -193,11 +199,11 @@ def decoder_stack(h, layers, cache_k, cache_v, positions, lora_bank, lora_batch,
         for i, layer in enumerate(layers):
             i = jnp.int32(i)
             if page_table is not None:
-                h, cache_k, cache_v = _layer(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch, config,
-                                             inv_freq, runtime, reduce, page_table, i)
+                h, cache_k, cache_v = _layer_call(h, layer, cache_k, cache_v, positions, lora_bank, lora_batch,
+                                                  config, inv_freq, runtime, reduce, page_table, i)
             else:
-                h, ck, cv = _layer(h, layer, cache_k[i], cache_v[i], positions, lora_bank, lora_batch, config,
-                                   inv_freq, runtime, reduce, layer_index=i)
+                h, ck, cv = _layer_call(h, layer, cache_k[i], cache_v[i], positions, lora_bank, lora_batch, config,
+                                        inv_freq, runtime, reduce, layer_index=i)
                 cache_k, cache_v = cache_k.at[i].set(ck), cache_v.at[i].set(cv)
         return h, cache_k, cache_v
 
