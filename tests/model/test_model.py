@@ -144,6 +144,21 @@ def test_bf16_loading_tracks_fp32(tmp_path):
     assert 1e-5 < err < 5e-2  # bf16 rounding, not garbage, and really bf16
 
 
+def test_split_layers_lower_their_layer_once():
+    """The split loop's program holds one lowered layer called once per layer (`llama._layer_call`), not L inlined
+    copies: tracing and lowering a step costs one layer, as the scan does."""
+    config = dataclasses.replace(TINY, num_layers=4)
+    params = split_layers(init_params(config, jax.random.key(0), jnp.float32))
+    tokens = jnp.zeros((2, 3), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(3, dtype=jnp.int32), (2, 3))
+    text = jax.jit(lambda p, c: forward(p, None, tokens, positions, None, c, config=config)).lower(
+        params, KVCache.zeros(config, 2, 4)).as_text()
+    defs = [line for line in text.splitlines() if "func.func private @_layer" in line]
+    assert len(defs) == 1, defs
+    name = defs[0].split("@")[1].split("(")[0]
+    assert text.count(f"call @{name}(") == config.num_layers
+
+
 @pytest.mark.parametrize("backend", ["xla", "interpret"])
 def test_split_layers_equal_the_scan(tmp_path, monkeypatch, backend):
     """Per-layer weights (`split_layers`, a Python layer loop) give the scan's logits and cache, paged or not, with
