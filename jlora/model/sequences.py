@@ -14,7 +14,7 @@ from jlora.model.llama import forward
 
 def sequence_logits(params, bank, tokens: jax.Array, lora_ids: jax.Array, *, config: ModelConfig,
                     runtime: RuntimeConfig, model=None) -> jax.Array:
-    """Logits [B, T, V] (the model's dtype) of token rows [B, T]; padding at a row's end changes nothing before
+    """Logits [B, T, V] of token rows [B, T]; padding at a row's end changes nothing before
     it. `lora_ids` [B]: the global adapter slot of each row, -1 for the base. `model`: a `ShardedModel` whose
     placed params and bank these are, or None for one device; on a mesh B must be a multiple of its dp."""
     B, T = tokens.shape
