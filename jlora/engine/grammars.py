@@ -50,18 +50,21 @@ class Grammars:
         self._matchers.pop(request_id, None)
         self._stuck.discard(request_id)
 
+    def _sampling_rows(self, seqs: list[Sequence], chunks: list[int]) -> list[int]:
+        """The sequences of a step that sample a token under a grammar: structured, their chunk reaching the end."""
+        return [i for i, (s, c) in enumerate(zip(seqs, chunks))
+                if s.request_id in self._matchers and s.num_computed + c == s.num_tokens]
+
     def constrains(self, seqs: list[Sequence], chunks: list[int]) -> bool:
         """Whether a step of these sequences samples a token under a grammar (`bitmask` then returns rows)."""
-        return bool(self._matchers) and any(s.request_id in self._matchers and s.num_computed + c == s.num_tokens
-                                            for s, c in zip(seqs, chunks))
+        return bool(self._matchers) and bool(self._sampling_rows(seqs, chunks))
 
     def bitmask(self, seqs: list[Sequence], chunks: list[int]) -> np.ndarray | None:
         """int32 [len(seqs), words] rows of a step (1 = allowed), or None when no sequence samples under a grammar.
         A row is all ones unless its sequence is structured and its chunk reaches its end (it samples)."""
         if not self._matchers:
             return None
-        rows = [i for i, (s, c) in enumerate(zip(seqs, chunks))
-                if s.request_id in self._matchers and s.num_computed + c == s.num_tokens]
+        rows = self._sampling_rows(seqs, chunks)
         if not rows:
             return None
         out = np.full((len(seqs), self.words), -1, np.int32)

@@ -55,11 +55,14 @@ MAX_TOKENS = 6
 MESHES = [(1, 1), (2, 1), (2, 2), (4, 1)]
 
 
+def _config(tp, dp, runtime=RuntimeConfig()) -> EngineConfig:
+    return EngineConfig(max_num_seqs=8, max_num_batched_tokens=48, max_prefill_chunk=16, page_size=4, num_pages=48,
+                        max_model_len=32, bank=BANK, tp=tp, dp=dp, runtime=runtime)
+
+
 def serve(model, paths, tp, dp, warmup=False, runtime=RuntimeConfig()) -> dict:
     t0 = time.perf_counter()
-    engine = Engine(model, None, EngineConfig(max_num_seqs=8, max_num_batched_tokens=48, max_prefill_chunk=16,
-                                              page_size=4, num_pages=48, max_model_len=32, bank=BANK, tp=tp, dp=dp,
-                                              runtime=runtime))
+    engine = Engine(model, None, _config(tp, dp, runtime=runtime))
     for name in EARLY:
         engine.store.register(name, paths[name])
     compiles = None
@@ -104,9 +107,7 @@ def serve(model, paths, tp, dp, warmup=False, runtime=RuntimeConfig()) -> dict:
 def score(model, paths, tp, dp) -> dict:
     """`LLM.loglikelihood` of three (prompt, continuation) pairs and the prompt logprobs of three requests, under
     the base, a rank-8 and a rank-16 adapter, on one mesh."""
-    llm = LLM.from_model(model, None, EngineConfig(max_num_seqs=8, max_num_batched_tokens=48, max_prefill_chunk=16,
-                                                   page_size=4, num_pages=48, max_model_len=32, bank=BANK, tp=tp,
-                                                   dp=dp))
+    llm = LLM.from_model(model, None, _config(tp, dp))
     with llm:
         for name in EARLY:
             llm.engine.store.register(name, paths[name])
